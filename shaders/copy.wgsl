@@ -1,0 +1,30 @@
+// copy.wgsl: the bandwidth yardstick. Every benchmark figure is also reported as a
+// fraction of this kernel's bandwidth on the same adapter: it reads and writes each
+// element once, with the same thread layout as the elementwise normalization passes.
+
+const WG: u32 = 256u;
+
+// Mirrors `CopyParams` in src/ops/copy.rs.
+struct CopyParams {
+    count: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: CopyParams;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+@compute @workgroup_size(WG)
+fn copy(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (e >= p.count) {
+        return;
+    }
+    dst[e] = src[e];
+}

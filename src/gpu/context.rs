@@ -1,0 +1,317 @@
+//! The GPU context: adapter choice, device, queue, what the adapter can do.
+
+use std::fmt;
+use std::sync::Arc;
+
+use wgpu::util::DeviceExt;
+
+use super::kernels::KernelCache;
+use crate::error::{Error, Result};
+
+/// Options for [`Context::headless_with`] and [`Context::from_device_with`].
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Cap on the bytes one storage binding may cover, below the adapter's own
+    /// `max_storage_buffer_binding_size`. `None` (the default) uses the adapter's limit.
+    ///
+    /// Kernels split any tensor larger than this into several bound windows, so a
+    /// small cap lets tests exercise that path with small tensors.
+    pub max_binding_bytes: Option<u64>,
+}
+
+/// What the context got: reported by [`Context::info`] and printed by the examples.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    /// The adapter's name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub name: String,
+    /// The backend: Vulkan, Gl, Metal, Dx12.
+    pub backend: wgpu::Backend,
+    /// Discrete, integrated, CPU (software), ...
+    pub device_type: wgpu::DeviceType,
+    /// The driver's name and version, where reported.
+    pub driver: String,
+    /// Whether subgroup operations were enabled on the device.
+    pub subgroups: bool,
+    /// The subgroup sizes the adapter may use (meaningful only with `subgroups`).
+    pub subgroup_sizes: (u32, u32),
+    /// Whether GPU timestamp queries were enabled on the device.
+    pub timestamps: bool,
+    /// Largest storage binding in bytes the kernels will use (after [`ContextOptions`]).
+    pub max_binding_bytes: u64,
+    /// Largest buffer in bytes the device allows, hence the largest tensor.
+    pub max_buffer_bytes: u64,
+}
+
+impl AdapterReport {
+    /// Whether this is a software adapter (lavapipe, llvmpipe, WARP, ...).
+    pub fn is_software(&self) -> bool {
+        self.device_type == wgpu::DeviceType::Cpu
+            || self.name.to_lowercase().contains("llvmpipe")
+            || self.name.to_lowercase().contains("lavapipe")
+    }
+}
+
+impl fmt::Display for AdapterReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({:?}, {:?}{}), subgroups: {}, timestamps: {}, max binding {} MiB",
+            self.name,
+            self.backend,
+            self.device_type,
+            if self.driver.is_empty() {
+                String::new()
+            } else {
+                format!(", driver {}", self.driver)
+            },
+            if self.subgroups {
+                format!(
+                    "yes ({}..={})",
+                    self.subgroup_sizes.0, self.subgroup_sizes.1
+                )
+            } else {
+                "no".to_string()
+            },
+            if self.timestamps { "yes" } else { "no" },
+            self.max_binding_bytes >> 20,
+        )
+    }
+}
+
+/// The sizes kernels plan their dispatches with, read from the device limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanLimits {
+    /// Largest storage binding, in f32 elements.
+    pub max_binding_elems: u64,
+    /// Storage binding offsets must be multiples of this many f32 elements.
+    pub align_elems: u64,
+    /// Largest workgroup count in one grid dimension.
+    pub max_groups_per_dim: u32,
+    /// Largest buffer, in bytes.
+    pub max_buffer_bytes: u64,
+}
+
+/// A GPU context: adapter, device, queue, and the cache of compiled kernels.
+///
+/// Cheap to share: wrap it in an `Arc` (or borrow it) from several threads; every
+/// op takes `&Context`. Make one with [`Context::headless`] or, when your program
+/// already has a device, with [`Context::from_device`].
+pub struct Context {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    report: AdapterReport,
+    pub(crate) limits: PlanLimits,
+    pub(crate) kernels: KernelCache,
+    /// A small zeroed storage buffer bound where a kernel's optional input is unused.
+    pub(crate) dummy: Arc<wgpu::Buffer>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("adapter", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Features the kernels can use when the adapter has them.
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::SUBGROUP
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+
+impl Context {
+    /// Opens a headless context on the best adapter, with default options.
+    ///
+    /// Honours `WGPU_BACKEND` (e.g. `vulkan`, `gl`), `WGPU_ADAPTER_NAME` (a substring
+    /// of the adapter's name, case-insensitive) and `WGPU_POWER_PREF` (`low`, `high`).
+    /// Otherwise it prefers a hardware adapter, then Vulkan software (lavapipe), then
+    /// OpenGL (llvmpipe over EGL). With no adapter at all the error lists what was
+    /// tried and how to install one.
+    pub fn headless() -> Result<Self> {
+        Self::headless_with(ContextOptions::default())
+    }
+
+    /// [`Context::headless`] with options.
+    pub fn headless_with(options: ContextOptions) -> Result<Self> {
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.backends = backends;
+        desc.flags = wgpu::InstanceFlags::from_build_config().with_env();
+        let instance = wgpu::Instance::new(desc);
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        let mut tried = vec![format!("backends {backends:?}")];
+        if adapters.is_empty() {
+            tried.push("no adapter on any of them".into());
+            return Err(Error::NoAdapter {
+                tried: tried.join("; "),
+            });
+        }
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+            })
+            .collect();
+        tried.push(format!("found {}", names.join(", ")));
+
+        if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
+            let wanted = wanted.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&wanted));
+            if adapters.is_empty() {
+                tried.push(format!("none matches WGPU_ADAPTER_NAME={wanted:?}"));
+                return Err(Error::NoAdapter {
+                    tried: tried.join("; "),
+                });
+            }
+        }
+        let pref = wgpu::PowerPreference::from_env().unwrap_or(wgpu::PowerPreference::None);
+        adapters.sort_by_key(|a| std::cmp::Reverse(adapter_rank(&a.get_info(), pref)));
+
+        let mut failures = Vec::new();
+        for adapter in adapters {
+            match Self::open(&adapter, &options) {
+                Ok(ctx) => return Ok(ctx),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        tried.push(format!(
+            "every adapter failed to open: {}",
+            failures.join("; ")
+        ));
+        Err(Error::NoAdapter {
+            tried: tried.join("; "),
+        })
+    }
+
+    fn open(adapter: &wgpu::Adapter, options: &ContextOptions) -> Result<Self> {
+        let info = adapter.get_info();
+        let features = adapter.features() & WANTED_FEATURES;
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("wgnorm"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
+            Error::RequestDevice {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Self::from_device_with(device, queue, options.clone())
+    }
+
+    /// Wraps a device and queue that the caller already has, with default options.
+    ///
+    /// The kernels use subgroup operations and timestamp queries only when the
+    /// device was created with `Features::SUBGROUP` / `Features::TIMESTAMP_QUERY`.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Self::from_device_with(device, queue, ContextOptions::default())
+    }
+
+    /// [`Context::from_device`] with options.
+    pub fn from_device_with(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: ContextOptions,
+    ) -> Result<Self> {
+        let info = device.adapter_info();
+        let features = device.features();
+        let limits = device.limits();
+        let mut max_binding =
+            u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size) & !3;
+        if let Some(cap) = options.max_binding_bytes {
+            max_binding = max_binding.min(cap.max(1024) & !3);
+        }
+        let align = u64::from(limits.min_storage_buffer_offset_alignment).max(4);
+        let report = AdapterReport {
+            name: info.name.clone(),
+            backend: info.backend,
+            device_type: info.device_type,
+            driver: [info.driver.as_str(), info.driver_info.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" "),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_binding_bytes: max_binding,
+            max_buffer_bytes: limits.max_buffer_size,
+        };
+        let plan = PlanLimits {
+            max_binding_elems: max_binding / 4,
+            align_elems: align / 4,
+            max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_buffer_bytes: limits.max_buffer_size,
+        };
+        let dummy = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wgnorm.dummy"),
+            contents: &[0u8; 16],
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        Ok(Context {
+            device,
+            queue,
+            report,
+            limits: plan,
+            kernels: KernelCache::default(),
+            dummy: Arc::new(dummy),
+        })
+    }
+
+    /// What adapter and capabilities this context has.
+    pub fn info(&self) -> &AdapterReport {
+        &self.report
+    }
+
+    /// The wgpu device, for interoperation with the caller's own GPU code.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu {
+                during: "wait",
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Higher is better: hardware first (honouring the power preference), then
+/// software Vulkan, then software GL.
+fn adapter_rank(info: &wgpu::AdapterInfo, pref: wgpu::PowerPreference) -> u32 {
+    use wgpu::DeviceType as T;
+    let hardware = match (info.device_type, pref) {
+        (T::DiscreteGpu, wgpu::PowerPreference::LowPower) => 3,
+        (T::DiscreteGpu, _) => 4,
+        (T::IntegratedGpu, wgpu::PowerPreference::LowPower) => 4,
+        (T::IntegratedGpu, _) => 3,
+        (T::VirtualGpu, _) => 2,
+        (T::Other, _) => 1,
+        (T::Cpu, _) => 0,
+    };
+    let software_name = {
+        let n = info.name.to_lowercase();
+        n.contains("llvmpipe") || n.contains("lavapipe") || n.contains("swiftshader")
+    };
+    let hardware = if software_name { 0 } else { hardware };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 1,
+        _ => 0,
+    };
+    hardware * 10 + backend
+}

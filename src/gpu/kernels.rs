@@ -1,0 +1,240 @@
+//! The one list of shaders and kernels, and the lazy pipeline cache.
+//!
+//! Every kernel declares its bindings once, as an ordered list of kinds (binding `i`
+//! of group 0 is `bindings[i]`); the bind group layout is built from that list, and
+//! `tests/shaders.rs` checks the list against each shader with naga, with no GPU.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use super::context::Context;
+
+/// One WGSL file, embedded at compile time.
+#[derive(Debug)]
+pub struct ShaderSource {
+    /// The file stem, also the module name and the label prefix (`wgnorm.<name>`).
+    pub name: &'static str,
+    /// The WGSL text.
+    pub source: &'static str,
+}
+
+/// Every shader of the crate.
+pub const SHADERS: &[ShaderSource] = &[
+    ShaderSource {
+        name: "channel_stats",
+        source: include_str!("../../shaders/channel_stats.wgsl"),
+    },
+    ShaderSource {
+        name: "weight_standardization",
+        source: include_str!("../../shaders/weight_standardization.wgsl"),
+    },
+    ShaderSource {
+        name: "copy",
+        source: include_str!("../../shaders/copy.wgsl"),
+    },
+];
+
+/// The kind of one binding, in the order the shader numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// `var<uniform>`: the kernel's params struct.
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// A kernel: one entry point of one shader, with its bindings and override constants.
+#[derive(Debug)]
+pub struct KernelDef {
+    /// The label, `wgnorm.<shader>.<entry>` (plus a suffix for override variants).
+    pub label: &'static str,
+    /// Index into [`SHADERS`].
+    pub shader: usize,
+    /// The entry point's name.
+    pub entry: &'static str,
+    /// The bindings of group 0, in binding order.
+    pub bindings: &'static [Binding],
+    /// Pipeline-overridable constants this variant sets.
+    pub constants: &'static [(&'static str, f64)],
+}
+
+macro_rules! kernels {
+    ($($variant:ident => ($shader:expr, $label:expr, $entry:expr, [$($b:ident),*], [$($c:expr),*]);)*) => {
+        /// Every kernel of the crate.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Kernel { $(#[doc = $label] $variant),* }
+
+        impl Kernel {
+            /// All kernels, in declaration order.
+            pub const ALL: &'static [Kernel] = &[$(Kernel::$variant),*];
+
+            /// The kernel's definition.
+            pub fn def(self) -> &'static KernelDef {
+                match self {
+                    $(Kernel::$variant => {
+                        const DEF: KernelDef = KernelDef {
+                            label: $label,
+                            shader: $shader,
+                            entry: $entry,
+                            bindings: &[$(Binding::$b),*],
+                            constants: &[$($c),*],
+                        };
+                        &DEF
+                    })*
+                }
+            }
+        }
+    };
+}
+
+const CHANNEL_STATS: usize = 0;
+const WEIGHT_STANDARDIZATION: usize = 1;
+const COPY: usize = 2;
+
+kernels! {
+    WelfordPartials => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials", "welford_partials",
+        [Uniform, Read, ReadWrite], []);
+    WelfordCombine => (CHANNEL_STATS, "wgnorm.channel_stats.welford_combine", "welford_combine",
+        [Uniform, Read, ReadWrite], []);
+    SumPartials => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials", "sum_partials",
+        [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 0.0)]);
+    SumPartialsCentered => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials.centered", "sum_partials",
+        [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
+    SumCombine => (CHANNEL_STATS, "wgnorm.channel_stats.sum_combine", "sum_combine",
+        [Uniform, Read, ReadWrite], []);
+    WsFinalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.finalize", "finalize",
+        [Uniform, Read, ReadWrite], []);
+    WsNormalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.normalize", "normalize",
+        [Uniform, Read, Read, ReadWrite], []);
+    WsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad", "grad",
+        [Uniform, Read, Read, Read, Read, ReadWrite], []);
+    Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
+}
+
+/// Threads per workgroup of every kernel (each shader's `WG`).
+pub const WORKGROUP_SIZE: u32 = 256;
+
+/// A compiled kernel.
+#[derive(Debug)]
+pub(crate) struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Pipelines built lazily, once, behind a read-mostly lock.
+#[derive(Default)]
+pub(crate) struct KernelCache {
+    modules: RwLock<HashMap<usize, Arc<wgpu::ShaderModule>>>,
+    pipelines: RwLock<HashMap<Kernel, Arc<Pipeline>>>,
+}
+
+impl KernelCache {
+    /// How many pipelines have been built so far.
+    pub fn built(&self) -> usize {
+        self.pipelines.read().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl Context {
+    /// The pipeline of `kernel`, built on first use.
+    pub(crate) fn pipeline(&self, kernel: Kernel) -> Arc<Pipeline> {
+        let cache = &self.kernels;
+        if let Some(p) = cache
+            .pipelines
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kernel)
+        {
+            return p.clone();
+        }
+        let mut pipelines = cache.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have built it while we waited for the write lock.
+        if let Some(p) = pipelines.get(&kernel) {
+            return p.clone();
+        }
+        let def = kernel.def();
+        let module = self.shader_module(def.shader);
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = def
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b {
+                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                        Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(def.label),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(def.label),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(def.label),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(def.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: def.constants,
+                    // Every kernel writes its workgroup memory before reading it.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        let built = Arc::new(Pipeline { pipeline, layout });
+        pipelines.insert(kernel, built.clone());
+        built
+    }
+
+    fn shader_module(&self, shader: usize) -> Arc<wgpu::ShaderModule> {
+        let cache = &self.kernels;
+        if let Some(m) = cache
+            .modules
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shader)
+        {
+            return m.clone();
+        }
+        let mut modules = cache.modules.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(&shader) {
+            return m.clone();
+        }
+        let src = &SHADERS[shader];
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(src.name),
+                source: wgpu::ShaderSource::Wgsl(src.source.into()),
+            });
+        let module = Arc::new(module);
+        modules.insert(shader, module.clone());
+        module
+    }
+
+    /// How many kernel pipelines this context has built so far (each is built once).
+    pub fn pipelines_built(&self) -> usize {
+        self.kernels.built()
+    }
+}

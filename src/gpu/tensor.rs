@@ -1,0 +1,215 @@
+//! GPU tensors: an f32 storage buffer and a shape, uploaded from and downloaded to ndarray.
+
+use std::sync::{Arc, Mutex};
+
+use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
+
+use super::context::Context;
+use crate::error::{Error, Result};
+
+/// A dense row-major f32 tensor in GPU memory.
+///
+/// Cloning is cheap and shares the buffer. A tensor belongs to the [`Context`] that
+/// made it; using it with another context is a GPU validation error.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+}
+
+impl Tensor {
+    /// Uploads any ndarray of f32 (views, slices and non-contiguous arrays too;
+    /// they are laid out row-major on the way).
+    pub fn from_array<S, D>(ctx: &Context, array: &ArrayBase<S, D>) -> Result<Self>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let standard = array.as_standard_layout();
+        let data = standard
+            .as_slice()
+            .expect("as_standard_layout returns a contiguous array");
+        Self::from_slice(ctx, array.shape(), data)
+    }
+
+    /// Uploads `data` (row-major) with the given shape.
+    pub fn from_slice(ctx: &Context, shape: &[usize], data: &[f32]) -> Result<Self> {
+        let len = checked_len("upload", shape)?;
+        if len != data.len() {
+            return Err(Error::input(
+                "upload",
+                format!(
+                    "shape {shape:?} holds {len} elements but {} were given",
+                    data.len()
+                ),
+            ));
+        }
+        let buffer = ctx.storage_buffer("upload", len as u64, true)?;
+        if len > 0 {
+            buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu {
+                    during: "upload",
+                    reason: e.to_string(),
+                })?
+                .copy_from_slice(bytemuck::cast_slice(data));
+        }
+        buffer.unmap();
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(ctx: &Context, shape: &[usize]) -> Result<Self> {
+        let len = checked_len("zeros", shape)?;
+        let buffer = ctx.storage_buffer("zeros", len as u64, false)?;
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The underlying buffer (f32, row-major; at least 16 bytes even when empty).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Downloads the tensor. Waits for all work submitted so far.
+    pub fn to_array(&self, ctx: &Context) -> Result<ArrayD<f32>> {
+        Ok(ctx.read_all(&[self])?.remove(0))
+    }
+}
+
+/// The element count of `shape`, refusing overflow.
+pub(crate) fn checked_len(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(|| Error::TooLarge {
+            op,
+            problem: format!("shape {shape:?} overflows the address space"),
+        })
+}
+
+impl Context {
+    /// A zeroed (or mapped, for upload) f32 storage buffer of `len` elements.
+    pub(crate) fn storage_buffer(
+        &self,
+        op: &'static str,
+        len: u64,
+        mapped: bool,
+    ) -> Result<wgpu::Buffer> {
+        let bytes = len * 4;
+        if bytes > self.limits.max_buffer_bytes {
+            return Err(Error::TooLarge {
+                op,
+                problem: format!(
+                    "{len} f32 elements ({bytes} bytes) exceed the device's largest buffer ({} bytes)",
+                    self.limits.max_buffer_bytes
+                ),
+            });
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgnorm.tensor"),
+            // Never zero-sized: empty tensors still get a bindable buffer.
+            size: bytes.max(16),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: mapped,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu {
+                during: op,
+                reason: e.to_string(),
+            });
+        }
+        Ok(buffer)
+    }
+
+    /// Downloads several tensors with one submission and one wait.
+    pub fn read_all(&self, tensors: &[&Tensor]) -> Result<Vec<ArrayD<f32>>> {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgnorm.readback"),
+            });
+        let mut staging = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let bytes = t.len() as u64 * 4;
+            if bytes == 0 {
+                staging.push(None);
+                continue;
+            }
+            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgnorm.readback"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            encoder.copy_buffer_to_buffer(t.buffer(), 0, &buf, 0, bytes);
+            staging.push(Some(buf));
+        }
+        self.queue.submit([encoder.finish()]);
+        let results: Arc<Mutex<Vec<Result<(), String>>>> = Arc::default();
+        for buf in staging.iter().flatten() {
+            let results = results.clone();
+            buf.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(r.map_err(|e| e.to_string()));
+            });
+        }
+        self.wait()?;
+        for r in results.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Err(reason) = r {
+                return Err(Error::Gpu {
+                    during: "readback",
+                    reason: reason.clone(),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(tensors.len());
+        for (t, buf) in tensors.iter().zip(&staging) {
+            let data = match buf {
+                None => Vec::new(),
+                Some(buf) => {
+                    let view = buf.slice(..).get_mapped_range().map_err(|e| Error::Gpu {
+                        during: "readback",
+                        reason: e.to_string(),
+                    })?;
+                    let v = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+                    drop(view);
+                    buf.unmap();
+                    v
+                }
+            };
+            out.push(
+                ArrayD::from_shape_vec(IxDyn(t.shape()), data)
+                    .expect("readback length matches the shape"),
+            );
+        }
+        Ok(out)
+    }
+}

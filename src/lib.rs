@@ -1,0 +1,43 @@
+//! # wgnorm
+//!
+//! GPU kernels, on wgpu and WGSL, for the normalizations deep-learning code applies to
+//! weights and activations, validated against Chainer and PyTorch golden values:
+//!
+//! - [`WeightStandardization`]: `(W - mean) / sqrt(var + eps)` per output channel
+//!   (Chainer's `link_hooks.WeightStandardization`, the labml.ai PyTorch version),
+//!   forward and backward.
+//!
+//! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
+//! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
+//! Welford and Chan's combine; tensors larger than one storage binding are split, not
+//! refused. A CPU reference in f64 ([`reference`]) validates every kernel.
+//!
+//! ```no_run
+//! use ndarray::Array4;
+//! use wgnorm::{Context, Tensor, WeightStandardization};
+//!
+//! # fn main() -> wgnorm::Result<()> {
+//! let ctx = Context::headless()?; // honours WGPU_BACKEND, WGPU_ADAPTER_NAME
+//! println!("adapter: {}", ctx.info());
+//! let weight = Array4::<f32>::from_shape_fn((64, 32, 3, 3), |(o, i, y, x)| {
+//!     ((o * 7 + i * 3 + y * 5 + x) % 11) as f32 - 5.0
+//! });
+//! let w = Tensor::from_array(&ctx, &weight)?;
+//! let ws = WeightStandardization::default(); // Chainer: eps 1e-5, biased variance
+//! let out = ws.forward(&ctx, &w)?.to_array(&ctx)?;
+//! let cpu = wgnorm::reference::weight_standardization::forward(&ws, weight.view().into_dyn())?;
+//! let worst = (&out - &cpu).iter().fold(0f32, |m, d| m.max(d.abs()));
+//! assert!(worst < 1e-4);
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod conformance;
+mod error;
+pub mod gpu;
+pub mod ops;
+pub mod reference;
+
+pub use error::{Error, Result};
+pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
+pub use ops::weight_standardization::{Variance, WeightStandardization};

@@ -1,0 +1,460 @@
+//! Per-channel reductions shared by the normalizations (`shaders/channel_stats.wgsl`):
+//! the `[outer, channels, inner]` view, the split into items and binding-sized boxes,
+//! and the elementwise windows that the ops' own kernels run over.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording};
+
+/// Elements one workgroup reduces, at most (16 per thread).
+const ITEM_ELEMS: u64 = 4096;
+
+/// A tensor seen as `[outer, channels, inner]`, channel `c` owning `x[o, c, j]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChannelLayout {
+    pub outer: u64,
+    pub channels: u64,
+    pub inner: u64,
+}
+
+impl ChannelLayout {
+    /// The layout of `shape` with channels on `axis` (`None`: one channel, everything).
+    pub fn new(shape: &[usize], axis: Option<usize>) -> Self {
+        let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        match axis {
+            Some(a) => ChannelLayout {
+                outer: p(&shape[..a]),
+                channels: shape[a] as u64,
+                inner: p(&shape[a + 1..]),
+            },
+            None => ChannelLayout {
+                outer: 1,
+                channels: 1,
+                inner: p(shape),
+            },
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.outer * self.channels * self.inner
+    }
+
+    /// Elements per channel.
+    pub fn per_channel(&self) -> u64 {
+        self.outer * self.inner
+    }
+}
+
+// Mirrors `ReduceParams` in shaders/channel_stats.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct ReduceParams {
+    channels: u32,
+    inner: u32,
+    row_stride: u32,
+    outer: u32,
+    rows_per_item: u32,
+    row_chunk: u32,
+    chunks_per_row: u32,
+    partials_per_channel: u32,
+    box_b0: u32,
+    box_c0: u32,
+    box_jc0: u32,
+    box_nb: u32,
+    box_nc: u32,
+    box_njc: u32,
+    base_delta: u32,
+    _pad: u32,
+}
+
+// Mirrors `CombineParams` in shaders/channel_stats.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct CombineParams {
+    channels: u32,
+    partials_per_channel: u32,
+    _pad: [u32; 2],
+}
+
+/// A box of items `b0.., c0.., jc0..` that one dispatch reduces, and the window it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReduceBox {
+    pub b0: u64,
+    pub nb: u64,
+    pub c0: u64,
+    pub nc: u64,
+    pub jc0: u64,
+    pub njc: u64,
+    /// First element of the binding window (aligned).
+    pub bind_start: u64,
+    /// Elements in the binding window.
+    pub bind_len: u64,
+    /// First element of the box, minus `bind_start`.
+    pub base_delta: u64,
+}
+
+/// How a reduction over a [`ChannelLayout`] is split.
+#[derive(Clone, Debug)]
+pub(crate) struct ReducePlan {
+    pub layout: ChannelLayout,
+    pub rows_per_item: u64,
+    pub row_chunk: u64,
+    pub chunks_per_row: u64,
+    pub blocks: u64,
+    pub boxes: Vec<ReduceBox>,
+}
+
+impl ReducePlan {
+    pub fn new(op: &'static str, layout: ChannelLayout, limits: &PlanLimits) -> Result<Self> {
+        let ChannelLayout {
+            outer,
+            channels,
+            inner,
+        } = layout;
+        let align = limits.align_elems.max(1);
+        // Room for the box start to be aligned down.
+        let window = limits.max_binding_elems.saturating_sub(align);
+        if window < ITEM_ELEMS {
+            return Err(Error::TooLarge {
+                op,
+                problem: format!(
+                    "storage bindings of {} elements are too small",
+                    limits.max_binding_elems
+                ),
+            });
+        }
+        let row_stride = channels * inner;
+        if row_stride > u64::from(u32::MAX) || outer > u64::from(u32::MAX) {
+            return Err(Error::TooLarge {
+                op,
+                problem: format!("layout {layout:?} has a dimension past u32"),
+            });
+        }
+        let row_chunk = inner.clamp(1, ITEM_ELEMS);
+        let chunks_per_row = inner.div_ceil(row_chunk).max(1);
+        let mut rows_per_item = (ITEM_ELEMS / row_chunk).clamp(1, outer.max(1));
+        if row_stride <= window {
+            rows_per_item = rows_per_item.min((window / row_stride).max(1));
+        } else {
+            rows_per_item = 1;
+        }
+        let blocks = outer.div_ceil(rows_per_item);
+        let total = layout.len();
+        let mut boxes = Vec::new();
+        let mut push = |b0, nb, c0, nc, jc0, njc, start: u64, end: u64| {
+            let bind_start = start / align * align;
+            boxes.push(ReduceBox {
+                b0,
+                nb,
+                c0,
+                nc,
+                jc0,
+                njc,
+                bind_start,
+                bind_len: end - bind_start,
+                base_delta: start - bind_start,
+            });
+        };
+        if total == 0 {
+            // Nothing to read; channels (if any) still get empty partials via combine.
+        } else if rows_per_item * row_stride <= window {
+            let per_box = (window / (rows_per_item * row_stride)).max(1);
+            let mut b = 0;
+            while b < blocks {
+                let nb = per_box.min(blocks - b);
+                let start = b * rows_per_item * row_stride;
+                let end = ((b + nb) * rows_per_item).min(outer) * row_stride;
+                push(b, nb, 0, channels, 0, chunks_per_row, start, end);
+                b += nb;
+            }
+        } else if inner <= window {
+            let per_box = (window / inner).max(1);
+            for b in 0..blocks {
+                let mut c = 0;
+                while c < channels {
+                    let nc = per_box.min(channels - c);
+                    let start = b * row_stride + c * inner;
+                    push(b, 1, c, nc, 0, chunks_per_row, start, start + nc * inner);
+                    c += nc;
+                }
+            }
+        } else {
+            let per_box = (window / row_chunk).max(1);
+            for b in 0..blocks {
+                for c in 0..channels {
+                    let mut jc = 0;
+                    while jc < chunks_per_row {
+                        let njc = per_box.min(chunks_per_row - jc);
+                        let row = b * row_stride + c * inner;
+                        let start = row + jc * row_chunk;
+                        let end = row + ((jc + njc) * row_chunk).min(inner);
+                        push(b, 1, c, 1, jc, njc, start, end);
+                        jc += njc;
+                    }
+                }
+            }
+        }
+        Ok(ReducePlan {
+            layout,
+            rows_per_item,
+            row_chunk,
+            chunks_per_row,
+            blocks,
+            boxes,
+        })
+    }
+
+    /// Partials per channel: the scratch is `channels x` this many vec4.
+    pub fn partials_per_channel(&self) -> u64 {
+        self.blocks * self.chunks_per_row
+    }
+
+    fn params(&self, bx: &ReduceBox) -> ReduceParams {
+        let l = self.layout;
+        ReduceParams {
+            channels: l.channels as u32,
+            inner: l.inner as u32,
+            row_stride: (l.channels * l.inner) as u32,
+            outer: l.outer as u32,
+            rows_per_item: self.rows_per_item as u32,
+            row_chunk: self.row_chunk as u32,
+            chunks_per_row: self.chunks_per_row as u32,
+            partials_per_channel: self.partials_per_channel() as u32,
+            box_b0: bx.b0 as u32,
+            box_c0: bx.c0 as u32,
+            box_jc0: bx.jc0 as u32,
+            box_nb: bx.nb as u32,
+            box_nc: bx.nc as u32,
+            box_njc: bx.njc as u32,
+            base_delta: bx.base_delta as u32,
+            _pad: 0,
+        }
+    }
+}
+
+/// Scratch vec4 buffers for per-channel results.
+pub(crate) fn vec4_buffer(ctx: &Context, op: &'static str, count: u64) -> Result<wgpu::Buffer> {
+    ctx.storage_buffer(op, count.max(1) * 4, false)
+}
+
+/// Records the per-channel Welford statistics of `x`: returns a buffer of
+/// `vec4(mean, m2, count, 0)` per channel.
+pub(crate) fn record_welford(
+    rec: &mut Recording<'_>,
+    op: &'static str,
+    plan: &ReducePlan,
+    x: &wgpu::Buffer,
+) -> Result<wgpu::Buffer> {
+    let ctx = rec.context();
+    let channels = plan.layout.channels;
+    let ppc = plan.partials_per_channel();
+    let partials = vec4_buffer(ctx, op, channels * ppc)?;
+    for bx in &plan.boxes {
+        rec.dispatch(
+            Kernel::WelfordPartials,
+            &plan.params(bx),
+            &[
+                Bind::window(x, bx.bind_start, bx.bind_len),
+                Bind::elems(&partials, channels * ppc * 4),
+            ],
+            bx.nb * bx.nc * bx.njc,
+        )?;
+    }
+    let out = vec4_buffer(ctx, op, channels)?;
+    record_combine(rec, Kernel::WelfordCombine, plan, &partials, &out)?;
+    Ok(out)
+}
+
+/// Records per-channel `(sum a, sum a * (b - centre[c]), 0, 0)`; `centre` is a vec4 per
+/// channel buffer whose first component is subtracted (none: no centring).
+pub(crate) fn record_sums(
+    rec: &mut Recording<'_>,
+    op: &'static str,
+    plan: &ReducePlan,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+    centre: Option<&wgpu::Buffer>,
+) -> Result<wgpu::Buffer> {
+    let ctx = rec.context();
+    let channels = plan.layout.channels;
+    let ppc = plan.partials_per_channel();
+    let partials = vec4_buffer(ctx, op, channels * ppc)?;
+    let (kernel, centre, centre_len) = match centre {
+        Some(c) => (Kernel::SumPartialsCentered, c, channels * 4),
+        None => (Kernel::SumPartials, &*ctx.dummy, 4),
+    };
+    for bx in &plan.boxes {
+        rec.dispatch(
+            kernel,
+            &plan.params(bx),
+            &[
+                Bind::window(a, bx.bind_start, bx.bind_len),
+                Bind::window(b, bx.bind_start, bx.bind_len),
+                Bind::elems(centre, centre_len),
+                Bind::elems(&partials, channels * ppc * 4),
+            ],
+            bx.nb * bx.nc * bx.njc,
+        )?;
+    }
+    let out = vec4_buffer(ctx, op, channels)?;
+    record_combine(rec, Kernel::SumCombine, plan, &partials, &out)?;
+    Ok(out)
+}
+
+fn record_combine(
+    rec: &mut Recording<'_>,
+    kernel: Kernel,
+    plan: &ReducePlan,
+    partials: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+) -> Result<()> {
+    let channels = plan.layout.channels;
+    let ppc = if plan.boxes.is_empty() {
+        0
+    } else {
+        plan.partials_per_channel()
+    };
+    let params = CombineParams {
+        channels: channels as u32,
+        partials_per_channel: ppc as u32,
+        _pad: [0; 2],
+    };
+    rec.dispatch(
+        kernel,
+        &params,
+        &[
+            Bind::elems(partials, channels * ppc.max(1) * 4),
+            Bind::elems(out, channels * 4),
+        ],
+        channels,
+    )
+}
+
+/// A window of a flat elementwise pass: elements `[start, start + len)`, whose first
+/// element sits at channel `c_start`, column `j_start`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ElementWindow {
+    pub start: u64,
+    pub len: u64,
+    pub c_start: u64,
+    pub j_start: u64,
+}
+
+/// Splits an elementwise pass over `layout` into windows that fit one binding, each
+/// starting at an aligned offset.
+pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec<ElementWindow> {
+    let align = limits.align_elems.max(1);
+    let chunk = (limits.max_binding_elems / align * align).max(align);
+    let total = layout.len();
+    let inner = layout.inner.max(1);
+    let channels = layout.channels.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < total {
+        let len = chunk.min(total - start);
+        out.push(ElementWindow {
+            start,
+            len,
+            c_start: (start / inner) % channels,
+            j_start: start % inner,
+        });
+        start += len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(binding: u64, align: u64) -> PlanLimits {
+        PlanLimits {
+            max_binding_elems: binding,
+            align_elems: align,
+            max_groups_per_dim: 65535,
+            max_buffer_bytes: u64::MAX,
+        }
+    }
+
+    /// Every element of every channel is covered by exactly one item of one box, and
+    /// every box's reads stay inside its window.
+    fn check_cover(layout: ChannelLayout, lim: &PlanLimits) {
+        let plan = ReducePlan::new("test", layout, lim).unwrap();
+        let mut seen = vec![0u8; layout.len() as usize];
+        let k = layout.channels * layout.inner;
+        for bx in &plan.boxes {
+            assert!(bx.bind_len <= lim.max_binding_elems, "{bx:?}");
+            assert_eq!(bx.bind_start % lim.align_elems, 0);
+            for bl in 0..bx.nb {
+                for cl in 0..bx.nc {
+                    for jl in 0..bx.njc {
+                        let (b, c, jc) = (bx.b0 + bl, bx.c0 + cl, bx.jc0 + jl);
+                        let o0 = b * plan.rows_per_item;
+                        let rows = plan.rows_per_item.min(layout.outer - o0);
+                        let cols = plan.row_chunk.min(layout.inner - jc * plan.row_chunk);
+                        let base = bx.base_delta
+                            + bl * plan.rows_per_item * k
+                            + cl * layout.inner
+                            + jl * plan.row_chunk;
+                        for r in 0..rows {
+                            for j in 0..cols {
+                                let rel = base + r * k + j;
+                                assert!(rel < bx.bind_len, "{layout:?} {bx:?}");
+                                let flat = bx.bind_start + rel;
+                                let expect =
+                                    (o0 + r) * k + c * layout.inner + jc * plan.row_chunk + j;
+                                assert_eq!(flat, expect);
+                                seen[flat as usize] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s == 1), "{layout:?}");
+    }
+
+    #[test]
+    fn plans_cover_every_element_once() {
+        let cases = [
+            (1, 7, 5),
+            (1, 64, 288),
+            (1, 3, 10000),
+            (9, 13, 1),
+            (300, 5, 7),
+            (2, 3, 70000),
+            (5000, 4, 1),
+        ];
+        for (outer, channels, inner) in cases {
+            let layout = ChannelLayout {
+                outer,
+                channels,
+                inner,
+            };
+            check_cover(layout, &limits(1 << 20, 64));
+            // Small bindings force every splitting strategy.
+            check_cover(layout, &limits(8192, 64));
+            check_cover(layout, &limits(4096 + 16, 16));
+        }
+    }
+
+    #[test]
+    fn element_windows_cover_and_locate() {
+        let layout = ChannelLayout {
+            outer: 3,
+            channels: 5,
+            inner: 1001,
+        };
+        let w = element_windows(layout, &limits(1000, 64));
+        let mut next = 0;
+        for win in &w {
+            assert_eq!(win.start, next);
+            assert_eq!(win.start % 64, 0);
+            assert_eq!(win.c_start, (win.start / 1001) % 5);
+            assert_eq!(win.j_start, win.start % 1001);
+            next += win.len;
+        }
+        assert_eq!(next, layout.len());
+    }
+}

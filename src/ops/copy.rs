@@ -1,0 +1,40 @@
+//! A plain copy kernel: the bandwidth yardstick the benchmarks compare every op with.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::Result;
+use crate::gpu::{Bind, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+
+use super::channel_stats::{element_windows, ChannelLayout};
+
+// Mirrors `CopyParams` in shaders/copy.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct CopyParams {
+    count: u32,
+    _pad: [u32; 3],
+}
+
+/// Records a copy of `src` into a new tensor: reads and writes every element once,
+/// with the same thread layout as the elementwise normalization passes. The
+/// benchmarks report each op's bandwidth as a fraction of this kernel's.
+pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
+    let ctx = rec.context();
+    let dst = Tensor::zeros(ctx, src.shape())?;
+    let layout = ChannelLayout::new(src.shape(), None);
+    for w in element_windows(layout, &ctx.limits) {
+        rec.dispatch(
+            Kernel::Copy,
+            &CopyParams {
+                count: w.len as u32,
+                _pad: [0; 3],
+            },
+            &[
+                Bind::window(src.buffer(), w.start, w.len),
+                Bind::window(dst.buffer(), w.start, w.len),
+            ],
+            w.len.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+    }
+    Ok(dst)
+}

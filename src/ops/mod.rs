@@ -1,0 +1,5 @@
+//! The public ops: configs with documented defaults, input checks, dispatch sizing.
+
+pub(crate) mod channel_stats;
+pub mod copy;
+pub mod weight_standardization;

@@ -1,0 +1,279 @@
+//! Weight Standardization: `(W - mean) / sqrt(var + eps)` per output channel.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::channel_stats::{
+    element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout, ReducePlan,
+};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+
+const OP: &str = "weight_standardization";
+
+/// Which variance divides the centred weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variance {
+    /// Divide the sum of squares by `n` (Chainer's `WeightStandardization`, via
+    /// `group_normalization`). The default.
+    #[default]
+    Biased,
+    /// Divide by `n - 1` (the labml.ai PyTorch version, `torch.var_mean` default).
+    /// Needs at least two elements per output channel.
+    Unbiased,
+}
+
+/// Weight Standardization, after Chainer's `link_hooks.WeightStandardization` and the
+/// labml.ai PyTorch version: each output channel of the weight is standardized over
+/// every other axis, `output = (W - mean) / sqrt(var + eps)`.
+///
+/// Defaults ([`Default`], the same as [`WeightStandardization::chainer`]): `eps = 1e-5`,
+/// biased variance, output channels on axis 0. Use `axis: 1` for deconvolution
+/// weights, which keep their output channels there.
+///
+/// ```no_run
+/// # fn main() -> wgnorm::Result<()> {
+/// use wgnorm::{Context, Tensor, WeightStandardization};
+/// let ctx = Context::headless()?;
+/// let w = Tensor::from_array(&ctx, &ndarray::Array4::<f32>::ones((64, 3, 7, 7)))?;
+/// let standardized = WeightStandardization::default().forward(&ctx, &w)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WeightStandardization {
+    /// Added to the variance. Default `1e-5` (Chainer and labml.ai). Must be finite and positive.
+    pub eps: f32,
+    /// Biased (default, Chainer) or unbiased (labml.ai) variance.
+    pub variance: Variance,
+    /// The axis of the output channels. Default 0; 1 for deconvolution weights.
+    pub axis: usize,
+}
+
+impl Default for WeightStandardization {
+    fn default() -> Self {
+        Self::chainer()
+    }
+}
+
+// Mirrors `FinalizeParams` in shaders/weight_standardization.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct FinalizeParams {
+    channels: u32,
+    eps: f32,
+    divisor: f32,
+    _pad: u32,
+}
+
+// Mirrors `ElementParams` in shaders/weight_standardization.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct ElementParams {
+    count: u32,
+    channels: u32,
+    inner: u32,
+    c_start: u32,
+    j_start: u32,
+    _pad: u32,
+    inv_n: f32,
+    inv_divisor: f32,
+}
+
+impl WeightStandardization {
+    /// Chainer's `WeightStandardization`: `eps = 1e-5`, biased variance, axis 0.
+    pub fn chainer() -> Self {
+        WeightStandardization {
+            eps: 1e-5,
+            variance: Variance::Biased,
+            axis: 0,
+        }
+    }
+
+    /// The labml.ai PyTorch version: `eps = 1e-5`, unbiased variance (`torch.var_mean`), axis 0.
+    pub fn labml() -> Self {
+        WeightStandardization {
+            eps: 1e-5,
+            variance: Variance::Unbiased,
+            axis: 0,
+        }
+    }
+
+    /// Checks the configuration against a weight shape; returns the channel layout.
+    pub(crate) fn check(&self, shape: &[usize]) -> Result<ChannelLayout> {
+        if shape.len() < 2 {
+            return Err(Error::input(
+                OP,
+                format!("the weight must have rank >= 2, got shape {shape:?}"),
+            ));
+        }
+        if self.axis >= shape.len() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "output axis {} is out of range for a weight of shape {shape:?}",
+                    self.axis
+                ),
+            ));
+        }
+        if shape.contains(&0) {
+            return Err(Error::input(
+                OP,
+                format!("the weight is empty (shape {shape:?})"),
+            ));
+        }
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            return Err(Error::input(
+                OP,
+                format!("eps must be finite and positive, got {}", self.eps),
+            ));
+        }
+        let layout = ChannelLayout::new(shape, Some(self.axis));
+        if self.variance == Variance::Unbiased && layout.per_channel() < 2 {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "the unbiased variance needs at least 2 elements per output channel, \
+                     shape {shape:?} has {}",
+                    layout.per_channel()
+                ),
+            ));
+        }
+        Ok(layout)
+    }
+
+    fn divisor(&self, layout: &ChannelLayout) -> f64 {
+        let n = layout.per_channel() as f64;
+        match self.variance {
+            Variance::Biased => n,
+            Variance::Unbiased => n - 1.0,
+        }
+    }
+
+    /// Standardizes `weight` and waits for nothing: the result is ready to read or use.
+    pub fn forward(&self, ctx: &Context, weight: &Tensor) -> Result<Tensor> {
+        ctx.run(|rec| self.record_forward(rec, weight))
+    }
+
+    /// The gradient with respect to the raw weight of `sum(output * grad_output)`,
+    /// through the mean and the variance.
+    pub fn backward(&self, ctx: &Context, weight: &Tensor, grad_output: &Tensor) -> Result<Tensor> {
+        ctx.run(|rec| self.record_backward(rec, weight, grad_output))
+    }
+
+    /// Records the forward pass into `rec` (nothing runs until `rec` is submitted).
+    pub fn record_forward(&self, rec: &mut Recording<'_>, weight: &Tensor) -> Result<Tensor> {
+        let layout = self.check(weight.shape())?;
+        let ctx = rec.context();
+        let out = Tensor::zeros(ctx, weight.shape())?;
+        let norm = self.record_norm(rec, &layout, weight)?;
+        for w in element_windows(layout, &ctx.limits) {
+            let params = self.element_params(&layout, w.len, w.c_start, w.j_start);
+            rec.dispatch(
+                Kernel::WsNormalize,
+                &params,
+                &[
+                    Bind::window(weight.buffer(), w.start, w.len),
+                    Bind::elems(&norm, layout.channels * 4),
+                    Bind::window(out.buffer(), w.start, w.len),
+                ],
+                w.len.div_ceil(u64::from(WORKGROUP_SIZE)),
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Records the backward pass into `rec`; returns the gradient for the raw weight.
+    pub fn record_backward(
+        &self,
+        rec: &mut Recording<'_>,
+        weight: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<Tensor> {
+        let layout = self.check(weight.shape())?;
+        if grad_output.shape() != weight.shape() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "grad_output has shape {:?} but the weight has shape {:?}",
+                    grad_output.shape(),
+                    weight.shape()
+                ),
+            ));
+        }
+        let ctx = rec.context();
+        let out = Tensor::zeros(ctx, weight.shape())?;
+        let norm = self.record_norm(rec, &layout, weight)?;
+        let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+        let sums = record_sums(
+            rec,
+            OP,
+            &plan,
+            grad_output.buffer(),
+            weight.buffer(),
+            Some(&norm),
+        )?;
+        for w in element_windows(layout, &ctx.limits) {
+            let params = self.element_params(&layout, w.len, w.c_start, w.j_start);
+            rec.dispatch(
+                Kernel::WsGrad,
+                &params,
+                &[
+                    Bind::window(weight.buffer(), w.start, w.len),
+                    Bind::window(grad_output.buffer(), w.start, w.len),
+                    Bind::elems(&norm, layout.channels * 4),
+                    Bind::elems(&sums, layout.channels * 4),
+                    Bind::window(out.buffer(), w.start, w.len),
+                ],
+                w.len.div_ceil(u64::from(WORKGROUP_SIZE)),
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Records the per-channel `(mean, 1 / sqrt(var + eps))` of `weight`.
+    fn record_norm(
+        &self,
+        rec: &mut Recording<'_>,
+        layout: &ChannelLayout,
+        weight: &Tensor,
+    ) -> Result<wgpu::Buffer> {
+        let ctx = rec.context();
+        let plan = ReducePlan::new(OP, *layout, &ctx.limits)?;
+        let stats = record_welford(rec, OP, &plan, weight.buffer())?;
+        let norm = vec4_buffer(ctx, OP, layout.channels)?;
+        let params = FinalizeParams {
+            channels: layout.channels as u32,
+            eps: self.eps,
+            divisor: self.divisor(layout) as f32,
+            _pad: 0,
+        };
+        rec.dispatch(
+            Kernel::WsFinalize,
+            &params,
+            &[
+                Bind::elems(&stats, layout.channels * 4),
+                Bind::elems(&norm, layout.channels * 4),
+            ],
+            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+        Ok(norm)
+    }
+
+    fn element_params(
+        &self,
+        layout: &ChannelLayout,
+        count: u64,
+        c_start: u64,
+        j_start: u64,
+    ) -> ElementParams {
+        ElementParams {
+            count: count as u32,
+            channels: layout.channels as u32,
+            inner: layout.inner as u32,
+            c_start: c_start as u32,
+            j_start: j_start as u32,
+            _pad: 0,
+            inv_n: (1.0 / layout.per_channel() as f64) as f32,
+            inv_divisor: (1.0 / self.divisor(layout)) as f32,
+        }
+    }
+}
