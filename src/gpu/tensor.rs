@@ -47,7 +47,7 @@ impl Tensor {
         let buffer = ctx.storage_buffer("upload", len as u64, true)?;
         if len > 0 {
             buffer
-                .slice(..)
+                .slice(..len as u64 * 4)
                 .get_mapped_range_mut()
                 .map_err(|e| Error::Gpu {
                     during: "upload",

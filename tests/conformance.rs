@@ -1,0 +1,74 @@
+//! The vendored golden cases (tests/conformance/cases, from ../shared/conformance) run
+//! through the public API on the default adapter.
+
+mod common;
+
+use std::path::Path;
+
+use wgnorm::conformance::{run_case, Case, SUPPORTED_OPS};
+
+fn cases() -> Vec<Case> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/cases");
+    let cases = Case::load_dir(&dir).unwrap();
+    assert!(cases.len() >= 66, "vendored cases missing: {}", cases.len());
+    cases
+}
+
+#[test]
+fn every_case_of_the_implemented_ops_passes() {
+    let ctx = common::ctx();
+    let mut ran = 0;
+    let mut failures = Vec::new();
+    for case in cases()
+        .iter()
+        .filter(|c| SUPPORTED_OPS.contains(&c.op.as_str()))
+    {
+        let outcome = run_case(&ctx, case);
+        assert!(!outcome.checks.is_empty() || outcome.error.is_some());
+        assert_eq!(outcome.checks.len(), case.expected.len(), "{}", case.name);
+        ran += 1;
+        if !outcome.passed() {
+            failures.push(format!("{}: {}", case.name, outcome.summary()));
+        }
+    }
+    assert!(ran >= 16, "only {ran} cases ran");
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// A case whose op is not implemented is a failure with a reason, never a pass.
+#[test]
+fn unimplemented_ops_fail_rather_than_skip() {
+    let ctx = common::ctx();
+    for case in cases()
+        .iter()
+        .filter(|c| !SUPPORTED_OPS.contains(&c.op.as_str()))
+        .take(3)
+    {
+        let outcome = run_case(&ctx, case);
+        assert!(!outcome.passed(), "{}", case.name);
+        assert!(outcome.summary().contains("not implemented"));
+    }
+}
+
+/// The comparison itself can fail: a perturbed expected value is caught.
+#[test]
+fn the_comparison_catches_a_wrong_value() {
+    let ctx = common::ctx();
+    let mut case = cases()
+        .into_iter()
+        .find(|c| c.op == "weight_standardization")
+        .unwrap();
+    let out = case.expected.get_mut("output").unwrap();
+    *out.iter_mut().next().unwrap() += 0.01;
+    let outcome = run_case(&ctx, &case);
+    assert!(!outcome.passed());
+    assert!(
+        outcome.summary().contains("output: worst at 0"),
+        "{}",
+        outcome.summary()
+    );
+}

@@ -1,0 +1,96 @@
+//! Parses and validates every WGSL file with naga, and checks each kernel's declared
+//! bindings against the shader's own. Needs no adapter.
+
+use naga::valid::{Capabilities, GlobalUse, ValidationFlags, Validator};
+use naga::{AddressSpace, StorageAccess};
+use wgnorm::gpu::{Binding, Kernel, SHADERS};
+
+fn parse(i: usize) -> (naga::Module, naga::valid::ModuleInfo) {
+    let src = &SHADERS[i];
+    let module = naga::front::wgsl::parse_str(src.source)
+        .unwrap_or_else(|e| panic!("{}.wgsl: {}", src.name, e.emit_to_string(src.source)));
+    let info = Validator::new(ValidationFlags::all(), Capabilities::default())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}.wgsl does not validate: {e:?}", src.name));
+    (module, info)
+}
+
+#[test]
+fn every_shader_parses_and_validates_without_subgroups() {
+    for i in 0..SHADERS.len() {
+        parse(i);
+    }
+}
+
+#[test]
+fn every_shader_file_is_listed_once() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".wgsl"))
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = SHADERS.iter().map(|s| format!("{}.wgsl", s.name)).collect();
+    listed.sort();
+    assert_eq!(files, listed);
+}
+
+#[test]
+fn declared_bindings_match_the_shaders() {
+    for &kernel in Kernel::ALL {
+        let def = kernel.def();
+        let shader = &SHADERS[def.shader];
+        assert!(
+            def.label
+                .starts_with(&format!("wgnorm.{}.{}", shader.name, def.entry)),
+            "{}: label must be wgnorm.<shader>.<entry>",
+            def.label
+        );
+        let (module, info) = parse(def.shader);
+        let (ep_index, _) = module
+            .entry_points
+            .iter()
+            .enumerate()
+            .find(|(_, ep)| ep.name == def.entry)
+            .unwrap_or_else(|| panic!("{}: no entry point {}", def.label, def.entry));
+        let ep_info = info.get_entry_point(ep_index);
+        let mut used = Vec::new();
+        for (handle, var) in module.global_variables.iter() {
+            if ep_info[handle] == GlobalUse::empty() {
+                continue;
+            }
+            let Some(binding) = &var.binding else {
+                continue;
+            };
+            assert_eq!(binding.group, 0, "{}: group", def.label);
+            let kind = match var.space {
+                AddressSpace::Uniform => Binding::Uniform,
+                AddressSpace::Storage { access } if access.contains(StorageAccess::STORE) => {
+                    Binding::ReadWrite
+                }
+                AddressSpace::Storage { .. } => Binding::Read,
+                other => panic!("{}: unexpected address space {other:?}", def.label),
+            };
+            used.push((binding.binding, kind));
+        }
+        used.sort_by_key(|(b, _)| *b);
+        let declared: Vec<(u32, Binding)> = def
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i as u32, *k))
+            .collect();
+        assert_eq!(used, declared, "{}: bindings", def.label);
+        for (name, _) in def.constants {
+            assert!(
+                module
+                    .overrides
+                    .iter()
+                    .any(|(_, o)| o.name.as_deref() == Some(*name)),
+                "{}: no override {name}",
+                def.label
+            );
+        }
+    }
+}
