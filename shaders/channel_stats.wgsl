@@ -17,12 +17,14 @@
 // `base_delta` is the box's first element relative to the (aligned) window start. All
 // in-shader indices are window-relative, so they fit in u32 whatever the tensor size.
 //
-// Numerics. Means and variances use Welford per thread and Chan's parallel combine in
-// a shared-memory tree: never E[x^2] - E[x]^2, which loses every digit for weights with
-// a large common offset. The tree needs no subgroup operations, so it runs on adapters
+// Numerics. Each thread sums its elements (at most ITEM_ELEMS / WG of them) shifted by
+// the item's first element, turns the sums into (mean, M2), and Chan's parallel combine
+// merges threads (shared-memory tree) and partials: never E[x^2] - E[x]^2 on raw values,
+// which loses every digit for weights with a large common offset. No division per
+// element, which matters on software adapters. The tree needs no subgroup operations, so it runs on adapters
 // without them (GL) and is correct for any subgroup size.
 
-const WG: u32 = 256u;
+const WG: u32 = 64u;
 
 // Mirrors `ReduceParams` in src/ops/channel_stats.rs.
 struct ReduceParams {
@@ -80,9 +82,38 @@ fn item_at(p: ReduceParams, linear: u32) -> Item {
     return it;
 }
 
-// Window-relative index of element k of an item.
-fn element(p: ReduceParams, it: Item, k: u32) -> u32 {
-    return it.base + (k / it.cols) * p.row_stride + k % it.cols;
+// A thread's walk over an item: elements lid, lid + WG, ... in row-major item order,
+// kept as (row, column) and advanced without a division per element.
+struct Walk {
+    row: u32,
+    col: u32,
+    rows: u32,
+    drow: u32,
+    dcol: u32,
+}
+
+fn walk_start(it: Item, lid: u32) -> Walk {
+    var w: Walk;
+    w.row = lid / it.cols;
+    w.col = lid % it.cols;
+    w.rows = it.count / it.cols;
+    w.drow = WG / it.cols;
+    w.dcol = WG % it.cols;
+    return w;
+}
+
+fn walk_next(w: ptr<function, Walk>, cols: u32) {
+    (*w).col += (*w).dcol;
+    (*w).row += (*w).drow;
+    if ((*w).col >= cols) {
+        (*w).col -= cols;
+        (*w).row += 1u;
+    }
+}
+
+// Window-relative index of the walk's current element.
+fn walk_index(p: ReduceParams, it: Item, w: Walk) -> u32 {
+    return it.base + w.row * p.row_stride + w.col;
 }
 
 // Welford states are vec4(mean, m2, count, 0).
@@ -142,13 +173,26 @@ fn welford_partials(
         return;
     }
     let it = item_at(wp, linear);
+    // Per thread: sums of (x - shift) and its square, shifted by the item's first
+    // element so that they stay of the order of the spread, not of the offset; then
+    // (mean, m2) per thread, and Chan's combine across threads and partials.
+    let shift = wp_x[it.base];
+    var s1 = 0.0;
+    var s2 = 0.0;
+    var n = 0u;
+    var w = walk_start(it, lid);
+    while (w.row < w.rows) {
+        let d = wp_x[walk_index(wp, it, w)] - shift;
+        s1 += d;
+        s2 = fma(d, d, s2);
+        n += 1u;
+        walk_next(&w, it.cols);
+    }
     var acc = vec4<f32>(0.0);
-    for (var k = lid; k < it.count; k += WG) {
-        let v = wp_x[element(wp, it, k)];
-        acc.z += 1.0;
-        let d = v - acc.x;
-        acc.x += d / acc.z;
-        acc.y += d * (v - acc.x);
+    if (n > 0u) {
+        let nf = f32(n);
+        let dm = s1 / nf;
+        acc = vec4<f32>(shift + dm, max(s2 - s1 * dm, 0.0), nf, 0.0);
     }
     let total = tree_welford(lid, acc);
     if (lid == 0u) {
@@ -213,11 +257,13 @@ fn sum_partials(
         centre = sp_centre[it.c].x;
     }
     var acc = vec4<f32>(0.0);
-    for (var k = lid; k < it.count; k += WG) {
-        let e = element(sp, it, k);
+    var w = walk_start(it, lid);
+    while (w.row < w.rows) {
+        let e = walk_index(sp, it, w);
         let a = sp_a[e];
         acc.x += a;
-        acc.y += a * (sp_b[e] - centre);
+        acc.y = fma(a, sp_b[e] - centre, acc.y);
+        walk_next(&w, it.cols);
     }
     let total = tree_sum(lid, acc);
     if (lid == 0u) {

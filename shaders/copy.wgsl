@@ -3,6 +3,7 @@
 // element once, with the same thread layout as the elementwise normalization passes.
 
 const WG: u32 = 256u;
+const PER_THREAD: u32 = 4u;
 
 // Mirrors `CopyParams` in src/ops/copy.rs.
 struct CopyParams {
@@ -22,9 +23,11 @@ fn copy(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let e = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (e >= p.count) {
-        return;
+    // The same thread layout as the normalization passes: PER_THREAD consecutive
+    // elements per thread.
+    let first = ((wid.x + wid.y * nwg.x) * WG + lid) * PER_THREAD;
+    let end = min(first + PER_THREAD, p.count);
+    for (var e = first; e < end; e += 1u) {
+        dst[e] = src[e];
     }
-    dst[e] = src[e];
 }

@@ -33,9 +33,38 @@ struct ElementParams {
     inv_divisor: f32,
 }
 
-fn channel_of(p: ElementParams, e: u32) -> u32 {
-    let t = p.j_start + e;
-    return (p.c_start + t / p.inner) % p.channels;
+// Elementwise passes: each thread handles PER_THREAD consecutive elements, computing
+// its channel once and stepping it at row ends, so the per-channel values are loaded
+// once per run rather than once per element (a large cost on software adapters).
+const PER_THREAD: u32 = 4u;
+
+struct Run {
+    first: u32, // first element of the thread's run
+    c: u32,     // its channel
+    j: u32,     // its column within the channel's row
+}
+
+fn run_start(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Run {
+    var r: Run;
+    r.first = ((wid.x + wid.y * nwg.x) * WG + lid) * PER_THREAD;
+    let t = p.j_start + r.first;
+    r.c = (p.c_start + t / p.inner) % p.channels;
+    r.j = t % p.inner;
+    return r;
+}
+
+// Moves the run to the next element; returns true when the channel changed.
+fn run_step(p: ElementParams, r: ptr<function, Run>) -> bool {
+    (*r).j += 1u;
+    if ((*r).j == p.inner) {
+        (*r).j = 0u;
+        (*r).c += 1u;
+        if ((*r).c == p.channels) {
+            (*r).c = 0u;
+        }
+        return true;
+    }
+    return false;
 }
 
 fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -72,12 +101,18 @@ fn normalize(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let e = linear_id(wid, nwg, lid);
-    if (e >= np.count) {
+    var r = run_start(np, wid, nwg, lid);
+    if (r.first >= np.count) {
         return;
     }
-    let m = np_norm[channel_of(np, e)];
-    np_y[e] = (np_x[e] - m.x) * m.y;
+    var m = np_norm[r.c];
+    let end = min(r.first + PER_THREAD, np.count);
+    for (var e = r.first; e < end; e += 1u) {
+        np_y[e] = (np_x[e] - m.x) * m.y;
+        if (run_step(np, &r)) {
+            m = np_norm[r.c];
+        }
+    }
 }
 
 @group(0) @binding(0) var<uniform> gp: ElementParams;
@@ -93,13 +128,19 @@ fn grad(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let e = linear_id(wid, nwg, lid);
-    if (e >= gp.count) {
+    var r = run_start(gp, wid, nwg, lid);
+    if (r.first >= gp.count) {
         return;
     }
-    let c = channel_of(gp, e);
-    let m = gp_norm[c];
-    let s = gp_sums[c];
-    let y = (gp_x[e] - m.x) * m.y;
-    gp_dx[e] = m.y * (gp_g[e] - s.x * gp.inv_n - y * m.y * s.y * gp.inv_divisor);
+    var m = gp_norm[r.c];
+    var s = gp_sums[r.c];
+    let end = min(r.first + PER_THREAD, gp.count);
+    for (var e = r.first; e < end; e += 1u) {
+        let y = (gp_x[e] - m.x) * m.y;
+        gp_dx[e] = m.y * (gp_g[e] - s.x * gp.inv_n - y * m.y * s.y * gp.inv_divisor);
+        if (run_step(gp, &r)) {
+            m = gp_norm[r.c];
+            s = gp_sums[r.c];
+        }
+    }
 }

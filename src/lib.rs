@@ -37,7 +37,10 @@ mod error;
 pub mod gpu;
 pub mod ops;
 pub mod reference;
+pub mod shapes;
 
 pub use error::{Error, Result};
 pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
 pub use ops::weight_standardization::{Variance, WeightStandardization};
+/// The wgpu this crate is built on, for callers that bring their own device.
+pub use wgpu;

@@ -212,7 +212,7 @@ fn many_layers_in_one_submission() {
         .iter()
         .map(|t| config.record_forward(&mut rec, t).unwrap())
         .collect();
-    assert!(rec.dispatches() >= 4 * shapes.len());
+    assert!(rec.dispatches() >= 3 * shapes.len());
     rec.submit().unwrap();
     let got = ctx.read_all(&outs.iter().collect::<Vec<_>>()).unwrap();
     for (w, g) in weights.iter().zip(&got) {
@@ -241,8 +241,14 @@ fn one_context_from_many_threads() {
             });
         }
     });
-    // Forward and backward use 7 distinct kernels; each is built exactly once.
-    assert_eq!(ctx.pipelines_built() - built_before, 7);
+    // Forward and backward use at most 7 distinct kernels (the combines only when a
+    // channel has several partials); each is built once, so more work builds none.
+    let built = ctx.pipelines_built() - built_before;
+    assert!((5..=7).contains(&built), "{built} pipelines built");
+    let mut rng = Rng::new(1);
+    let w = rng.array(&[7, 33], 0.0, 1.0);
+    check(&ctx, &WeightStandardization::default(), &w, &w);
+    assert_eq!(ctx.pipelines_built() - built_before, built);
 }
 
 #[test]

@@ -113,8 +113,11 @@ kernels! {
     Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
 }
 
-/// Threads per workgroup of every kernel (each shader's `WG`).
+/// Threads per workgroup of the elementwise kernels (their shaders' `WG`).
 pub const WORKGROUP_SIZE: u32 = 256;
+
+/// Elements per workgroup of the elementwise kernels: `WG * PER_THREAD`.
+pub const ELEMENTS_PER_WORKGROUP: u64 = WORKGROUP_SIZE as u64 * 4;
 
 /// A compiled kernel.
 #[derive(Debug)]

@@ -8,7 +8,9 @@ mod tensor;
 
 pub(crate) use context::PlanLimits;
 pub use context::{AdapterReport, Context, ContextOptions};
-pub use kernels::{Binding, Kernel, KernelDef, ShaderSource, SHADERS, WORKGROUP_SIZE};
+pub use kernels::{
+    Binding, Kernel, KernelDef, ShaderSource, ELEMENTS_PER_WORKGROUP, SHADERS, WORKGROUP_SIZE,
+};
 pub(crate) use recording::Bind;
 pub use recording::Recording;
 pub use tensor::Tensor;

@@ -263,6 +263,10 @@ pub(crate) fn record_welford(
             bx.nb * bx.nc * bx.njc,
         )?;
     }
+    if ppc == 1 && !plan.boxes.is_empty() {
+        // One partial per channel, at slot c: it is already the result.
+        return Ok(partials);
+    }
     let out = vec4_buffer(ctx, op, channels)?;
     record_combine(rec, Kernel::WelfordCombine, plan, &partials, &out)?;
     Ok(out)
@@ -298,6 +302,10 @@ pub(crate) fn record_sums(
             ],
             bx.nb * bx.nc * bx.njc,
         )?;
+    }
+    if ppc == 1 && !plan.boxes.is_empty() {
+        // One partial per channel, at slot c: it is already the result.
+        return Ok(partials);
     }
     let out = vec4_buffer(ctx, op, channels)?;
     record_combine(rec, Kernel::SumCombine, plan, &partials, &out)?;

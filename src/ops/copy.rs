@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::Result;
-use crate::gpu::{Bind, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP};
 
 use super::channel_stats::{element_windows, ChannelLayout};
 
@@ -33,7 +33,7 @@ pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
                 Bind::window(src.buffer(), w.start, w.len),
                 Bind::window(dst.buffer(), w.start, w.len),
             ],
-            w.len.div_ceil(u64::from(WORKGROUP_SIZE)),
+            w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
         )?;
     }
     Ok(dst)

@@ -6,7 +6,9 @@ use super::channel_stats::{
     element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout, ReducePlan,
 };
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{
+    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
+};
 
 const OP: &str = "weight_standardization";
 
@@ -175,7 +177,7 @@ impl WeightStandardization {
                     Bind::elems(&norm, layout.channels * 4),
                     Bind::window(out.buffer(), w.start, w.len),
                 ],
-                w.len.div_ceil(u64::from(WORKGROUP_SIZE)),
+                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
         }
         Ok(out)
@@ -223,7 +225,7 @@ impl WeightStandardization {
                     Bind::elems(&sums, layout.channels * 4),
                     Bind::window(out.buffer(), w.start, w.len),
                 ],
-                w.len.div_ceil(u64::from(WORKGROUP_SIZE)),
+                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
         }
         Ok(out)

@@ -1,0 +1,43 @@
+//! Adapter choice and the context's report.
+
+mod common;
+
+#[test]
+fn report_names_the_adapter_and_honours_wgpu_backend() {
+    let ctx = common::ctx();
+    let info = ctx.info();
+    println!("{info}");
+    assert!(!info.name.is_empty());
+    assert!(info.max_binding_bytes >= 1 << 20);
+    assert!(info.max_buffer_bytes >= info.max_binding_bytes);
+    if let Ok(b) = std::env::var("WGPU_BACKEND") {
+        let want = match b.to_lowercase().as_str() {
+            "gl" | "gles" | "opengl" => wgpu::Backend::Gl,
+            "vulkan" | "vk" => wgpu::Backend::Vulkan,
+            _ => return,
+        };
+        assert_eq!(info.backend, want, "WGPU_BACKEND={b} not honoured");
+    }
+    // GL has no subgroups: the kernels must not need them.
+    if info.backend == wgpu::Backend::Gl {
+        assert!(!info.subgroups);
+    }
+}
+
+#[test]
+fn a_device_the_caller_already_has_is_accepted() {
+    let ctx = common::ctx();
+    let wrapped = wgnorm::Context::from_device(ctx.device().clone(), ctx.queue().clone()).unwrap();
+    assert_eq!(wrapped.info().name, ctx.info().name);
+    let mut rng = common::Rng::new(1);
+    let w = rng.array(&[5, 9], 2.0, 1.0);
+    let t = wgnorm::Tensor::from_array(&wrapped, &w).unwrap();
+    let config = wgnorm::WeightStandardization::default();
+    let got = config
+        .forward(&wrapped, &t)
+        .unwrap()
+        .to_array(&wrapped)
+        .unwrap();
+    let want = wgnorm::reference::weight_standardization::forward(&config, w.view()).unwrap();
+    common::assert_close("from_device", &got, &want, 1e-4, 1e-4);
+}
