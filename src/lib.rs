@@ -32,6 +32,11 @@
 //! ```
 #![warn(missing_docs)]
 
+// The README's usage example runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod conformance;
 mod error;
 pub mod gpu;

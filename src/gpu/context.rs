@@ -221,8 +221,10 @@ impl Context {
         let info = device.adapter_info();
         let features = device.features();
         let limits = device.limits();
-        let mut max_binding =
-            u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size) & !3;
+        let mut max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+            & !3;
         if let Some(cap) = options.max_binding_bytes {
             max_binding = max_binding.min(cap.max(1024) & !3);
         }

@@ -60,11 +60,13 @@ impl Rng {
 #[track_caller]
 pub fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, rtol: f32, atol: f32) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    // NaN is never close: `within` is false for it.
+    let within = |g: f32, w: f32| (g - w).abs() <= atol + rtol * w.abs();
     let bad: Vec<String> = got
         .iter()
         .zip(want.iter())
         .enumerate()
-        .filter(|(_, (g, w))| !((*g - *w).abs() <= atol + rtol * w.abs()))
+        .filter(|(_, (g, w))| !within(**g, **w))
         .take(5)
         .map(|(i, (g, w))| format!("[{i}] got {g}, want {w}"))
         .collect();
@@ -73,7 +75,7 @@ pub fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, rtol: f32
         "{what}: {} mismatches (rtol {rtol}, atol {atol}), first: {}",
         got.iter()
             .zip(want.iter())
-            .filter(|(g, w)| !((*g - *w).abs() <= atol + rtol * w.abs()))
+            .filter(|(g, w)| !within(**g, **w))
             .count(),
         bad.join(", ")
     );
