@@ -226,9 +226,9 @@ fn welford_combine(
     }
 }
 
-// ---- Sums: (sum a, sum a * (b - centre[c])) per channel -------------------------
+// ---- Sums: (sum a, sum a (b - centre[c]), sum (b - centre[c])^2) per channel -----
 //
-// With a = b = v and no centre: the squared norm of v (second component).
+// With a = grad, b = v and no centre: <grad, v> and the squared norm of v in one pass.
 // With a = grad, b = x, centre = mean: the two sums every normalization backward needs,
 // centred so that a large common offset in x costs no precision.
 
@@ -261,8 +261,10 @@ fn sum_partials(
     while (w.row < w.rows) {
         let e = walk_index(sp, it, w);
         let a = sp_a[e];
+        let b = sp_b[e] - centre;
         acc.x += a;
-        acc.y = fma(a, sp_b[e] - centre, acc.y);
+        acc.y = fma(a, b, acc.y);
+        acc.z = fma(b, b, acc.z);
         walk_next(&w, it.cols);
     }
     let total = tree_sum(lid, acc);

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, Tensor};
+use crate::ops::weight_norm::WeightNorm;
 use crate::ops::weight_standardization::{Variance, WeightStandardization};
 
 /// One golden case.
@@ -252,12 +253,18 @@ pub fn compare(
 }
 
 /// The ops this version can run.
-pub const SUPPORTED_OPS: &[&str] = &["weight_standardization"];
+pub const SUPPORTED_OPS: &[&str] = &[
+    "weight_standardization",
+    "weight_norm",
+    "weight_norm_decompose",
+];
 
 /// Runs `case` through the public API on `ctx` and checks every expected tensor.
 pub fn run_case(ctx: &Context, case: &Case) -> CaseOutcome {
     let produced = match case.op.as_str() {
         "weight_standardization" => run_weight_standardization(ctx, case),
+        "weight_norm" => run_weight_norm(ctx, case),
+        "weight_norm_decompose" => run_weight_norm_decompose(ctx, case),
         other => Err(format!("op `{other}` is not implemented yet")),
     };
     let mut outcome = CaseOutcome {
@@ -317,6 +324,47 @@ fn run_weight_standardization(ctx: &Context, case: &Case) -> Produced {
             "grad_weight".to_string(),
             r.next().expect("two tensors read"),
         );
+        Ok(m)
+    };
+    run().map_err(|e| e.to_string())
+}
+
+/// PyTorch's `dim` from the case params: a number, or null for one norm over everything.
+fn weight_norm_config(case: &Case) -> WeightNorm {
+    WeightNorm::pytorch(case.param_f64("dim").map(|d| d as usize))
+}
+
+fn run_weight_norm(ctx: &Context, case: &Case) -> Produced {
+    let config = weight_norm_config(case);
+    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
+        let g = Tensor::from_array(ctx, case.input("g")?)?;
+        let v = Tensor::from_array(ctx, case.input("v")?)?;
+        let gw = Tensor::from_array(ctx, case.input("grad_output")?)?;
+        let (w, (grad_g, grad_v)) = ctx.run(|rec| {
+            Ok((
+                config.record_forward(rec, &g, &v)?,
+                config.record_backward(rec, &g, &v, &gw)?,
+            ))
+        })?;
+        let mut r = ctx.read_all(&[&w, &grad_g, &grad_v])?.into_iter();
+        let mut m = BTreeMap::new();
+        for name in ["output", "grad_g", "grad_v"] {
+            m.insert(name.to_string(), r.next().expect("three tensors read"));
+        }
+        Ok(m)
+    };
+    run().map_err(|e| e.to_string())
+}
+
+fn run_weight_norm_decompose(ctx: &Context, case: &Case) -> Produced {
+    let config = weight_norm_config(case);
+    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
+        let w = Tensor::from_array(ctx, case.input("weight")?)?;
+        let (g, v) = config.decompose(ctx, &w)?;
+        let mut r = ctx.read_all(&[&g, &v])?.into_iter();
+        let mut m = BTreeMap::new();
+        m.insert("g".to_string(), r.next().expect("two tensors read"));
+        m.insert("v".to_string(), r.next().expect("two tensors read"));
         Ok(m)
     };
     run().map_err(|e| e.to_string())

@@ -6,6 +6,8 @@
 //! - [`WeightStandardization`]: `(W - mean) / sqrt(var + eps)` per output channel
 //!   (Chainer's `link_hooks.WeightStandardization`, the labml.ai PyTorch version),
 //!   forward and backward.
+//! - [`WeightNorm`]: `W = g * v / ||v||` (PyTorch's `weight_norm`, Jittor's `weightnorm`),
+//!   forward, backward, decompose and fold back.
 //!
 //! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
 //! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
@@ -46,6 +48,7 @@ pub mod shapes;
 
 pub use error::{Error, Result};
 pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
+pub use ops::weight_norm::{NormAxes, WeightNorm};
 pub use ops::weight_standardization::{Variance, WeightStandardization};
 /// The wgpu this crate is built on, for callers that bring their own device.
 pub use wgpu;

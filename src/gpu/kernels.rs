@@ -29,6 +29,10 @@ pub const SHADERS: &[ShaderSource] = &[
         source: include_str!("../../shaders/weight_standardization.wgsl"),
     },
     ShaderSource {
+        name: "weight_norm",
+        source: include_str!("../../shaders/weight_norm.wgsl"),
+    },
+    ShaderSource {
         name: "copy",
         source: include_str!("../../shaders/copy.wgsl"),
     },
@@ -91,7 +95,8 @@ macro_rules! kernels {
 
 const CHANNEL_STATS: usize = 0;
 const WEIGHT_STANDARDIZATION: usize = 1;
-const COPY: usize = 2;
+const WEIGHT_NORM: usize = 2;
+const COPY: usize = 3;
 
 kernels! {
     WelfordPartials => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials", "welford_partials",
@@ -110,6 +115,16 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     WsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad", "grad",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
+    WnNorms => (WEIGHT_NORM, "wgnorm.weight_norm.norms", "norms",
+        [Uniform, Read, ReadWrite], []);
+    WnFactors => (WEIGHT_NORM, "wgnorm.weight_norm.factors", "factors",
+        [Uniform, Read, Read, ReadWrite], []);
+    WnApply => (WEIGHT_NORM, "wgnorm.weight_norm.apply", "apply",
+        [Uniform, Read, Read, ReadWrite], []);
+    WnGradFactors => (WEIGHT_NORM, "wgnorm.weight_norm.grad_factors", "grad_factors",
+        [Uniform, Read, Read, ReadWrite, ReadWrite], []);
+    WnGradV => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v", "grad_v",
+        [Uniform, Read, Read, Read, ReadWrite], []);
     Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
 }
 

@@ -272,7 +272,7 @@ pub(crate) fn record_welford(
     Ok(out)
 }
 
-/// Records per-channel `(sum a, sum a * (b - centre[c]), 0, 0)`; `centre` is a vec4 per
+/// Records per-channel `(sum a, sum a (b - centre[c]), sum (b - centre[c])^2, 0)`; `centre` is a vec4 per
 /// channel buffer whose first component is subtracted (none: no centring).
 pub(crate) fn record_sums(
     rec: &mut Recording<'_>,

@@ -2,4 +2,5 @@
 
 pub(crate) mod channel_stats;
 pub mod copy;
+pub mod weight_norm;
 pub mod weight_standardization;

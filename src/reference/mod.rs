@@ -2,4 +2,5 @@
 //! transcribed from the shaders. They validate every kernel in the tests, and a user
 //! without a GPU can call them directly.
 
+pub mod weight_norm;
 pub mod weight_standardization;

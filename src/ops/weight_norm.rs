@@ -1,0 +1,374 @@
+//! Weight Normalization: `W = g * v / ||v||`.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::channel_stats::{element_windows, record_sums, vec4_buffer, ChannelLayout, ReducePlan};
+use super::copy::record_copy;
+use crate::error::{Error, Result};
+use crate::gpu::{
+    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
+};
+
+const OP: &str = "weight_norm";
+
+/// Which axes the norm of [`WeightNorm`] runs over. Both frameworks call their
+/// argument `dim` but read it the other way round; this enum names the reading.
+///
+/// For a linear weight `[out, in]` the two conventions agree as
+/// `Keep(0)` (PyTorch `dim=0`) == `Reduce(-1)` (Jittor `dim=-1`): one norm per output row.
+/// For a convolution weight `[out, in, kh, kw]`, PyTorch's default `Keep(0)` takes one
+/// norm per output channel over `in x kh x kw`, while Jittor's default `Reduce(-1)`
+/// takes one norm per `(out, in, kh)` over `kw` only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormAxes {
+    /// PyTorch's `dim`: the axis kept; the norm runs over every other axis. `g` has the
+    /// shape of `v` with every other axis set to 1. Any axis runs as a GPU kernel.
+    Keep(usize),
+    /// PyTorch's `dim=None`: one norm over the whole tensor. `g` has shape `[1]`, as
+    /// PyTorch stores it (`norm_except_dim(v, 2, -1)`); a scalar `g` of shape `[]` is
+    /// accepted too.
+    All,
+    /// Jittor's `dim`: the axis reduced (negative counts from the end, `-1` is the
+    /// last); `g` has the shape of `v` with that axis set to 1. Supported for the first
+    /// and the last axis; a middle axis is refused with [`Error::InvalidInput`] (not
+    /// implemented yet).
+    Reduce(isize),
+}
+
+/// Weight Normalization, after PyTorch's `torch.nn.utils.weight_norm` and Jittor's
+/// `weightnorm`: `W = g * v / ||v||`, with `g` (magnitude) and `v` (direction) the
+/// parameters.
+///
+/// Defaults: `axes = Keep(0)` (PyTorch's `dim=0`), `eps = 1e-30` on the squared norm.
+///
+/// Zero norms: PyTorch divides by a zero norm and returns NaN. Here the squared norm is
+/// clamped at `eps` (Jittor's convention), so an all-zero slice of `v` gives `W = 0`,
+/// `grad_g = 0` and `grad_v = g / sqrt(eps) * grad_W` (the exact gradient of the
+/// clamped formula), never NaN. Any nonzero norm above `sqrt(eps)` is unaffected.
+///
+/// ```no_run
+/// # fn main() -> wgnorm::Result<()> {
+/// use wgnorm::{Context, NormAxes, Tensor, WeightNorm};
+/// let ctx = Context::headless()?;
+/// let w = Tensor::from_array(&ctx, &ndarray::Array2::<f32>::ones((64, 128)))?;
+/// // PyTorch `weight_norm(linear, dim=0)` and Jittor `weight_norm(linear, dim=-1)`:
+/// let torch = WeightNorm::pytorch(Some(0));
+/// let jittor = WeightNorm::jittor(-1);
+/// let (g, v) = torch.decompose(&ctx, &w)?; // g: [64, 1], v: a copy of w
+/// let again = torch.forward(&ctx, &g, &v)?; // == w
+/// # let _ = jittor; Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WeightNorm {
+    /// The axes of the norm. Default `Keep(0)`.
+    pub axes: NormAxes,
+    /// Floor of the squared norm. Default `1e-30` (Jittor's). Must be finite and >= 0;
+    /// 0 reproduces PyTorch exactly, NaN included.
+    pub eps: f32,
+}
+
+impl Default for WeightNorm {
+    fn default() -> Self {
+        Self::pytorch(Some(0))
+    }
+}
+
+// Mirrors `SliceParams` in shaders/weight_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct SliceParams {
+    slices: u32,
+    eps: f32,
+    _pad: [u32; 2],
+}
+
+// Mirrors `ElementParams` in shaders/weight_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct ElementParams {
+    count: u32,
+    channels: u32,
+    inner: u32,
+    c_start: u32,
+    j_start: u32,
+    _pad: [u32; 3],
+}
+
+impl WeightNorm {
+    /// PyTorch's convention: `dim` is the axis kept (`None`: one norm over everything).
+    pub fn pytorch(dim: Option<usize>) -> Self {
+        WeightNorm {
+            axes: dim.map_or(NormAxes::All, NormAxes::Keep),
+            eps: 1e-30,
+        }
+    }
+
+    /// Jittor's convention: `dim` is the axis reduced, negative from the end (Jittor's
+    /// default is `-1`).
+    pub fn jittor(dim: isize) -> Self {
+        WeightNorm {
+            axes: NormAxes::Reduce(dim),
+            eps: 1e-30,
+        }
+    }
+
+    /// The `[outer, slices, inner]` view of `shape` whose slices each get one norm.
+    pub(crate) fn layout(&self, shape: &[usize]) -> Result<ChannelLayout> {
+        if shape.is_empty() || shape.contains(&0) {
+            return Err(Error::input(
+                OP,
+                format!("v must be a non-empty tensor of rank >= 1, got shape {shape:?}"),
+            ));
+        }
+        if !self.eps.is_finite() || self.eps < 0.0 {
+            return Err(Error::input(
+                OP,
+                format!("eps must be finite and >= 0, got {}", self.eps),
+            ));
+        }
+        let rank = shape.len();
+        let prod = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        match self.axes {
+            NormAxes::All => Ok(ChannelLayout::new(shape, None)),
+            NormAxes::Keep(k) if k < rank => Ok(ChannelLayout::new(shape, Some(k))),
+            NormAxes::Keep(k) => Err(Error::input(
+                OP,
+                format!("dim {k} is out of range for v of shape {shape:?}"),
+            )),
+            NormAxes::Reduce(d) => {
+                let k = if d < 0 { d + rank as isize } else { d };
+                if k < 0 || k >= rank as isize {
+                    return Err(Error::input(
+                        OP,
+                        format!("jittor dim {d} is out of range for v of shape {shape:?}"),
+                    ));
+                }
+                let k = k as usize;
+                if k == 0 {
+                    Ok(ChannelLayout {
+                        outer: shape[0] as u64,
+                        channels: prod(&shape[1..]),
+                        inner: 1,
+                    })
+                } else if k == rank - 1 {
+                    Ok(ChannelLayout {
+                        outer: 1,
+                        channels: prod(&shape[..k]),
+                        inner: shape[k] as u64,
+                    })
+                } else {
+                    Err(Error::input(
+                        OP,
+                        format!(
+                            "jittor dim {d} reduces a middle axis of shape {shape:?}; only the \
+                             first and the last axis are supported so far"
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The shape of `g` for `v` of shape `shape`.
+    pub fn g_shape(&self, shape: &[usize]) -> Result<Vec<usize>> {
+        self.layout(shape)?;
+        let rank = shape.len();
+        Ok(match self.axes {
+            NormAxes::All => vec![1],
+            NormAxes::Keep(k) => (0..rank)
+                .map(|i| if i == k { shape[i] } else { 1 })
+                .collect(),
+            NormAxes::Reduce(d) => {
+                let k = if d < 0 {
+                    (d + rank as isize) as usize
+                } else {
+                    d as usize
+                };
+                let mut s = shape.to_vec();
+                s[k] = 1;
+                s
+            }
+        })
+    }
+
+    fn check_g(&self, g: &[usize], v: &[usize]) -> Result<ChannelLayout> {
+        let layout = self.layout(v)?;
+        let want = self.g_shape(v)?;
+        let scalar_ok = self.axes == NormAxes::All && g.is_empty();
+        if g != want.as_slice() && !scalar_ok {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "g has shape {g:?}; for v of shape {v:?} and {:?} it must be {want:?}",
+                    self.axes
+                ),
+            ));
+        }
+        Ok(layout)
+    }
+
+    fn check_same(&self, what: &str, got: &[usize], v: &[usize]) -> Result<()> {
+        if got != v {
+            return Err(Error::input(
+                OP,
+                format!("{what} has shape {got:?} but v has shape {v:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `W = g * v / ||v||`.
+    pub fn forward(&self, ctx: &Context, g: &Tensor, v: &Tensor) -> Result<Tensor> {
+        ctx.run(|rec| self.record_forward(rec, g, v))
+    }
+
+    /// Gradients of `sum(W * grad_w)` with respect to `g` and `v`: `(grad_g, grad_v)`.
+    pub fn backward(
+        &self,
+        ctx: &Context,
+        g: &Tensor,
+        v: &Tensor,
+        grad_w: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        ctx.run(|rec| self.record_backward(rec, g, v, grad_w))
+    }
+
+    /// Registering weight norm on an existing weight: `g = ||W||`, `v = W` (a copy), so
+    /// that `forward(g, v)` gives the weight back (PyTorch's `weight_norm` /
+    /// `right_inverse`; the `weight_norm_decompose` conformance cases).
+    pub fn decompose(&self, ctx: &Context, weight: &Tensor) -> Result<(Tensor, Tensor)> {
+        ctx.run(|rec| self.record_decompose(rec, weight))
+    }
+
+    /// Removing weight norm: the plain weight `g * v / ||v||` (PyTorch's
+    /// `remove_weight_norm`; Jittor has no equivalent). The same as [`Self::forward`].
+    pub fn fold(&self, ctx: &Context, g: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.forward(ctx, g, v)
+    }
+
+    /// Records [`Self::forward`].
+    pub fn record_forward(
+        &self,
+        rec: &mut Recording<'_>,
+        g: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let layout = self.check_g(g.shape(), v.shape())?;
+        let ctx = rec.context();
+        let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+        let sums = record_sums(rec, OP, &plan, v.buffer(), v.buffer(), None)?;
+        let factors = vec4_buffer(ctx, OP, layout.channels)?;
+        rec.dispatch(
+            Kernel::WnFactors,
+            &self.slice_params(&layout),
+            &[
+                Bind::elems(g.buffer(), layout.channels),
+                Bind::elems(&sums, layout.channels * 4),
+                Bind::elems(&factors, layout.channels * 4),
+            ],
+            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+        let out = Tensor::zeros(ctx, v.shape())?;
+        self.record_elementwise(rec, Kernel::WnApply, &layout, &[v], &factors, &out)?;
+        Ok(out)
+    }
+
+    /// Records [`Self::backward`].
+    pub fn record_backward(
+        &self,
+        rec: &mut Recording<'_>,
+        g: &Tensor,
+        v: &Tensor,
+        grad_w: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let layout = self.check_g(g.shape(), v.shape())?;
+        self.check_same("grad_w", grad_w.shape(), v.shape())?;
+        let ctx = rec.context();
+        let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+        // One pass over v and grad_w: <grad_w, v> and |v|^2 per slice.
+        let sums = record_sums(rec, OP, &plan, grad_w.buffer(), v.buffer(), None)?;
+        let grad_g = Tensor::zeros(ctx, g.shape())?;
+        let coef = vec4_buffer(ctx, OP, layout.channels)?;
+        rec.dispatch(
+            Kernel::WnGradFactors,
+            &self.slice_params(&layout),
+            &[
+                Bind::elems(g.buffer(), layout.channels),
+                Bind::elems(&sums, layout.channels * 4),
+                Bind::elems(grad_g.buffer(), layout.channels),
+                Bind::elems(&coef, layout.channels * 4),
+            ],
+            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+        let grad_v = Tensor::zeros(ctx, v.shape())?;
+        self.record_elementwise(rec, Kernel::WnGradV, &layout, &[v, grad_w], &coef, &grad_v)?;
+        Ok((grad_g, grad_v))
+    }
+
+    /// Records [`Self::decompose`].
+    pub fn record_decompose(
+        &self,
+        rec: &mut Recording<'_>,
+        weight: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let layout = self.layout(weight.shape())?;
+        let ctx = rec.context();
+        let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+        let sums = record_sums(rec, OP, &plan, weight.buffer(), weight.buffer(), None)?;
+        let g = Tensor::zeros(ctx, &self.g_shape(weight.shape())?)?;
+        rec.dispatch(
+            Kernel::WnNorms,
+            &self.slice_params(&layout),
+            &[
+                Bind::elems(&sums, layout.channels * 4),
+                Bind::elems(g.buffer(), layout.channels),
+            ],
+            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+        let v = record_copy(rec, weight)?;
+        Ok((g, v))
+    }
+
+    fn slice_params(&self, layout: &ChannelLayout) -> SliceParams {
+        SliceParams {
+            slices: layout.channels as u32,
+            eps: self.eps,
+            _pad: [0; 2],
+        }
+    }
+
+    /// One elementwise kernel over `inputs` (all shaped like v), with per-slice vec4s.
+    fn record_elementwise(
+        &self,
+        rec: &mut Recording<'_>,
+        kernel: Kernel,
+        layout: &ChannelLayout,
+        inputs: &[&Tensor],
+        per_slice: &wgpu::Buffer,
+        out: &Tensor,
+    ) -> Result<()> {
+        for w in element_windows(*layout, &rec.context().limits) {
+            let params = ElementParams {
+                count: w.len as u32,
+                channels: layout.channels as u32,
+                inner: layout.inner as u32,
+                c_start: w.c_start as u32,
+                j_start: w.j_start as u32,
+                _pad: [0; 3],
+            };
+            let mut binds: Vec<Bind<'_>> = inputs
+                .iter()
+                .map(|t| Bind::window(t.buffer(), w.start, w.len))
+                .collect();
+            binds.push(Bind::elems(per_slice, layout.channels * 4));
+            binds.push(Bind::window(out.buffer(), w.start, w.len));
+            rec.dispatch(
+                kernel,
+                &params,
+                &binds,
+                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+            )?;
+        }
+        Ok(())
+    }
+}
