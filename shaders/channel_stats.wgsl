@@ -4,13 +4,15 @@
 // channel), Weight Normalization (squared norms), Batch Normalization (batch statistics),
 // and every backward pass (sums of the gradient and of gradient x centred input).
 //
-// Layout. A tensor is viewed as [outer, channels, inner], row-major: channel c owns
-// x[o, c, j] for every o and j. The reduction is split into items (b, c, jc): rows
-// o in [b * rows_per_item, ...) and columns j in [jc * row_chunk, ...) of channel c,
-// a few thousand elements each. One workgroup reduces one item to one partial, stored
-// at a fixed slot `c * partials_per_channel + b * chunks_per_row + jc`; a combine kernel
-// (one workgroup per channel) then reduces each channel's partials. Scratch memory is
-// therefore channels x items-per-channel, never a copy of the tensor.
+// Layout. A tensor is viewed as [batch, outer, channels, inner], row-major: slice
+// s = a * channels + c owns x[a, o, c, j] for every o and j (batch is 1 but for Jittor's
+// weight norm over a middle axis). The reduction is split into items (bb, c, jc): rows
+// o in [b * rows_per_item, ...) of batch entry a (bb = a * blocks_per_batch + b) and
+// columns j in [jc * row_chunk, ...) of channel c, a few thousand elements each. One
+// workgroup reduces one item to one partial, stored at a fixed slot
+// `s * partials_per_channel + b * chunks_per_row + jc`; a combine kernel (one workgroup
+// per slice) then reduces each slice's partials. Scratch memory is therefore
+// slices x items-per-slice, never a copy of the tensor.
 //
 // Large tensors. The host groups items into boxes whose elements lie in one storage
 // binding window (see `src/ops/channel_stats.rs`); a dispatch reduces one box, and
@@ -43,7 +45,7 @@ struct ReduceParams {
     box_nc: u32,
     box_njc: u32,
     base_delta: u32,
-    _pad: u32,
+    blocks_per_batch: u32,
 }
 
 // Mirrors `CombineParams` in src/ops/channel_stats.rs.
@@ -56,7 +58,7 @@ struct CombineParams {
 
 struct Item {
     slot: u32,  // where the partial goes
-    c: u32,     // the channel
+    c: u32,     // the slice, a * channels + c
     base: u32,  // window-relative index of the item's first element
     cols: u32,  // elements per row of the item
     count: u32, // elements in the item
@@ -67,16 +69,22 @@ fn item_at(p: ReduceParams, linear: u32) -> Item {
     let rest = linear / p.box_njc;
     let cl = rest % p.box_nc;
     let bl = rest / p.box_nc;
-    let b = p.box_b0 + bl;
+    let bb = p.box_b0 + bl;
+    let a = bb / p.blocks_per_batch;
+    let b = bb % p.blocks_per_batch;
+    let a0 = p.box_b0 / p.blocks_per_batch;
+    let b0 = p.box_b0 % p.blocks_per_batch;
     let c = p.box_c0 + cl;
     let jc = p.box_jc0 + jl;
-    let o0 = b * p.rows_per_item;
-    let rows = min(p.rows_per_item, p.outer - o0);
+    let rows = min(p.rows_per_item, p.outer - b * p.rows_per_item);
     let cols = min(p.row_chunk, p.inner - jc * p.row_chunk);
+    // Rows of [batch * outer, row_stride] between the box's first block and this one
+    // (never negative: blocks are numbered in memory order).
+    let rows_from = (a - a0) * p.outer + b * p.rows_per_item - b0 * p.rows_per_item;
     var it: Item;
-    it.slot = c * p.partials_per_channel + b * p.chunks_per_row + jc;
-    it.c = c;
-    it.base = p.base_delta + bl * p.rows_per_item * p.row_stride + cl * p.inner + jl * p.row_chunk;
+    it.slot = (a * p.channels + c) * p.partials_per_channel + b * p.chunks_per_row + jc;
+    it.c = a * p.channels + c;
+    it.base = p.base_delta + rows_from * p.row_stride + cl * p.inner + jl * p.row_chunk;
     it.cols = cols;
     it.count = rows * cols;
     return it;

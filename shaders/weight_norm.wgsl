@@ -2,8 +2,10 @@
 //
 // The squared norms (and, for backward, <grad_W, v>) come from channel_stats.wgsl's sum
 // kernel in one pass over v; this file turns them into per-slice factors and applies
-// them elementwise. v is viewed as [outer, slices, inner], slice c owning v[o, c, j]
-// (PyTorch's `dim` kept: outer = product of the axes before it, inner = after it).
+// them elementwise. v is viewed as [batch, outer, channels, inner], slice
+// a * channels + c owning v[a, o, c, j] (PyTorch's `dim` kept: batch = 1, outer = the
+// axes before it, inner = after it; Jittor's `dim` reduced: outer = that axis, batch =
+// the axes before it, channels = after it).
 //
 // Zero norms: the squared norm is clamped at `eps` (Jittor's convention, default 1e-30),
 // so a zero slice gives W = 0 and finite gradients instead of PyTorch's NaN.
@@ -29,9 +31,9 @@ struct ElementParams {
     inner: u32,
     c_start: u32,
     j_start: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    outer: u32,
+    o_start: u32,
+    a_start: u32,
 }
 
 // Elementwise passes: each thread handles PER_THREAD consecutive elements, computing
@@ -41,6 +43,8 @@ const PER_THREAD: u32 = 4u;
 
 struct Run {
     first: u32, // first element of the thread's run
+    a: u32,     // its batch entry
+    o: u32,     // its row within the batch entry
     c: u32,     // its channel
     j: u32,     // its column within the channel's row
 }
@@ -49,23 +53,37 @@ fn run_start(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Run 
     var r: Run;
     r.first = ((wid.x + wid.y * nwg.x) * WG + lid) * PER_THREAD;
     let t = p.j_start + r.first;
-    r.c = (p.c_start + t / p.inner) % p.channels;
     r.j = t % p.inner;
+    let tc = p.c_start + t / p.inner;
+    r.c = tc % p.channels;
+    let to = p.o_start + tc / p.channels;
+    r.o = to % p.outer;
+    r.a = p.a_start + to / p.outer;
     return r;
 }
 
-// Moves the run to the next element; returns true when the channel changed.
+// The slice of the run's current element.
+fn run_slice(p: ElementParams, r: Run) -> u32 {
+    return r.a * p.channels + r.c;
+}
+
+// Moves the run to the next element; returns true when the slice changed.
 fn run_step(p: ElementParams, r: ptr<function, Run>) -> bool {
     (*r).j += 1u;
-    if ((*r).j == p.inner) {
-        (*r).j = 0u;
-        (*r).c += 1u;
-        if ((*r).c == p.channels) {
-            (*r).c = 0u;
-        }
-        return true;
+    if ((*r).j < p.inner) {
+        return false;
     }
-    return false;
+    (*r).j = 0u;
+    (*r).c += 1u;
+    if ((*r).c == p.channels) {
+        (*r).c = 0u;
+        (*r).o += 1u;
+        if ((*r).o == p.outer) {
+            (*r).o = 0u;
+            (*r).a += 1u;
+        }
+    }
+    return true;
 }
 
 fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -133,12 +151,12 @@ fn apply(
     if (r.first >= ap.count) {
         return;
     }
-    var f = ap_f[r.c].x;
+    var f = ap_f[run_slice(ap, r)].x;
     let end = min(r.first + PER_THREAD, ap.count);
     for (var e = r.first; e < end; e += 1u) {
         ap_w[e] = f * ap_v[e];
         if (run_step(ap, &r)) {
-            f = ap_f[r.c].x;
+            f = ap_f[run_slice(ap, r)].x;
         }
     }
 }
@@ -190,12 +208,12 @@ fn grad_v(
     if (r.first >= gv.count) {
         return;
     }
-    var k = gv_coef[r.c];
+    var k = gv_coef[run_slice(gv, r)];
     let end = min(r.first + PER_THREAD, gv.count);
     for (var e = r.first; e < end; e += 1u) {
         gv_out[e] = k.x * gv_grad[e] - k.y * gv_v[e];
         if (run_step(gv, &r)) {
-            k = gv_coef[r.c];
+            k = gv_coef[run_slice(gv, r)];
         }
     }
 }

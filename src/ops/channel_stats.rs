@@ -1,5 +1,5 @@
 //! Per-channel reductions shared by the normalizations (`shaders/channel_stats.wgsl`):
-//! the `[outer, channels, inner]` view, the split into items and binding-sized boxes,
+//! the `[batch, outer, channels, inner]` view, the split into items and binding-sized boxes,
 //! and the elementwise windows that the ops' own kernels run over.
 
 use bytemuck::{Pod, Zeroable};
@@ -10,9 +10,12 @@ use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, WORKGROUP_SIZE};
 /// Elements one workgroup reduces, at most (16 per thread).
 const ITEM_ELEMS: u64 = 4096;
 
-/// A tensor seen as `[outer, channels, inner]`, channel `c` owning `x[o, c, j]`.
+/// A tensor seen as `[batch, outer, channels, inner]`: slice `a * channels + c` owns
+/// `x[a, o, c, j]` for every `o` and `j`. `batch` is 1 except when a middle axis alone
+/// is reduced (Jittor's weight norm): then the axes before it form the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ChannelLayout {
+    pub batch: u64,
     pub outer: u64,
     pub channels: u64,
     pub inner: u64,
@@ -24,11 +27,13 @@ impl ChannelLayout {
         let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
         match axis {
             Some(a) => ChannelLayout {
+                batch: 1,
                 outer: p(&shape[..a]),
                 channels: shape[a] as u64,
                 inner: p(&shape[a + 1..]),
             },
             None => ChannelLayout {
+                batch: 1,
                 outer: 1,
                 channels: 1,
                 inner: p(shape),
@@ -36,8 +41,24 @@ impl ChannelLayout {
         }
     }
 
+    /// The layout that reduces axis `k` of `shape` alone, keeping every other axis.
+    pub fn reduce_one_axis(shape: &[usize], k: usize) -> Self {
+        let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        ChannelLayout {
+            batch: p(&shape[..k]),
+            outer: shape[k] as u64,
+            channels: p(&shape[k + 1..]),
+            inner: 1,
+        }
+    }
+
     pub fn len(&self) -> u64 {
-        self.outer * self.channels * self.inner
+        self.batch * self.outer * self.channels * self.inner
+    }
+
+    /// Number of slices (one statistic each): `batch * channels`.
+    pub fn slices(&self) -> u64 {
+        self.batch * self.channels
     }
 
     /// Elements per channel.
@@ -65,7 +86,7 @@ struct ReduceParams {
     box_nc: u32,
     box_njc: u32,
     base_delta: u32,
-    _pad: u32,
+    blocks_per_batch: u32,
 }
 
 // Mirrors `CombineParams` in shaders/channel_stats.wgsl.
@@ -101,13 +122,15 @@ pub(crate) struct ReducePlan {
     pub rows_per_item: u64,
     pub row_chunk: u64,
     pub chunks_per_row: u64,
-    pub blocks: u64,
+    /// Item blocks along `outer` in one batch entry.
+    pub blocks_per_batch: u64,
     pub boxes: Vec<ReduceBox>,
 }
 
 impl ReducePlan {
     pub fn new(op: &'static str, layout: ChannelLayout, limits: &PlanLimits) -> Result<Self> {
         let ChannelLayout {
+            batch,
             outer,
             channels,
             inner,
@@ -127,7 +150,10 @@ impl ReducePlan {
             });
         }
         let row_stride = channels * inner;
-        if row_stride > u64::from(u32::MAX) || outer > u64::from(u32::MAX) {
+        if row_stride > u64::from(u32::MAX)
+            || batch * outer > u64::from(u32::MAX)
+            || layout.slices() > u64::from(u32::MAX)
+        {
             return Err(Error::TooLarge {
                 op,
                 problem: format!("layout {layout:?} has a dimension past u32"),
@@ -141,7 +167,14 @@ impl ReducePlan {
         } else {
             rows_per_item = 1;
         }
-        let blocks = outer.div_ceil(rows_per_item);
+        let blocks_per_batch = outer.div_ceil(rows_per_item);
+        let blocks = batch * blocks_per_batch;
+        // Blocks are numbered batch-major; block bb covers rows [first_row, + rows) of
+        // the [batch * outer, row_stride] matrix, so consecutive blocks are contiguous.
+        let first_row =
+            |bb: u64| (bb / blocks_per_batch) * outer + (bb % blocks_per_batch) * rows_per_item;
+        let block_rows =
+            |bb: u64| rows_per_item.min(outer - (bb % blocks_per_batch) * rows_per_item);
         let total = layout.len();
         let mut boxes = Vec::new();
         let mut push = |b0, nb, c0, nc, jc0, njc, start: u64, end: u64| {
@@ -165,8 +198,9 @@ impl ReducePlan {
             let mut b = 0;
             while b < blocks {
                 let nb = per_box.min(blocks - b);
-                let start = b * rows_per_item * row_stride;
-                let end = ((b + nb) * rows_per_item).min(outer) * row_stride;
+                let last = b + nb - 1;
+                let start = first_row(b) * row_stride;
+                let end = (first_row(last) + block_rows(last)) * row_stride;
                 push(b, nb, 0, channels, 0, chunks_per_row, start, end);
                 b += nb;
             }
@@ -176,7 +210,7 @@ impl ReducePlan {
                 let mut c = 0;
                 while c < channels {
                     let nc = per_box.min(channels - c);
-                    let start = b * row_stride + c * inner;
+                    let start = first_row(b) * row_stride + c * inner;
                     push(b, 1, c, nc, 0, chunks_per_row, start, start + nc * inner);
                     c += nc;
                 }
@@ -188,7 +222,7 @@ impl ReducePlan {
                     let mut jc = 0;
                     while jc < chunks_per_row {
                         let njc = per_box.min(chunks_per_row - jc);
-                        let row = b * row_stride + c * inner;
+                        let row = first_row(b) * row_stride + c * inner;
                         let start = row + jc * row_chunk;
                         let end = row + ((jc + njc) * row_chunk).min(inner);
                         push(b, 1, c, 1, jc, njc, start, end);
@@ -202,14 +236,14 @@ impl ReducePlan {
             rows_per_item,
             row_chunk,
             chunks_per_row,
-            blocks,
+            blocks_per_batch,
             boxes,
         })
     }
 
     /// Partials per channel: the scratch is `channels x` this many vec4.
     pub fn partials_per_channel(&self) -> u64 {
-        self.blocks * self.chunks_per_row
+        self.blocks_per_batch * self.chunks_per_row
     }
 
     fn params(&self, bx: &ReduceBox) -> ReduceParams {
@@ -230,7 +264,7 @@ impl ReducePlan {
             box_nc: bx.nc as u32,
             box_njc: bx.njc as u32,
             base_delta: bx.base_delta as u32,
-            _pad: 0,
+            blocks_per_batch: self.blocks_per_batch as u32,
         }
     }
 }
@@ -249,7 +283,7 @@ pub(crate) fn record_welford(
     x: &wgpu::Buffer,
 ) -> Result<wgpu::Buffer> {
     let ctx = rec.context();
-    let channels = plan.layout.channels;
+    let channels = plan.layout.slices();
     let ppc = plan.partials_per_channel();
     let partials = vec4_buffer(ctx, op, channels * ppc)?;
     for bx in &plan.boxes {
@@ -283,7 +317,7 @@ pub(crate) fn record_sums(
     centre: Option<&wgpu::Buffer>,
 ) -> Result<wgpu::Buffer> {
     let ctx = rec.context();
-    let channels = plan.layout.channels;
+    let channels = plan.layout.slices();
     let ppc = plan.partials_per_channel();
     let partials = vec4_buffer(ctx, op, channels * ppc)?;
     let (kernel, centre, centre_len) = match centre {
@@ -319,7 +353,7 @@ fn record_combine(
     partials: &wgpu::Buffer,
     out: &wgpu::Buffer,
 ) -> Result<()> {
-    let channels = plan.layout.channels;
+    let channels = plan.layout.slices();
     let ppc = if plan.boxes.is_empty() {
         0
     } else {
@@ -342,11 +376,13 @@ fn record_combine(
 }
 
 /// A window of a flat elementwise pass: elements `[start, start + len)`, whose first
-/// element sits at channel `c_start`, column `j_start`.
+/// element sits at `x[a_start, o_start, c_start, j_start]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ElementWindow {
     pub start: u64,
     pub len: u64,
+    pub a_start: u64,
+    pub o_start: u64,
     pub c_start: u64,
     pub j_start: u64,
 }
@@ -359,13 +395,17 @@ pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec
     let total = layout.len();
     let inner = layout.inner.max(1);
     let channels = layout.channels.max(1);
+    let outer = layout.outer.max(1);
     let mut out = Vec::new();
     let mut start = 0;
     while start < total {
         let len = chunk.min(total - start);
+        let row = start / (inner * channels);
         out.push(ElementWindow {
             start,
             len,
+            a_start: row / outer,
+            o_start: row % outer,
             c_start: (start / inner) % channels,
             j_start: start % inner,
         });
@@ -387,33 +427,42 @@ mod tests {
         }
     }
 
-    /// Every element of every channel is covered by exactly one item of one box, and
-    /// every box's reads stay inside its window.
+    /// Every element of every slice is covered by exactly one item of one box, every
+    /// box's reads stay inside its window, and every partial slot is written once. The
+    /// index arithmetic is the shader's (`item_at` in channel_stats.wgsl).
     fn check_cover(layout: ChannelLayout, lim: &PlanLimits) {
         let plan = ReducePlan::new("test", layout, lim).unwrap();
         let mut seen = vec![0u8; layout.len() as usize];
+        let ppc = plan.partials_per_channel();
+        let mut slots = vec![0u8; (layout.slices() * ppc) as usize];
         let k = layout.channels * layout.inner;
+        let nb = plan.blocks_per_batch;
+        let ob = plan.rows_per_item;
         for bx in &plan.boxes {
             assert!(bx.bind_len <= lim.max_binding_elems, "{bx:?}");
             assert_eq!(bx.bind_start % lim.align_elems, 0);
+            let (a0, b0) = (bx.b0 / nb, bx.b0 % nb);
             for bl in 0..bx.nb {
                 for cl in 0..bx.nc {
                     for jl in 0..bx.njc {
-                        let (b, c, jc) = (bx.b0 + bl, bx.c0 + cl, bx.jc0 + jl);
-                        let o0 = b * plan.rows_per_item;
-                        let rows = plan.rows_per_item.min(layout.outer - o0);
+                        let (bb, c, jc) = (bx.b0 + bl, bx.c0 + cl, bx.jc0 + jl);
+                        let (a, b) = (bb / nb, bb % nb);
+                        let rows = ob.min(layout.outer - b * ob);
                         let cols = plan.row_chunk.min(layout.inner - jc * plan.row_chunk);
-                        let base = bx.base_delta
-                            + bl * plan.rows_per_item * k
-                            + cl * layout.inner
-                            + jl * plan.row_chunk;
+                        let rows_from = (a - a0) * layout.outer + b * ob - b0 * ob;
+                        let base =
+                            bx.base_delta + rows_from * k + cl * layout.inner + jl * plan.row_chunk;
+                        slots[((a * layout.channels + c) * ppc + b * plan.chunks_per_row + jc)
+                            as usize] += 1;
                         for r in 0..rows {
                             for j in 0..cols {
                                 let rel = base + r * k + j;
                                 assert!(rel < bx.bind_len, "{layout:?} {bx:?}");
                                 let flat = bx.bind_start + rel;
-                                let expect =
-                                    (o0 + r) * k + c * layout.inner + jc * plan.row_chunk + j;
+                                let expect = (a * layout.outer + b * ob + r) * k
+                                    + c * layout.inner
+                                    + jc * plan.row_chunk
+                                    + j;
                                 assert_eq!(flat, expect);
                                 seen[flat as usize] += 1;
                             }
@@ -423,21 +472,26 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&s| s == 1), "{layout:?}");
+        assert!(slots.iter().all(|&s| s == 1), "{layout:?}");
     }
 
     #[test]
     fn plans_cover_every_element_once() {
         let cases = [
-            (1, 7, 5),
-            (1, 64, 288),
-            (1, 3, 10000),
-            (9, 13, 1),
-            (300, 5, 7),
-            (2, 3, 70000),
-            (5000, 4, 1),
+            (1, 1, 7, 5),
+            (1, 1, 64, 288),
+            (1, 1, 3, 10000),
+            (1, 9, 13, 1),
+            (1, 300, 5, 7),
+            (1, 2, 3, 70000),
+            (1, 5000, 4, 1),
+            (3, 5, 7, 1),
+            (4, 2000, 3, 1),
+            (6, 7, 1200, 1),
         ];
-        for (outer, channels, inner) in cases {
+        for (batch, outer, channels, inner) in cases {
             let layout = ChannelLayout {
+                batch,
                 outer,
                 channels,
                 inner,
@@ -453,6 +507,7 @@ mod tests {
     #[test]
     fn element_windows_cover_and_locate() {
         let layout = ChannelLayout {
+            batch: 2,
             outer: 3,
             channels: 5,
             inner: 1001,
@@ -464,6 +519,8 @@ mod tests {
             assert_eq!(win.start % 64, 0);
             assert_eq!(win.c_start, (win.start / 1001) % 5);
             assert_eq!(win.j_start, win.start % 1001);
+            assert_eq!(win.o_start, (win.start / 5005) % 3);
+            assert_eq!(win.a_start, win.start / 15015);
             next += win.len;
         }
         assert_eq!(next, layout.len());

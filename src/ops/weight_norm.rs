@@ -29,9 +29,8 @@ pub enum NormAxes {
     /// accepted too.
     All,
     /// Jittor's `dim`: the axis reduced (negative counts from the end, `-1` is the
-    /// last); `g` has the shape of `v` with that axis set to 1. Supported for the first
-    /// and the last axis; a middle axis is refused with [`Error::InvalidInput`] (not
-    /// implemented yet).
+    /// last); `g` has the shape of `v` with that axis set to 1. Any axis runs as a GPU
+    /// kernel.
     Reduce(isize),
 }
 
@@ -91,7 +90,9 @@ struct ElementParams {
     inner: u32,
     c_start: u32,
     j_start: u32,
-    _pad: [u32; 3],
+    outer: u32,
+    o_start: u32,
+    a_start: u32,
 }
 
 impl WeightNorm {
@@ -144,26 +145,16 @@ impl WeightNorm {
                     ));
                 }
                 let k = k as usize;
-                if k == 0 {
+                if k == rank - 1 {
+                    // Each slice is one contiguous row: the row-reduction layout.
                     Ok(ChannelLayout {
-                        outer: shape[0] as u64,
-                        channels: prod(&shape[1..]),
-                        inner: 1,
-                    })
-                } else if k == rank - 1 {
-                    Ok(ChannelLayout {
+                        batch: 1,
                         outer: 1,
                         channels: prod(&shape[..k]),
                         inner: shape[k] as u64,
                     })
                 } else {
-                    Err(Error::input(
-                        OP,
-                        format!(
-                            "jittor dim {d} reduces a middle axis of shape {shape:?}; only the \
-                             first and the last axis are supported so far"
-                        ),
-                    ))
+                    Ok(ChannelLayout::reduce_one_axis(shape, k))
                 }
             }
         }
@@ -257,16 +248,16 @@ impl WeightNorm {
         let ctx = rec.context();
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         let sums = record_sums(rec, OP, &plan, v.buffer(), v.buffer(), None)?;
-        let factors = vec4_buffer(ctx, OP, layout.channels)?;
+        let factors = vec4_buffer(ctx, OP, layout.slices())?;
         rec.dispatch(
             Kernel::WnFactors,
             &self.slice_params(&layout),
             &[
-                Bind::elems(g.buffer(), layout.channels),
-                Bind::elems(&sums, layout.channels * 4),
-                Bind::elems(&factors, layout.channels * 4),
+                Bind::elems(g.buffer(), layout.slices()),
+                Bind::elems(&sums, layout.slices() * 4),
+                Bind::elems(&factors, layout.slices() * 4),
             ],
-            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+            layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let out = Tensor::zeros(ctx, v.shape())?;
         self.record_elementwise(rec, Kernel::WnApply, &layout, &[v], &factors, &out)?;
@@ -288,17 +279,17 @@ impl WeightNorm {
         // One pass over v and grad_w: <grad_w, v> and |v|^2 per slice.
         let sums = record_sums(rec, OP, &plan, grad_w.buffer(), v.buffer(), None)?;
         let grad_g = Tensor::zeros(ctx, g.shape())?;
-        let coef = vec4_buffer(ctx, OP, layout.channels)?;
+        let coef = vec4_buffer(ctx, OP, layout.slices())?;
         rec.dispatch(
             Kernel::WnGradFactors,
             &self.slice_params(&layout),
             &[
-                Bind::elems(g.buffer(), layout.channels),
-                Bind::elems(&sums, layout.channels * 4),
-                Bind::elems(grad_g.buffer(), layout.channels),
-                Bind::elems(&coef, layout.channels * 4),
+                Bind::elems(g.buffer(), layout.slices()),
+                Bind::elems(&sums, layout.slices() * 4),
+                Bind::elems(grad_g.buffer(), layout.slices()),
+                Bind::elems(&coef, layout.slices() * 4),
             ],
-            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+            layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let grad_v = Tensor::zeros(ctx, v.shape())?;
         self.record_elementwise(rec, Kernel::WnGradV, &layout, &[v, grad_w], &coef, &grad_v)?;
@@ -320,10 +311,10 @@ impl WeightNorm {
             Kernel::WnNorms,
             &self.slice_params(&layout),
             &[
-                Bind::elems(&sums, layout.channels * 4),
-                Bind::elems(g.buffer(), layout.channels),
+                Bind::elems(&sums, layout.slices() * 4),
+                Bind::elems(g.buffer(), layout.slices()),
             ],
-            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+            layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let v = record_copy(rec, weight)?;
         Ok((g, v))
@@ -331,7 +322,7 @@ impl WeightNorm {
 
     fn slice_params(&self, layout: &ChannelLayout) -> SliceParams {
         SliceParams {
-            slices: layout.channels as u32,
+            slices: layout.slices() as u32,
             eps: self.eps,
             _pad: [0; 2],
         }
@@ -354,13 +345,15 @@ impl WeightNorm {
                 inner: layout.inner as u32,
                 c_start: w.c_start as u32,
                 j_start: w.j_start as u32,
-                _pad: [0; 3],
+                outer: layout.outer as u32,
+                o_start: w.o_start as u32,
+                a_start: w.a_start as u32,
             };
             let mut binds: Vec<Bind<'_>> = inputs
                 .iter()
                 .map(|t| Bind::window(t.buffer(), w.start, w.len))
                 .collect();
-            binds.push(Bind::elems(per_slice, layout.channels * 4));
+            binds.push(Bind::elems(per_slice, layout.slices() * 4));
             binds.push(Bind::window(out.buffer(), w.start, w.len));
             rec.dispatch(
                 kernel,
