@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, Tensor};
+use crate::ops::batch_norm::{BatchNorm, BatchNormState, Mode, Momentum, RunningVar};
 use crate::ops::weight_norm::WeightNorm;
 use crate::ops::weight_standardization::{Variance, WeightStandardization};
 
@@ -265,6 +266,7 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseOutcome {
         "weight_standardization" => run_weight_standardization(ctx, case),
         "weight_norm" => run_weight_norm(ctx, case),
         "weight_norm_decompose" => run_weight_norm_decompose(ctx, case),
+        "batch_norm" => run_batch_norm(ctx, case),
         other => Err(format!("op `{other}` is not implemented yet")),
     };
     let mut outcome = CaseOutcome {
@@ -366,6 +368,56 @@ fn run_weight_norm_decompose(ctx: &Context, case: &Case) -> Produced {
         m.insert("g".to_string(), r.next().expect("two tensors read"));
         m.insert("v".to_string(), r.next().expect("two tensors read"));
         Ok(m)
+    };
+    run().map_err(|e| e.to_string())
+}
+
+fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
+    let momentum = case.param_f64("momentum").map(|m| m as f32);
+    let config = BatchNorm {
+        feature_axis: case.param_f64("feature_axis").unwrap_or(1.0) as usize,
+        eps: case.param_f64("eps").unwrap_or(1e-5) as f32,
+        momentum: match (case.param_str("momentum_weights"), momentum) {
+            (Some("batch"), Some(m)) => Momentum::Batch(m),
+            (Some("batch"), None) => Momentum::Cumulative,
+            (Some("running"), Some(m)) => Momentum::Running(m),
+            other => return Err(format!("unknown momentum convention {other:?}")),
+        },
+        debias_momentum: case.params.get("debias_momentum").and_then(Value::as_bool) == Some(true),
+        running_var: match case.param_str("running_var") {
+            Some("biased") => RunningVar::Biased,
+            _ => RunningVar::Unbiased,
+        },
+        center: true,
+        scale: true,
+        track_running_stats: true,
+    };
+    let training = case.params.get("training").and_then(Value::as_bool) != Some(false);
+    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
+        let x = Tensor::from_array(ctx, case.input("input")?)?;
+        let gamma = Tensor::from_array(ctx, case.input("gamma")?)?;
+        let beta = Tensor::from_array(ctx, case.input("beta")?)?;
+        let mut state = BatchNormState {
+            running_mean: Tensor::from_array(ctx, case.input("running_mean")?)?,
+            running_var: Tensor::from_array(ctx, case.input("running_var")?)?,
+            num_updates: case.param_f64("num_updates").unwrap_or(0.0) as u64,
+        };
+        let mode = if training { Mode::Train } else { Mode::Eval };
+        let fwd = config.forward(ctx, &x, Some(&gamma), Some(&beta), Some(&mut state), mode)?;
+        let mut names = vec!["output", "running_mean", "running_var"];
+        let mut tensors = vec![
+            fwd.output.clone(),
+            state.running_mean.clone(),
+            state.running_var.clone(),
+        ];
+        if let Some(dy) = case.inputs.get("grad_output") {
+            let dy = Tensor::from_array(ctx, dy)?;
+            let (gi, gg, gb) = config.backward(ctx, &x, &dy, &fwd)?;
+            names.extend(["grad_input", "grad_gamma", "grad_beta"]);
+            tensors.extend([gi, gg, gb]);
+        }
+        let arrays = ctx.read_all(&tensors.iter().collect::<Vec<_>>())?;
+        Ok(names.into_iter().map(String::from).zip(arrays).collect())
     };
     run().map_err(|e| e.to_string())
 }

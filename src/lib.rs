@@ -8,6 +8,9 @@
 //!   forward and backward.
 //! - [`WeightNorm`]: `W = g * v / ||v||` (PyTorch's `weight_norm`, Jittor's `weightnorm`),
 //!   forward, backward, decompose and fold back.
+//! - [`BatchNorm`]: batch statistics over every axis but a feature axis, running
+//!   averages in every framework's convention (PyTorch, Keras, Chainer, GoMLX), forward
+//!   and backward, exact recomputed averages, mergeable statistics.
 //!
 //! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
 //! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
@@ -48,6 +51,10 @@ pub mod shapes;
 
 pub use error::{Error, Result};
 pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
+pub use ops::batch_norm::{
+    BatchNorm, BatchNormForward, BatchNormState, ChannelStats, Mode, Momentum, PopulationStats,
+    RunningVar,
+};
 pub use ops::weight_norm::{NormAxes, WeightNorm};
 pub use ops::weight_standardization::{Variance, WeightStandardization};
 /// The wgpu this crate is built on, for callers that bring their own device.

@@ -33,6 +33,10 @@ pub const SHADERS: &[ShaderSource] = &[
         source: include_str!("../../shaders/weight_norm.wgsl"),
     },
     ShaderSource {
+        name: "batch_norm",
+        source: include_str!("../../shaders/batch_norm.wgsl"),
+    },
+    ShaderSource {
         name: "copy",
         source: include_str!("../../shaders/copy.wgsl"),
     },
@@ -96,7 +100,8 @@ macro_rules! kernels {
 const CHANNEL_STATS: usize = 0;
 const WEIGHT_STANDARDIZATION: usize = 1;
 const WEIGHT_NORM: usize = 2;
-const COPY: usize = 3;
+const BATCH_NORM: usize = 3;
+const COPY: usize = 4;
 
 kernels! {
     WelfordPartials => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials", "welford_partials",
@@ -125,6 +130,16 @@ kernels! {
         [Uniform, Read, Read, ReadWrite, ReadWrite], []);
     WnGradV => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v", "grad_v",
         [Uniform, Read, Read, Read, ReadWrite], []);
+    BnFinalize => (BATCH_NORM, "wgnorm.batch_norm.finalize", "finalize",
+        [Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
+    BnNormalize => (BATCH_NORM, "wgnorm.batch_norm.normalize", "normalize",
+        [Uniform, Read, Read, ReadWrite], []);
+    BnGradFactors => (BATCH_NORM, "wgnorm.batch_norm.grad_factors", "grad_factors",
+        [Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
+    BnGradInput => (BATCH_NORM, "wgnorm.batch_norm.grad_input", "grad_input",
+        [Uniform, Read, Read, Read, ReadWrite], []);
+    BnMerge => (BATCH_NORM, "wgnorm.batch_norm.merge", "merge",
+        [Uniform, Read, ReadWrite], []);
     Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
 }
 

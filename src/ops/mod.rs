@@ -1,5 +1,6 @@
 //! The public ops: configs with documented defaults, input checks, dispatch sizing.
 
+pub mod batch_norm;
 pub(crate) mod channel_stats;
 pub mod copy;
 pub mod weight_norm;

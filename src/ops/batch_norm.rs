@@ -1,0 +1,733 @@
+//! Batch Normalization: statistics over every axis but the feature axis.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::channel_stats::{
+    element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout, ReducePlan,
+};
+use crate::error::{Error, Result};
+use crate::gpu::{
+    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
+};
+
+const OP: &str = "batch_norm";
+
+/// How the running averages follow the batch statistics:
+/// `running = (1 - w) * running + w * batch`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Momentum {
+    /// PyTorch: `w = momentum` weights the new batch (PyTorch's default 0.1).
+    Batch(f32),
+    /// Keras, Chainer, GoMLX: the momentum (decay) weights the running value,
+    /// `w = 1 - momentum` (Keras and GoMLX 0.99, Chainer 0.9).
+    Running(f32),
+    /// PyTorch's `momentum=None`: the cumulative average, `w = 1 / (num_updates + 1)`.
+    Cumulative,
+}
+
+/// Which variance the running average stores (the batch is always normalized with the
+/// biased one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunningVar {
+    /// `var * n / (n - 1)`: PyTorch and Chainer.
+    Unbiased,
+    /// `var`: Keras and GoMLX.
+    Biased,
+}
+
+/// Which statistics a forward pass normalizes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics, then update the running averages (unless the config does
+    /// not track them).
+    Train,
+    /// The running averages, unchanged (inference; Keras' `trainable = false`). With
+    /// `track_running_stats = false` the batch statistics are used, as in PyTorch.
+    Eval,
+    /// GoMLX's frozen averages: training mode that normalizes with the stored averages
+    /// and never updates them.
+    Frozen,
+}
+
+/// Batch Normalization. Presets match the frameworks' documented defaults:
+///
+/// | preset | momentum | eps | running variance |
+/// | --- | --- | --- | --- |
+/// | [`BatchNorm::pytorch`] (also [`Default`]) | `Batch(0.1)` | 1e-5 | unbiased |
+/// | [`BatchNorm::keras`] | `Running(0.99)` | 1e-3 | biased |
+/// | [`BatchNorm::chainer`] | `Running(0.9)` | 2e-5 | unbiased |
+/// | [`BatchNorm::gomlx`] | `Running(0.99)`, debiased | 1e-3 | biased |
+///
+/// All with the feature axis 1 (NCHW; use `feature_axis: 3` for NHWC, or any axis),
+/// `center` and `scale` on and running statistics tracked.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNorm {
+    /// The axis of the features; statistics run over every other axis.
+    pub feature_axis: usize,
+    /// Added to the variance. Must be finite and positive.
+    pub eps: f32,
+    /// The running-average convention.
+    pub momentum: Momentum,
+    /// GoMLX's debiased momentum: `w = 1 - min(momentum, 1 - 1 / (num_updates + 1))`
+    /// (with [`Momentum::Running`]).
+    pub debias_momentum: bool,
+    /// Which variance the running average stores.
+    pub running_var: RunningVar,
+    /// Add beta (the offset). Without it `beta` must be `None`.
+    pub center: bool,
+    /// Multiply by gamma (the scale). Without it `gamma` must be `None`.
+    pub scale: bool,
+    /// PyTorch's `track_running_stats`: when false, batch statistics are used in
+    /// evaluation too and no running state is read or written.
+    pub track_running_stats: bool,
+}
+
+impl Default for BatchNorm {
+    fn default() -> Self {
+        Self::pytorch()
+    }
+}
+
+/// The running statistics of a [`BatchNorm`] layer, on the GPU.
+#[derive(Clone, Debug)]
+pub struct BatchNormState {
+    /// Running mean, one per feature. Starts at 0.
+    pub running_mean: Tensor,
+    /// Running variance, one per feature. Starts at 1.
+    pub running_var: Tensor,
+    /// Training steps so far (PyTorch's `num_batches_tracked`, GoMLX's update count).
+    pub num_updates: u64,
+}
+
+impl BatchNormState {
+    /// Fresh state for `features` features: mean 0, variance 1, no updates.
+    pub fn new(ctx: &Context, features: usize) -> Result<Self> {
+        Ok(BatchNormState {
+            running_mean: Tensor::zeros(ctx, &[features])?,
+            running_var: Tensor::from_slice(ctx, &[features], &vec![1.0; features])?,
+            num_updates: 0,
+        })
+    }
+}
+
+/// Per-feature partial statistics that can be merged across devices or processes
+/// (count, mean, M2), with Chan's combine: synchronised batch norm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelStats {
+    /// Values per feature.
+    pub count: f64,
+    /// Mean per feature.
+    pub mean: Vec<f64>,
+    /// Sum of squared deviations from the mean, per feature.
+    pub m2: Vec<f64>,
+}
+
+impl ChannelStats {
+    /// Chan's parallel combine of two sets of statistics of the same features.
+    pub fn combine(&self, other: &ChannelStats) -> Result<ChannelStats> {
+        if self.mean.len() != other.mean.len() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "cannot combine statistics of {} and {} features",
+                    self.mean.len(),
+                    other.mean.len()
+                ),
+            ));
+        }
+        let n = self.count + other.count;
+        if other.count == 0.0 {
+            return Ok(self.clone());
+        }
+        if self.count == 0.0 {
+            return Ok(other.clone());
+        }
+        let wb = other.count / n;
+        let mut mean = Vec::with_capacity(self.mean.len());
+        let mut m2 = Vec::with_capacity(self.mean.len());
+        for i in 0..self.mean.len() {
+            let d = other.mean[i] - self.mean[i];
+            mean.push(self.mean[i] + d * wb);
+            m2.push(self.m2[i] + other.m2[i] + d * d * self.count * wb);
+        }
+        Ok(ChannelStats { count: n, mean, m2 })
+    }
+
+    /// The biased variance per feature.
+    pub fn variance(&self) -> Vec<f64> {
+        self.m2.iter().map(|m| m / self.count).collect()
+    }
+}
+
+/// What a forward pass leaves for its backward pass.
+#[derive(Debug)]
+pub struct BatchNormForward {
+    /// The normalized output.
+    pub output: Tensor,
+    norm: wgpu::Buffer,
+    from_batch: bool,
+    shape: Vec<usize>,
+}
+
+// Mirrors `FinalizeParams` in shaders/batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct FinalizeParams {
+    features: u32,
+    from_batch: u32,
+    update: u32,
+    has_gamma: u32,
+    has_beta: u32,
+    eps: f32,
+    weight: f32,
+    var_correction: f32,
+}
+
+// Mirrors `GradParams` in shaders/batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct GradParams {
+    features: u32,
+    training: u32,
+    has_gamma: u32,
+    inv_n: f32,
+}
+
+// Mirrors `ElementParams` in shaders/batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct ElementParams {
+    count: u32,
+    channels: u32,
+    inner: u32,
+    c_start: u32,
+    j_start: u32,
+    _pad: [u32; 3],
+}
+
+// Mirrors `MergeParams` in shaders/batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct MergeParams {
+    features: u32,
+    _pad: [u32; 3],
+}
+
+impl BatchNorm {
+    /// PyTorch's `nn.BatchNorm*d`: momentum 0.1 weighting the new batch, eps 1e-5,
+    /// unbiased running variance.
+    pub fn pytorch() -> Self {
+        BatchNorm {
+            feature_axis: 1,
+            eps: 1e-5,
+            momentum: Momentum::Batch(0.1),
+            debias_momentum: false,
+            running_var: RunningVar::Unbiased,
+            center: true,
+            scale: true,
+            track_running_stats: true,
+        }
+    }
+
+    /// Keras' `BatchNormalization`: momentum 0.99 weighting the running value, eps
+    /// 1e-3, biased running variance. (Keras puts features last: set `feature_axis`.)
+    pub fn keras() -> Self {
+        BatchNorm {
+            momentum: Momentum::Running(0.99),
+            eps: 1e-3,
+            running_var: RunningVar::Biased,
+            ..Self::pytorch()
+        }
+    }
+
+    /// Chainer's `BatchNormalization`: decay 0.9, eps 2e-5, unbiased running variance.
+    pub fn chainer() -> Self {
+        BatchNorm {
+            momentum: Momentum::Running(0.9),
+            eps: 2e-5,
+            ..Self::pytorch()
+        }
+    }
+
+    /// GoMLX's `batchnorm`: momentum 0.99, eps 1e-3, biased running variance,
+    /// debiased momentum `min(m, 1 - 1/(n + 1))`.
+    pub fn gomlx() -> Self {
+        BatchNorm {
+            debias_momentum: true,
+            ..Self::keras()
+        }
+    }
+
+    fn layout(&self, shape: &[usize]) -> Result<ChannelLayout> {
+        if shape.len() < 2 {
+            return Err(Error::input(
+                OP,
+                format!("the input must have rank >= 2, got shape {shape:?}"),
+            ));
+        }
+        if self.feature_axis >= shape.len() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "feature axis {} is out of range for an input of shape {shape:?}",
+                    self.feature_axis
+                ),
+            ));
+        }
+        if shape.contains(&0) {
+            return Err(Error::input(
+                OP,
+                format!("the input is empty (shape {shape:?})"),
+            ));
+        }
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            return Err(Error::input(
+                OP,
+                format!("eps must be finite and positive, got {}", self.eps),
+            ));
+        }
+        match self.momentum {
+            Momentum::Batch(m) | Momentum::Running(m) if !(0.0..=1.0).contains(&m) => {
+                return Err(Error::input(
+                    OP,
+                    format!("momentum must be in [0, 1], got {m}"),
+                ))
+            }
+            _ => {}
+        }
+        Ok(ChannelLayout::new(shape, Some(self.feature_axis)))
+    }
+
+    fn check_vector(
+        &self,
+        name: &str,
+        t: Option<&Tensor>,
+        features: u64,
+        wanted: bool,
+    ) -> Result<()> {
+        match (t, wanted) {
+            (Some(t), true) if t.shape() == [features as usize] => Ok(()),
+            (Some(t), true) => Err(Error::input(
+                OP,
+                format!("{name} has shape {:?}, expected [{features}]", t.shape()),
+            )),
+            (None, false) => Ok(()),
+            (None, true) => Err(Error::input(
+                OP,
+                format!("{name} is required (the config has it switched on)"),
+            )),
+            (Some(_), false) => Err(Error::input(
+                OP,
+                format!("{name} was given but the config has it switched off"),
+            )),
+        }
+    }
+
+    /// The running-average weight of the batch for a step after `num_updates` updates.
+    pub fn batch_weight(&self, num_updates: u64) -> f32 {
+        let n = num_updates as f64;
+        let w = match self.momentum {
+            Momentum::Batch(m) => f64::from(m),
+            Momentum::Cumulative => 1.0 / (n + 1.0),
+            Momentum::Running(m) if self.debias_momentum => {
+                1.0 - f64::from(m).min(1.0 - 1.0 / (n + 1.0))
+            }
+            Momentum::Running(m) => 1.0 - f64::from(m),
+        };
+        w as f32
+    }
+
+    /// Normalizes `x` and, in [`Mode::Train`], updates `state` (in the same submission).
+    /// Nothing is changed when an error is returned.
+    pub fn forward(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        state: Option<&mut BatchNormState>,
+        mode: Mode,
+    ) -> Result<BatchNormForward> {
+        ctx.run(|rec| self.record_forward(rec, x, gamma, beta, state, mode))
+    }
+
+    /// Records [`Self::forward`]. `state.num_updates` is advanced when the step is
+    /// recorded: submit the recording.
+    pub fn record_forward(
+        &self,
+        rec: &mut Recording<'_>,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        state: Option<&mut BatchNormState>,
+        mode: Mode,
+    ) -> Result<BatchNormForward> {
+        self.record_forward_with(rec, x, gamma, beta, state, mode, None)
+    }
+
+    /// Synchronised batch norm: like [`Self::forward`] in [`Mode::Train`], but
+    /// normalizing with `stats` (for example combined across devices with
+    /// [`ChannelStats::combine`]) instead of this batch's own statistics.
+    pub fn forward_with_stats(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        state: Option<&mut BatchNormState>,
+        stats: &ChannelStats,
+    ) -> Result<BatchNormForward> {
+        ctx.run(|rec| {
+            self.record_forward_with(rec, x, gamma, beta, state, Mode::Train, Some(stats))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_forward_with(
+        &self,
+        rec: &mut Recording<'_>,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        state: Option<&mut BatchNormState>,
+        mode: Mode,
+        external: Option<&ChannelStats>,
+    ) -> Result<BatchNormForward> {
+        // Every check before anything is recorded or any state is touched.
+        let layout = self.layout(x.shape())?;
+        let features = layout.channels;
+        self.check_vector("gamma", gamma, features, self.scale)?;
+        self.check_vector("beta", beta, features, self.center)?;
+        let from_batch = !self.track_running_stats || mode == Mode::Train;
+        let update = self.track_running_stats && mode == Mode::Train;
+        let n = layout.per_channel();
+        if let Some(s) = external {
+            if s.mean.len() as u64 != features || s.m2.len() as u64 != features {
+                return Err(Error::input(
+                    OP,
+                    format!(
+                        "statistics of {} features for {features} features",
+                        s.mean.len()
+                    ),
+                ));
+            }
+        }
+        let stats_count = external.map_or(n as f64, |s| s.count);
+        if from_batch && stats_count < 2.0 {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "training needs more than one value per feature to compute a variance \
+                     (input shape {:?} has {stats_count})",
+                    x.shape()
+                ),
+            ));
+        }
+        if self.track_running_stats {
+            let Some(st) = state.as_ref() else {
+                return Err(Error::input(
+                    OP,
+                    "running statistics are tracked but no state was given".to_string(),
+                ));
+            };
+            for (name, t) in [
+                ("running_mean", &st.running_mean),
+                ("running_var", &st.running_var),
+            ] {
+                if t.shape() != [features as usize] {
+                    return Err(Error::input(
+                        OP,
+                        format!("{name} has shape {:?}, expected [{features}]", t.shape()),
+                    ));
+                }
+            }
+        }
+
+        let ctx = rec.context();
+        let stats = if !from_batch {
+            None
+        } else if let Some(s) = external {
+            let packed: Vec<f32> = (0..features as usize)
+                .flat_map(|i| [s.mean[i] as f32, s.m2[i] as f32, s.count as f32, 0.0])
+                .collect();
+            Some(
+                Tensor::from_slice(ctx, &[features as usize, 4], &packed)?
+                    .buffer()
+                    .clone(),
+            )
+        } else {
+            let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+            Some(record_welford(rec, OP, &plan, x.buffer())?)
+        };
+        let weight = state
+            .as_ref()
+            .map_or(0.0, |s| self.batch_weight(s.num_updates));
+        let var_correction = match self.running_var {
+            RunningVar::Unbiased => (stats_count / (stats_count - 1.0).max(1.0)) as f32,
+            RunningVar::Biased => 1.0,
+        };
+        let scratch_mean;
+        let scratch_var;
+        let (rm, rv) = match state.as_ref() {
+            Some(st) if self.track_running_stats => {
+                (st.running_mean.buffer(), st.running_var.buffer())
+            }
+            _ => {
+                scratch_mean = ctx.storage_buffer(OP, features, false)?;
+                scratch_var = ctx.storage_buffer(OP, features, false)?;
+                (&scratch_mean, &scratch_var)
+            }
+        };
+        let norm = vec4_buffer(ctx, OP, features)?;
+        let params = FinalizeParams {
+            features: features as u32,
+            from_batch: from_batch as u32,
+            update: update as u32,
+            has_gamma: gamma.is_some() as u32,
+            has_beta: beta.is_some() as u32,
+            eps: self.eps,
+            weight,
+            var_correction,
+        };
+        let dummy = &*ctx.dummy;
+        rec.dispatch(
+            Kernel::BnFinalize,
+            &params,
+            &[
+                stats
+                    .as_ref()
+                    .map_or(Bind::elems(dummy, 4), |s| Bind::elems(s, features * 4)),
+                gamma.map_or(Bind::elems(dummy, 4), |g| Bind::elems(g.buffer(), features)),
+                beta.map_or(Bind::elems(dummy, 4), |b| Bind::elems(b.buffer(), features)),
+                Bind::elems(rm, features),
+                Bind::elems(rv, features),
+                Bind::elems(&norm, features * 4),
+            ],
+            features.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+        let output = Tensor::zeros(ctx, x.shape())?;
+        record_elementwise(rec, Kernel::BnNormalize, &layout, &[x], &norm, &output)?;
+        if update {
+            if let Some(st) = state {
+                st.num_updates += 1;
+            }
+        }
+        Ok(BatchNormForward {
+            output,
+            norm,
+            from_batch,
+            shape: x.shape().to_vec(),
+        })
+    }
+
+    /// Gradients with respect to the input (through the batch statistics when the
+    /// forward used them), gamma and beta: `(grad_input, grad_gamma, grad_beta)`.
+    pub fn backward(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        grad_output: &Tensor,
+        forward: &BatchNormForward,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        ctx.run(|rec| self.record_backward(rec, x, grad_output, forward))
+    }
+
+    /// Records [`Self::backward`].
+    pub fn record_backward(
+        &self,
+        rec: &mut Recording<'_>,
+        x: &Tensor,
+        grad_output: &Tensor,
+        forward: &BatchNormForward,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let layout = self.layout(x.shape())?;
+        if x.shape() != forward.shape.as_slice() || grad_output.shape() != x.shape() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "backward needs the forward's input shape {:?} for x and grad_output, got {:?} and {:?}",
+                    forward.shape,
+                    x.shape(),
+                    grad_output.shape()
+                ),
+            ));
+        }
+        let ctx = rec.context();
+        let features = layout.channels;
+        let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+        let sums = record_sums(
+            rec,
+            OP,
+            &plan,
+            grad_output.buffer(),
+            x.buffer(),
+            Some(&forward.norm),
+        )?;
+        let grad_gamma = Tensor::zeros(ctx, &[features as usize])?;
+        let grad_beta = Tensor::zeros(ctx, &[features as usize])?;
+        let coef = vec4_buffer(ctx, OP, features)?;
+        rec.dispatch(
+            Kernel::BnGradFactors,
+            &GradParams {
+                features: features as u32,
+                training: forward.from_batch as u32,
+                has_gamma: self.scale as u32,
+                inv_n: (1.0 / layout.per_channel() as f64) as f32,
+            },
+            &[
+                Bind::elems(&forward.norm, features * 4),
+                Bind::elems(&sums, features * 4),
+                Bind::elems(grad_gamma.buffer(), features),
+                Bind::elems(grad_beta.buffer(), features),
+                Bind::elems(&coef, features * 4),
+            ],
+            features.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+        let grad_input = Tensor::zeros(ctx, x.shape())?;
+        record_elementwise(
+            rec,
+            Kernel::BnGradInput,
+            &layout,
+            &[x, grad_output],
+            &coef,
+            &grad_input,
+        )?;
+        Ok((grad_input, grad_gamma, grad_beta))
+    }
+
+    /// This batch's per-feature statistics, downloaded (for [`ChannelStats::combine`]
+    /// across devices and [`Self::forward_with_stats`]).
+    pub fn batch_statistics(&self, ctx: &Context, x: &Tensor) -> Result<ChannelStats> {
+        let layout = self.layout(x.shape())?;
+        let stats = ctx.run(|rec| {
+            let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+            record_welford(rec, OP, &plan, x.buffer())
+        })?;
+        let t = Tensor::zeros(ctx, &[layout.channels as usize, 4])?;
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&stats, 0, t.buffer(), 0, layout.channels * 16);
+        ctx.queue.submit([enc.finish()]);
+        let host = t.to_array(ctx)?;
+        Ok(ChannelStats {
+            count: layout.per_channel() as f64,
+            mean: host.outer_iter().map(|r| f64::from(r[0])).collect(),
+            m2: host.outer_iter().map(|r| f64::from(r[1])).collect(),
+        })
+    }
+
+    /// Recomputing the averages exactly (GoMLX's ResetWeights + UpdateAverages,
+    /// Chainer's finetune): a population accumulator that merges each batch's
+    /// statistics with Chan's combine, on the GPU; [`PopulationStats::finish`] writes the
+    /// population mean and variance into the running state.
+    pub fn population(&self, ctx: &Context, features: usize) -> Result<PopulationStats> {
+        Ok(PopulationStats {
+            config: *self,
+            features,
+            acc: vec4_buffer(ctx, OP, features as u64)?,
+        })
+    }
+}
+
+/// Exact population statistics accumulated over any number of batches.
+pub struct PopulationStats {
+    config: BatchNorm,
+    features: usize,
+    acc: wgpu::Buffer,
+}
+
+impl PopulationStats {
+    /// Merges the statistics of batch `x` (same feature axis and count).
+    pub fn add(&mut self, ctx: &Context, x: &Tensor) -> Result<()> {
+        let layout = self.config.layout(x.shape())?;
+        if layout.channels != self.features as u64 {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "a batch of {} features for an accumulator of {}",
+                    layout.channels, self.features
+                ),
+            ));
+        }
+        ctx.run(|rec| {
+            let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+            let stats = record_welford(rec, OP, &plan, x.buffer())?;
+            let f = layout.channels;
+            rec.dispatch(
+                Kernel::BnMerge,
+                &MergeParams {
+                    features: f as u32,
+                    _pad: [0; 3],
+                },
+                &[Bind::elems(&stats, f * 4), Bind::elems(&self.acc, f * 4)],
+                f.div_ceil(u64::from(WORKGROUP_SIZE)),
+            )
+        })
+    }
+
+    /// Writes the population mean and variance (unbiased or biased as the config says)
+    /// into `state`, replacing the exponential averages.
+    pub fn finish(&self, ctx: &Context, state: &mut BatchNormState) -> Result<()> {
+        let f = self.features;
+        if state.running_mean.shape() != [f] || state.running_var.shape() != [f] {
+            return Err(Error::input(OP, format!("state is not of {f} features")));
+        }
+        let t = Tensor::zeros(ctx, &[f, 4])?;
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&self.acc, 0, t.buffer(), 0, f as u64 * 16);
+        ctx.queue.submit([enc.finish()]);
+        let host = t.to_array(ctx)?;
+        let mut mean = Vec::with_capacity(f);
+        let mut var = Vec::with_capacity(f);
+        for r in host.outer_iter() {
+            let n = f64::from(r[2]);
+            if n < 2.0 {
+                return Err(Error::input(
+                    OP,
+                    "no batches were added to the population".to_string(),
+                ));
+            }
+            mean.push(r[0]);
+            let d = match self.config.running_var {
+                RunningVar::Unbiased => n - 1.0,
+                RunningVar::Biased => n,
+            };
+            var.push((f64::from(r[1]) / d) as f32);
+        }
+        state.running_mean = Tensor::from_slice(ctx, &[f], &mean)?;
+        state.running_var = Tensor::from_slice(ctx, &[f], &var)?;
+        Ok(())
+    }
+}
+
+fn record_elementwise(
+    rec: &mut Recording<'_>,
+    kernel: Kernel,
+    layout: &ChannelLayout,
+    inputs: &[&Tensor],
+    per_feature: &wgpu::Buffer,
+    out: &Tensor,
+) -> Result<()> {
+    for w in element_windows(*layout, &rec.context().limits) {
+        let params = ElementParams {
+            count: w.len as u32,
+            channels: layout.channels as u32,
+            inner: layout.inner as u32,
+            c_start: w.c_start as u32,
+            j_start: w.j_start as u32,
+            _pad: [0; 3],
+        };
+        let mut binds: Vec<Bind<'_>> = inputs
+            .iter()
+            .map(|t| Bind::window(t.buffer(), w.start, w.len))
+            .collect();
+        binds.push(Bind::elems(per_feature, layout.channels * 4));
+        binds.push(Bind::window(out.buffer(), w.start, w.len));
+        rec.dispatch(
+            kernel,
+            &params,
+            &binds,
+            w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+        )?;
+    }
+    Ok(())
+}
