@@ -258,6 +258,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "weight_standardization",
     "weight_norm",
     "weight_norm_decompose",
+    "batch_norm",
 ];
 
 /// Runs `case` through the public API on `ctx` and checks every expected tensor.

@@ -2,5 +2,6 @@
 //! transcribed from the shaders. They validate every kernel in the tests, and a user
 //! without a GPU can call them directly.
 
+pub mod batch_norm;
 pub mod weight_norm;
 pub mod weight_standardization;

@@ -1,0 +1,553 @@
+//! Batch Normalization on the GPU against the f64 CPU reference.
+
+mod common;
+
+use common::{assert_close, ctx, ctx_with_binding, Rng};
+use ndarray::{Array1, ArrayD, IxDyn};
+use wgnorm::reference::batch_norm as reference;
+use wgnorm::{BatchNorm, BatchNormState, Context, Error, Mode, Momentum, Tensor};
+
+/// f32 kernels against the f64 reference.
+const RTOL: f32 = 1e-4;
+const ATOL: f32 = 1e-4;
+/// Gradients go through two reductions.
+const GRAD_RTOL: f32 = 1e-3;
+
+fn vec_tensor(ctx: &Context, v: &[f32]) -> Tensor {
+    Tensor::from_slice(ctx, &[v.len()], v).unwrap()
+}
+
+fn check(
+    ctx: &Context,
+    config: &BatchNorm,
+    shape: &[usize],
+    mode: Mode,
+    rng: &mut Rng,
+    offset: f32,
+) {
+    let what = format!("{shape:?} {mode:?} {config:?}");
+    let features = shape[config.feature_axis];
+    let x = rng.array(shape, offset, 2.0);
+    let dy = rng.array(shape, 0.0, 1.0);
+    let gamma: Vec<f32> = (0..features).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+    let beta: Vec<f32> = (0..features).map(|_| 0.5 * rng.normal()).collect();
+    let rm: Vec<f32> = (0..features).map(|_| offset + rng.normal()).collect();
+    let rv: Vec<f32> = (0..features).map(|_| 1.0 + rng.uniform() as f32).collect();
+    let updates = 4;
+    let (tx, tdy) = (
+        Tensor::from_array(ctx, &x).unwrap(),
+        Tensor::from_array(ctx, &dy).unwrap(),
+    );
+    let (tg, tb) = (vec_tensor(ctx, &gamma), vec_tensor(ctx, &beta));
+    let (tg, gamma) = if config.scale {
+        (Some(&tg), Some(gamma.as_slice()))
+    } else {
+        (None, None)
+    };
+    let (tb, beta) = if config.center {
+        (Some(&tb), Some(beta.as_slice()))
+    } else {
+        (None, None)
+    };
+    let mut state = BatchNormState {
+        running_mean: vec_tensor(ctx, &rm),
+        running_var: vec_tensor(ctx, &rv),
+        num_updates: updates,
+    };
+    let (fwd, grads) = ctx
+        .run(|rec| {
+            let fwd = config.record_forward(rec, &tx, tg, tb, Some(&mut state), mode)?;
+            let grads = config.record_backward(rec, &tx, &tdy, &fwd)?;
+            Ok((fwd, grads))
+        })
+        .unwrap();
+    let got = ctx
+        .read_all(&[
+            &fwd.output,
+            &state.running_mean,
+            &state.running_var,
+            &grads.0,
+            &grads.1,
+            &grads.2,
+        ])
+        .unwrap();
+    let want = reference::forward(config, x.view(), gamma, beta, &rm, &rv, updates, mode).unwrap();
+    let (wdx, wdg, wdb) =
+        reference::backward(config, x.view(), dy.view(), gamma, &rm, &rv, mode).unwrap();
+    let d1 = |a: Array1<f32>| a.into_dyn();
+    assert_close(&format!("output {what}"), &got[0], &want.output, RTOL, ATOL);
+    assert_close(
+        &format!("running_mean {what}"),
+        &got[1],
+        &d1(want.running_mean),
+        RTOL,
+        ATOL,
+    );
+    assert_close(
+        &format!("running_var {what}"),
+        &got[2],
+        &d1(want.running_var),
+        RTOL,
+        ATOL,
+    );
+    let scale = |a: &ArrayD<f32>| a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    assert_close(
+        &format!("grad_input {what}"),
+        &got[3],
+        &wdx,
+        GRAD_RTOL,
+        1e-4 * scale(&wdx),
+    );
+    let (wdg, wdb) = (d1(wdg), d1(wdb));
+    assert_close(
+        &format!("grad_gamma {what}"),
+        &got[4],
+        &wdg,
+        GRAD_RTOL,
+        1e-4 * scale(&wdg),
+    );
+    assert_close(
+        &format!("grad_beta {what}"),
+        &got[5],
+        &wdb,
+        GRAD_RTOL,
+        1e-4 * scale(&wdb),
+    );
+    if mode == Mode::Train && config.track_running_stats {
+        assert_eq!(state.num_updates, updates + 1);
+    } else {
+        assert_eq!(state.num_updates, updates);
+    }
+}
+
+/// Seeded random shapes, NCHW and NHWC, rank 2 to 5, every preset and mode.
+#[test]
+fn random_shapes_match_the_reference() {
+    let ctx = ctx();
+    let mut rng = Rng::new(31);
+    let presets = [
+        BatchNorm::pytorch(),
+        BatchNorm::keras(),
+        BatchNorm::chainer(),
+        BatchNorm::gomlx(),
+        BatchNorm {
+            momentum: Momentum::Cumulative,
+            ..BatchNorm::pytorch()
+        },
+        BatchNorm {
+            track_running_stats: false,
+            ..BatchNorm::pytorch()
+        },
+        BatchNorm {
+            center: false,
+            ..BatchNorm::keras()
+        },
+        BatchNorm {
+            scale: false,
+            center: false,
+            ..BatchNorm::chainer()
+        },
+    ];
+    let shapes: [(Vec<usize>, usize); 7] = [
+        (vec![13, 7], 1),
+        (vec![5, 6, 9, 11], 1),   // NCHW
+        (vec![5, 9, 11, 6], 3),   // NHWC
+        (vec![2, 3, 4, 5, 6], 1), // rank 5, NCDHW
+        (vec![2, 4, 5, 6, 3], 4), // rank 5, channels last
+        (vec![300, 3], 1),
+        (vec![3, 70, 50], 0), // features first
+    ];
+    for (i, (shape, axis)) in shapes.iter().enumerate() {
+        for (j, preset) in presets.iter().enumerate() {
+            let config = BatchNorm {
+                feature_axis: *axis,
+                ..*preset
+            };
+            let mode = [Mode::Train, Mode::Eval, Mode::Frozen][(i + j) % 3];
+            check(&ctx, &config, shape, mode, &mut rng, 0.0);
+        }
+    }
+}
+
+/// Inputs with a large common offset: the statistics stay stable.
+#[test]
+fn large_offset_is_stable() {
+    let ctx = ctx();
+    let mut rng = Rng::new(5);
+    check(
+        &ctx,
+        &BatchNorm::pytorch(),
+        &[16, 4, 17, 17],
+        Mode::Train,
+        &mut rng,
+        1000.0,
+    );
+}
+
+/// Bindings capped at 16 KiB: every pass is split into windows.
+#[test]
+fn split_bindings_match_the_reference() {
+    let ctx = ctx_with_binding(16 * 1024);
+    let mut rng = Rng::new(6);
+    check(
+        &ctx,
+        &BatchNorm::pytorch(),
+        &[4, 3, 40, 41],
+        Mode::Train,
+        &mut rng,
+        0.0,
+    );
+    check(
+        &ctx,
+        &BatchNorm {
+            feature_axis: 3,
+            ..BatchNorm::keras()
+        },
+        &[4, 40, 41, 3],
+        Mode::Train,
+        &mut rng,
+        0.0,
+    );
+    check(
+        &ctx,
+        &BatchNorm::chainer(),
+        &[4, 3, 40, 41],
+        Mode::Eval,
+        &mut rng,
+        0.0,
+    );
+}
+
+/// Every refused call leaves the running statistics and the update count as they were.
+#[test]
+fn a_failed_call_leaves_the_running_statistics_unchanged() {
+    let ctx = ctx();
+    let bn = BatchNorm::pytorch();
+    let rm = [0.5f32, -1.0, 2.0];
+    let rv = [1.5f32, 0.25, 3.0];
+    let mut state = BatchNormState {
+        running_mean: vec_tensor(&ctx, &rm),
+        running_var: vec_tensor(&ctx, &rv),
+        num_updates: 7,
+    };
+    let x = |shape: &[usize]| Tensor::from_array(&ctx, &ArrayD::<f32>::ones(IxDyn(shape))).unwrap();
+    let g3 = vec_tensor(&ctx, &[1.0; 3]);
+    let g4 = vec_tensor(&ctx, &[1.0; 4]);
+    let expect = |r: wgnorm::Result<wgnorm::BatchNormForward>, needle: &str| match r {
+        Err(
+            e @ Error::InvalidInput {
+                op: "batch_norm", ..
+            },
+        ) => {
+            assert!(e.to_string().contains(needle), "{e} lacks {needle:?}")
+        }
+        Err(e) => panic!("wrong error for {needle}: {e}"),
+        Ok(_) => panic!("accepted bad input ({needle})"),
+    };
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[4, 3]),
+            Some(&g4),
+            Some(&g3),
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "gamma has shape [4]",
+    );
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[4, 3]),
+            Some(&g3),
+            Some(&g4),
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "beta has shape [4]",
+    );
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[4, 3]),
+            Some(&g3),
+            None,
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "beta is required",
+    );
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[1, 3]),
+            Some(&g3),
+            Some(&g3),
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "more than one value",
+    );
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[1, 3, 1, 1]),
+            Some(&g3),
+            Some(&g3),
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "more than one value",
+    );
+    expect(
+        bn.forward(&ctx, &x(&[4, 3]), Some(&g3), Some(&g3), None, Mode::Train),
+        "no state",
+    );
+    let bad_axis = BatchNorm {
+        feature_axis: 2,
+        ..bn
+    };
+    expect(
+        bad_axis.forward(
+            &ctx,
+            &x(&[4, 3]),
+            Some(&g3),
+            Some(&g3),
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "feature axis 2",
+    );
+    for eps in [f32::NAN, f32::INFINITY, 0.0, -1.0] {
+        let c = BatchNorm { eps, ..bn };
+        expect(
+            c.forward(
+                &ctx,
+                &x(&[4, 3]),
+                Some(&g3),
+                Some(&g3),
+                Some(&mut state),
+                Mode::Train,
+            ),
+            "eps",
+        );
+    }
+    for m in [-0.1, 1.5, f32::NAN] {
+        let c = BatchNorm {
+            momentum: Momentum::Batch(m),
+            ..bn
+        };
+        expect(
+            c.forward(
+                &ctx,
+                &x(&[4, 3]),
+                Some(&g3),
+                Some(&g3),
+                Some(&mut state),
+                Mode::Train,
+            ),
+            "momentum",
+        );
+    }
+    let mut wrong = BatchNormState::new(&ctx, 4).unwrap();
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[4, 3]),
+            Some(&g3),
+            Some(&g3),
+            Some(&mut wrong),
+            Mode::Train,
+        ),
+        "running_mean has shape [4]",
+    );
+    expect(
+        bn.forward(
+            &ctx,
+            &x(&[4]),
+            Some(&g3),
+            Some(&g3),
+            Some(&mut state),
+            Mode::Train,
+        ),
+        "rank >= 2",
+    );
+    assert_eq!(state.num_updates, 7);
+    assert_eq!(
+        state
+            .running_mean
+            .to_array(&ctx)
+            .unwrap()
+            .as_slice()
+            .unwrap(),
+        &rm
+    );
+    assert_eq!(
+        state
+            .running_var
+            .to_array(&ctx)
+            .unwrap()
+            .as_slice()
+            .unwrap(),
+        &rv
+    );
+    // One value per feature is fine in evaluation (running statistics).
+    assert!(bn
+        .forward(
+            &ctx,
+            &x(&[1, 3]),
+            Some(&g3),
+            Some(&g3),
+            Some(&mut state),
+            Mode::Eval
+        )
+        .is_ok());
+}
+
+/// Statistics of two halves computed on two separate contexts and combined match one
+/// context over the whole batch, and normalizing with them matches too.
+#[test]
+fn statistics_from_two_contexts_combine_to_the_whole_batch() {
+    let (a, b) = (ctx(), ctx());
+    let mut rng = Rng::new(12);
+    let bn = BatchNorm::pytorch();
+    let whole = rng.array(&[10, 5, 7, 3], 3.0, 2.0);
+    let first = whole
+        .slice(ndarray::s![..4, .., .., ..])
+        .to_owned()
+        .into_dyn();
+    let second = whole
+        .slice(ndarray::s![4.., .., .., ..])
+        .to_owned()
+        .into_dyn();
+    let sa = bn
+        .batch_statistics(&a, &Tensor::from_array(&a, &first).unwrap())
+        .unwrap();
+    let sb = bn
+        .batch_statistics(&b, &Tensor::from_array(&b, &second).unwrap())
+        .unwrap();
+    let combined = sa.combine(&sb).unwrap();
+    let tw = Tensor::from_array(&a, &whole).unwrap();
+    let direct = bn.batch_statistics(&a, &tw).unwrap();
+    assert_eq!(combined.count, direct.count);
+    for c in 0..5 {
+        assert!((combined.mean[c] - direct.mean[c]).abs() < 1e-5, "mean {c}");
+        assert!(
+            (combined.m2[c] - direct.m2[c]).abs() < 1e-4 * direct.m2[c],
+            "m2 {c}"
+        );
+    }
+    // Normalizing the first half with the combined statistics = the whole batch's
+    // normalization restricted to that half.
+    let g = vec_tensor(&a, &[1.0; 5]);
+    let z = vec_tensor(&a, &[0.0; 5]);
+    let mut whole_state = BatchNormState::new(&a, 5).unwrap();
+    let whole_out = bn
+        .forward(
+            &a,
+            &tw,
+            Some(&g),
+            Some(&z),
+            Some(&mut whole_state),
+            Mode::Train,
+        )
+        .unwrap()
+        .output
+        .to_array(&a)
+        .unwrap();
+    let mut st = BatchNormState::new(&a, 5).unwrap();
+    let half = bn
+        .forward_with_stats(
+            &a,
+            &Tensor::from_array(&a, &first).unwrap(),
+            Some(&g),
+            Some(&z),
+            Some(&mut st),
+            &combined,
+        )
+        .unwrap()
+        .output
+        .to_array(&a)
+        .unwrap();
+    let want = whole_out
+        .slice(ndarray::s![..4, .., .., ..])
+        .to_owned()
+        .into_dyn();
+    assert_close("sync normalization", &half, &want, RTOL, ATOL);
+}
+
+/// Recomputed averages are the exact population statistics, not an exponential average.
+#[test]
+fn recomputed_averages_are_the_population_statistics() {
+    let ctx = ctx();
+    let mut rng = Rng::new(21);
+    for bn in [
+        BatchNorm::pytorch(),
+        BatchNorm {
+            feature_axis: 3,
+            ..BatchNorm::gomlx()
+        },
+    ] {
+        let shape_of = |n: usize| {
+            if bn.feature_axis == 1 {
+                vec![n, 4, 6, 5]
+            } else {
+                vec![n, 6, 5, 4]
+            }
+        };
+        let batches: Vec<ArrayD<f32>> = [3, 5, 2]
+            .iter()
+            .map(|&n| rng.array(&shape_of(n), 2.0, 3.0))
+            .collect();
+        let mut state = BatchNormState::new(&ctx, 4).unwrap();
+        let mut pop = bn.population(&ctx, 4).unwrap();
+        for b in &batches {
+            pop.add(&ctx, &Tensor::from_array(&ctx, b).unwrap())
+                .unwrap();
+        }
+        pop.finish(&ctx, &mut state).unwrap();
+        let all = ndarray::concatenate(
+            ndarray::Axis(0),
+            &batches.iter().map(|b| b.view()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let per_feature: Vec<Vec<f64>> = (0..4)
+            .map(|c| {
+                all.index_axis(ndarray::Axis(bn.feature_axis), c)
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect()
+            })
+            .collect();
+        let mean: Vec<f32> = per_feature
+            .iter()
+            .map(|v| (v.iter().sum::<f64>() / v.len() as f64) as f32)
+            .collect();
+        let var: Vec<f32> = per_feature
+            .iter()
+            .zip(&mean)
+            .map(|(v, &m)| {
+                let ss: f64 = v.iter().map(|x| (x - f64::from(m)).powi(2)).sum();
+                let d = match bn.running_var {
+                    wgnorm::RunningVar::Unbiased => v.len() as f64 - 1.0,
+                    wgnorm::RunningVar::Biased => v.len() as f64,
+                };
+                (ss / d) as f32
+            })
+            .collect();
+        assert_close(
+            "population mean",
+            &state.running_mean.to_array(&ctx).unwrap(),
+            &Array1::from(mean).into_dyn(),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            "population var",
+            &state.running_var.to_array(&ctx).unwrap(),
+            &Array1::from(var).into_dyn(),
+            1e-5,
+            1e-5,
+        );
+    }
+}
