@@ -35,16 +35,17 @@ struct GradParams {
     inv_n: f32,
 }
 
-// Mirrors `ElementParams` in src/ops/batch_norm.rs.
+// Mirrors `ElementParams` in src/ops/channel_stats.rs (batch is always 1 here, so
+// outer, o_start and a_start are unused).
 struct ElementParams {
     count: u32,
     channels: u32,
     inner: u32,
     c_start: u32,
     j_start: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    outer: u32,
+    o_start: u32,
+    a_start: u32,
 }
 
 // Elementwise passes: each thread handles PER_THREAD consecutive elements, computing

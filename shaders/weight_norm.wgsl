@@ -24,7 +24,7 @@ struct SliceParams {
     _pad1: u32,
 }
 
-// Mirrors `ElementParams` in src/ops/weight_norm.rs.
+// Mirrors `ElementParams` in src/ops/channel_stats.rs.
 struct ElementParams {
     count: u32,
     channels: u32,

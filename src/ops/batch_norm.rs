@@ -3,12 +3,11 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout, ReducePlan,
+    read_vec4, record_elementwise, record_sums, record_welford, vec4_buffer, ChannelLayout,
+    ReducePlan,
 };
 use crate::error::{Error, Result};
-use crate::gpu::{
-    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
-};
+use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "batch_norm";
 
@@ -191,18 +190,6 @@ struct GradParams {
     training: u32,
     has_gamma: u32,
     inv_n: f32,
-}
-
-// Mirrors `ElementParams` in shaders/batch_norm.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct ElementParams {
-    count: u32,
-    channels: u32,
-    inner: u32,
-    c_start: u32,
-    j_start: u32,
-    _pad: [u32; 3],
 }
 
 // Mirrors `MergeParams` in shaders/batch_norm.wgsl.
@@ -603,11 +590,7 @@ impl BatchNorm {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
             record_welford(rec, OP, &plan, x.buffer())
         })?;
-        let t = Tensor::zeros(ctx, &[layout.channels as usize, 4])?;
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&stats, 0, t.buffer(), 0, layout.channels * 16);
-        ctx.queue.submit([enc.finish()]);
-        let host = t.to_array(ctx)?;
+        let host = read_vec4(ctx, OP, &stats, layout.channels)?;
         Ok(ChannelStats {
             count: layout.per_channel() as f64,
             mean: host.outer_iter().map(|r| f64::from(r[0])).collect(),
@@ -671,11 +654,7 @@ impl PopulationStats {
         if state.running_mean.shape() != [f] || state.running_var.shape() != [f] {
             return Err(Error::input(OP, format!("state is not of {f} features")));
         }
-        let t = Tensor::zeros(ctx, &[f, 4])?;
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&self.acc, 0, t.buffer(), 0, f as u64 * 16);
-        ctx.queue.submit([enc.finish()]);
-        let host = t.to_array(ctx)?;
+        let host = read_vec4(ctx, OP, &self.acc, f as u64)?;
         let mut mean = Vec::with_capacity(f);
         let mut var = Vec::with_capacity(f);
         for r in host.outer_iter() {
@@ -697,37 +676,4 @@ impl PopulationStats {
         state.running_var = Tensor::from_slice(ctx, &[f], &var)?;
         Ok(())
     }
-}
-
-fn record_elementwise(
-    rec: &mut Recording<'_>,
-    kernel: Kernel,
-    layout: &ChannelLayout,
-    inputs: &[&Tensor],
-    per_feature: &wgpu::Buffer,
-    out: &Tensor,
-) -> Result<()> {
-    for w in element_windows(*layout, &rec.context().limits) {
-        let params = ElementParams {
-            count: w.len as u32,
-            channels: layout.channels as u32,
-            inner: layout.inner as u32,
-            c_start: w.c_start as u32,
-            j_start: w.j_start as u32,
-            _pad: [0; 3],
-        };
-        let mut binds: Vec<Bind<'_>> = inputs
-            .iter()
-            .map(|t| Bind::window(t.buffer(), w.start, w.len))
-            .collect();
-        binds.push(Bind::elems(per_feature, layout.channels * 4));
-        binds.push(Bind::window(out.buffer(), w.start, w.len));
-        rec.dispatch(
-            kernel,
-            &params,
-            &binds,
-            w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
-        )?;
-    }
-    Ok(())
 }

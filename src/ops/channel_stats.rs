@@ -5,7 +5,9 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, WORKGROUP_SIZE};
+use crate::gpu::{
+    Bind, Context, Kernel, PlanLimits, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
+};
 
 /// Elements one workgroup reduces, at most (16 per thread).
 const ITEM_ELEMS: u64 = 4096;
@@ -412,6 +414,74 @@ pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec
         start += len;
     }
     out
+}
+
+// Mirrors `ElementParams` in shaders/weight_norm.wgsl and shaders/batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct ElementParams {
+    count: u32,
+    channels: u32,
+    inner: u32,
+    c_start: u32,
+    j_start: u32,
+    outer: u32,
+    o_start: u32,
+    a_start: u32,
+}
+
+/// Records an elementwise `kernel` over `inputs` (each shaped like `out`) with one vec4
+/// per slice, window by window. The kernel's bindings are the inputs, the per-slice
+/// buffer, then the output; its params are `ElementParams`.
+pub(crate) fn record_elementwise(
+    rec: &mut Recording<'_>,
+    kernel: Kernel,
+    layout: &ChannelLayout,
+    inputs: &[&Tensor],
+    per_slice: &wgpu::Buffer,
+    out: &Tensor,
+) -> Result<()> {
+    for w in element_windows(*layout, &rec.context().limits) {
+        let params = ElementParams {
+            count: w.len as u32,
+            channels: layout.channels as u32,
+            inner: layout.inner as u32,
+            c_start: w.c_start as u32,
+            j_start: w.j_start as u32,
+            outer: layout.outer as u32,
+            o_start: w.o_start as u32,
+            a_start: w.a_start as u32,
+        };
+        let mut binds: Vec<Bind<'_>> = inputs
+            .iter()
+            .map(|t| Bind::window(t.buffer(), w.start, w.len))
+            .collect();
+        binds.push(Bind::elems(per_slice, layout.slices() * 4));
+        binds.push(Bind::window(out.buffer(), w.start, w.len));
+        rec.dispatch(
+            kernel,
+            &params,
+            &binds,
+            w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+        )?;
+    }
+    Ok(())
+}
+
+/// Downloads `count` vec4 of a scratch buffer, as a `[count, 4]` array.
+pub(crate) fn read_vec4(
+    ctx: &Context,
+    op: &'static str,
+    buffer: &wgpu::Buffer,
+    count: u64,
+) -> Result<ndarray::ArrayD<f32>> {
+    let t = Tensor::zeros(ctx, &[count as usize, 4])?;
+    let mut encoder = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(op) });
+    encoder.copy_buffer_to_buffer(buffer, 0, t.buffer(), 0, count * 16);
+    ctx.queue.submit([encoder.finish()]);
+    t.to_array(ctx)
 }
 
 #[cfg(test)]

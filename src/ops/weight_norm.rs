@@ -2,12 +2,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::channel_stats::{element_windows, record_sums, vec4_buffer, ChannelLayout, ReducePlan};
+use super::channel_stats::{
+    record_elementwise, record_sums, vec4_buffer, ChannelLayout, ReducePlan,
+};
 use super::copy::record_copy;
 use crate::error::{Error, Result};
-use crate::gpu::{
-    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
-};
+use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "weight_norm";
 
@@ -79,20 +79,6 @@ struct SliceParams {
     slices: u32,
     eps: f32,
     _pad: [u32; 2],
-}
-
-// Mirrors `ElementParams` in shaders/weight_norm.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct ElementParams {
-    count: u32,
-    channels: u32,
-    inner: u32,
-    c_start: u32,
-    j_start: u32,
-    outer: u32,
-    o_start: u32,
-    a_start: u32,
 }
 
 impl WeightNorm {
@@ -260,7 +246,7 @@ impl WeightNorm {
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let out = Tensor::zeros(ctx, v.shape())?;
-        self.record_elementwise(rec, Kernel::WnApply, &layout, &[v], &factors, &out)?;
+        record_elementwise(rec, Kernel::WnApply, &layout, &[v], &factors, &out)?;
         Ok(out)
     }
 
@@ -292,7 +278,7 @@ impl WeightNorm {
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let grad_v = Tensor::zeros(ctx, v.shape())?;
-        self.record_elementwise(rec, Kernel::WnGradV, &layout, &[v, grad_w], &coef, &grad_v)?;
+        record_elementwise(rec, Kernel::WnGradV, &layout, &[v, grad_w], &coef, &grad_v)?;
         Ok((grad_g, grad_v))
     }
 
@@ -326,42 +312,5 @@ impl WeightNorm {
             eps: self.eps,
             _pad: [0; 2],
         }
-    }
-
-    /// One elementwise kernel over `inputs` (all shaped like v), with per-slice vec4s.
-    fn record_elementwise(
-        &self,
-        rec: &mut Recording<'_>,
-        kernel: Kernel,
-        layout: &ChannelLayout,
-        inputs: &[&Tensor],
-        per_slice: &wgpu::Buffer,
-        out: &Tensor,
-    ) -> Result<()> {
-        for w in element_windows(*layout, &rec.context().limits) {
-            let params = ElementParams {
-                count: w.len as u32,
-                channels: layout.channels as u32,
-                inner: layout.inner as u32,
-                c_start: w.c_start as u32,
-                j_start: w.j_start as u32,
-                outer: layout.outer as u32,
-                o_start: w.o_start as u32,
-                a_start: w.a_start as u32,
-            };
-            let mut binds: Vec<Bind<'_>> = inputs
-                .iter()
-                .map(|t| Bind::window(t.buffer(), w.start, w.len))
-                .collect();
-            binds.push(Bind::elems(per_slice, layout.slices() * 4));
-            binds.push(Bind::window(out.buffer(), w.start, w.len));
-            rec.dispatch(
-                kernel,
-                &params,
-                &binds,
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
-        Ok(())
     }
 }
