@@ -31,8 +31,8 @@ struct FinalizeParams {
 struct GradParams {
     features: u32,
     training: u32,
-    has_gamma: u32,
     inv_n: f32,
+    _pad: u32,
 }
 
 // Mirrors `ElementParams` in src/ops/channel_stats.rs (batch is always 1 here, so

@@ -3,8 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    read_vec4, record_elementwise, record_sums, record_welford, vec4_buffer, ChannelLayout,
-    ReducePlan,
+    check_channel_input, read_vec4, record_elementwise, record_sums, record_welford, vec4_buffer,
+    ChannelLayout, ReducePlan,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
@@ -188,8 +188,8 @@ struct FinalizeParams {
 struct GradParams {
     features: u32,
     training: u32,
-    has_gamma: u32,
     inv_n: f32,
+    _pad: u32,
 }
 
 // Mirrors `MergeParams` in shaders/batch_norm.wgsl.
@@ -246,33 +246,14 @@ impl BatchNorm {
     }
 
     fn layout(&self, shape: &[usize]) -> Result<ChannelLayout> {
-        if shape.len() < 2 {
-            return Err(Error::input(
-                OP,
-                format!("the input must have rank >= 2, got shape {shape:?}"),
-            ));
-        }
-        if self.feature_axis >= shape.len() {
-            return Err(Error::input(
-                OP,
-                format!(
-                    "feature axis {} is out of range for an input of shape {shape:?}",
-                    self.feature_axis
-                ),
-            ));
-        }
-        if shape.contains(&0) {
-            return Err(Error::input(
-                OP,
-                format!("the input is empty (shape {shape:?})"),
-            ));
-        }
-        if !self.eps.is_finite() || self.eps <= 0.0 {
-            return Err(Error::input(
-                OP,
-                format!("eps must be finite and positive, got {}", self.eps),
-            ));
-        }
+        let layout = check_channel_input(
+            OP,
+            "input",
+            "feature axis",
+            shape,
+            self.feature_axis,
+            self.eps,
+        )?;
         match self.momentum {
             Momentum::Batch(m) | Momentum::Running(m) if !(0.0..=1.0).contains(&m) => {
                 return Err(Error::input(
@@ -282,7 +263,7 @@ impl BatchNorm {
             }
             _ => {}
         }
-        Ok(ChannelLayout::new(shape, Some(self.feature_axis)))
+        Ok(layout)
     }
 
     fn check_vector(
@@ -558,8 +539,8 @@ impl BatchNorm {
             &GradParams {
                 features: features as u32,
                 training: forward.from_batch as u32,
-                has_gamma: self.scale as u32,
                 inv_n: (1.0 / layout.per_channel() as f64) as f32,
+                _pad: 0,
             },
             &[
                 Bind::elems(&forward.norm, features * 4),

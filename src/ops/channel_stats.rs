@@ -69,6 +69,44 @@ impl ChannelLayout {
     }
 }
 
+/// The checks every per-channel op makes on its main input, with the op's own words:
+/// rank >= 2, `axis` in range, no empty dimension, `eps` finite and positive. Returns
+/// the layout with channels on `axis`.
+pub(crate) fn check_channel_input(
+    op: &'static str,
+    input: &str,
+    axis_name: &str,
+    shape: &[usize],
+    axis: usize,
+    eps: f32,
+) -> Result<ChannelLayout> {
+    if shape.len() < 2 {
+        return Err(Error::input(
+            op,
+            format!("the {input} must have rank >= 2, got shape {shape:?}"),
+        ));
+    }
+    if axis >= shape.len() {
+        return Err(Error::input(
+            op,
+            format!("{axis_name} {axis} is out of range for the {input} of shape {shape:?}"),
+        ));
+    }
+    if shape.contains(&0) {
+        return Err(Error::input(
+            op,
+            format!("the {input} is empty (shape {shape:?})"),
+        ));
+    }
+    if !eps.is_finite() || eps <= 0.0 {
+        return Err(Error::input(
+            op,
+            format!("eps must be finite and positive, got {eps}"),
+        ));
+    }
+    Ok(ChannelLayout::new(shape, Some(axis)))
+}
+
 // Mirrors `ReduceParams` in shaders/channel_stats.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]

@@ -3,7 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout, ReducePlan,
+    check_channel_input, element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout,
+    ReducePlan,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -101,34 +102,7 @@ impl WeightStandardization {
 
     /// Checks the configuration against a weight shape; returns the channel layout.
     pub(crate) fn check(&self, shape: &[usize]) -> Result<ChannelLayout> {
-        if shape.len() < 2 {
-            return Err(Error::input(
-                OP,
-                format!("the weight must have rank >= 2, got shape {shape:?}"),
-            ));
-        }
-        if self.axis >= shape.len() {
-            return Err(Error::input(
-                OP,
-                format!(
-                    "output axis {} is out of range for a weight of shape {shape:?}",
-                    self.axis
-                ),
-            ));
-        }
-        if shape.contains(&0) {
-            return Err(Error::input(
-                OP,
-                format!("the weight is empty (shape {shape:?})"),
-            ));
-        }
-        if !self.eps.is_finite() || self.eps <= 0.0 {
-            return Err(Error::input(
-                OP,
-                format!("eps must be finite and positive, got {}", self.eps),
-            ));
-        }
-        let layout = ChannelLayout::new(shape, Some(self.axis));
+        let layout = check_channel_input(OP, "weight", "output axis", shape, self.axis, self.eps)?;
         if self.variance == Variance::Unbiased && layout.per_channel() < 2 {
             return Err(Error::input(
                 OP,
