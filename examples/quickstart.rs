@@ -64,8 +64,9 @@ fn main() -> wgnorm::Result<()> {
     let mut rec = Recording::new(&ctx);
     let mut outputs = Vec::new();
     for (w, g) in tw.iter().zip(&tg) {
-        outputs.push(ws.record_forward(&mut rec, w)?);
-        outputs.push(ws.record_backward(&mut rec, w, g)?);
+        let (out, grad) = ws.record_forward_backward(&mut rec, w, g)?;
+        outputs.push(out);
+        outputs.push(grad);
     }
     let dispatches = rec.dispatches();
     rec.submit()?;

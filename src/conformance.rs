@@ -314,12 +314,7 @@ fn run_weight_standardization(ctx: &Context, case: &Case) -> Produced {
     let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
         let w = Tensor::from_array(ctx, case.input("weight")?)?;
         let g = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let (out, grad) = ctx.run(|rec| {
-            Ok((
-                config.record_forward(rec, &w)?,
-                config.record_backward(rec, &w, &g)?,
-            ))
-        })?;
+        let (out, grad) = config.forward_backward(ctx, &w, &g)?;
         let mut r = ctx.read_all(&[&out, &grad])?.into_iter();
         let mut m = BTreeMap::new();
         m.insert("output".to_string(), r.next().expect("two tensors read"));

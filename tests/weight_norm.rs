@@ -5,7 +5,7 @@ mod common;
 use common::{assert_close, ctx, ctx_with_binding, Rng};
 use ndarray::{ArrayD, IxDyn};
 use wgnorm::reference::weight_norm as reference;
-use wgnorm::{Context, Error, NormAxes, Tensor, WeightNorm};
+use wgnorm::{Context, Error, Tensor, WeightNorm};
 
 /// f32 kernels against the f64 reference; outputs and gradients are O(|g|).
 const RTOL: f32 = 1e-4;
@@ -238,5 +238,4 @@ fn bad_input_is_a_typed_error_naming_the_op() {
         .forward(&ctx, &t(&[]), &t(&[3, 4]))
         .is_ok());
     assert_eq!(WeightNorm::pytorch(None).g_shape(&[3, 4]).unwrap(), vec![1]);
-    let _ = NormAxes::All;
 }

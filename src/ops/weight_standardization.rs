@@ -135,26 +135,23 @@ impl WeightStandardization {
         ctx.run(|rec| self.record_backward(rec, weight, grad_output))
     }
 
+    /// Forward and backward together: the output and the gradient for the raw weight,
+    /// sharing one pass of statistics (what a training step needs).
+    pub fn forward_backward(
+        &self,
+        ctx: &Context,
+        weight: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        ctx.run(|rec| self.record_forward_backward(rec, weight, grad_output))
+    }
+
     /// Records the forward pass into `rec` (nothing runs until `rec` is submitted).
     pub fn record_forward(&self, rec: &mut Recording<'_>, weight: &Tensor) -> Result<Tensor> {
         let layout = self.check(weight.shape())?;
-        let ctx = rec.context();
-        let out = Tensor::zeros(ctx, weight.shape())?;
-        let norm = self.record_norm(rec, &layout, weight)?;
-        for w in element_windows(layout, &ctx.limits) {
-            let params = self.element_params(&layout, w.len, w.c_start, w.j_start);
-            rec.dispatch(
-                Kernel::WsNormalize,
-                &params,
-                &[
-                    Bind::window(weight.buffer(), w.start, w.len),
-                    Bind::elems(&norm, layout.channels * 4),
-                    Bind::window(out.buffer(), w.start, w.len),
-                ],
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
-        Ok(out)
+        let plan = ReducePlan::new(OP, layout, &rec.context().limits)?;
+        let norm = self.record_norm(rec, &plan, weight)?;
+        self.record_output(rec, &layout, weight, &norm)
     }
 
     /// Records the backward pass into `rec`; returns the gradient for the raw weight.
@@ -164,6 +161,31 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: &Tensor,
     ) -> Result<Tensor> {
+        let plan = self.check_backward(rec, weight, grad_output)?;
+        let norm = self.record_norm(rec, &plan, weight)?;
+        self.record_grad(rec, &plan, weight, grad_output, &norm)
+    }
+
+    /// Records [`Self::forward_backward`].
+    pub fn record_forward_backward(
+        &self,
+        rec: &mut Recording<'_>,
+        weight: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let plan = self.check_backward(rec, weight, grad_output)?;
+        let norm = self.record_norm(rec, &plan, weight)?;
+        let out = self.record_output(rec, &plan.layout, weight, &norm)?;
+        let grad = self.record_grad(rec, &plan, weight, grad_output, &norm)?;
+        Ok((out, grad))
+    }
+
+    fn check_backward(
+        &self,
+        rec: &Recording<'_>,
+        weight: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<ReducePlan> {
         let layout = self.check(weight.shape())?;
         if grad_output.shape() != weight.shape() {
             return Err(Error::input(
@@ -175,46 +197,19 @@ impl WeightStandardization {
                 ),
             ));
         }
-        let ctx = rec.context();
-        let out = Tensor::zeros(ctx, weight.shape())?;
-        let norm = self.record_norm(rec, &layout, weight)?;
-        let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-        let sums = record_sums(
-            rec,
-            OP,
-            &plan,
-            grad_output.buffer(),
-            weight.buffer(),
-            Some(&norm),
-        )?;
-        for w in element_windows(layout, &ctx.limits) {
-            let params = self.element_params(&layout, w.len, w.c_start, w.j_start);
-            rec.dispatch(
-                Kernel::WsGrad,
-                &params,
-                &[
-                    Bind::window(weight.buffer(), w.start, w.len),
-                    Bind::window(grad_output.buffer(), w.start, w.len),
-                    Bind::elems(&norm, layout.channels * 4),
-                    Bind::elems(&sums, layout.channels * 4),
-                    Bind::window(out.buffer(), w.start, w.len),
-                ],
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
-        Ok(out)
+        ReducePlan::new(OP, layout, &rec.context().limits)
     }
 
     /// Records the per-channel `(mean, 1 / sqrt(var + eps))` of `weight`.
     fn record_norm(
         &self,
         rec: &mut Recording<'_>,
-        layout: &ChannelLayout,
+        plan: &ReducePlan,
         weight: &Tensor,
     ) -> Result<wgpu::Buffer> {
         let ctx = rec.context();
-        let plan = ReducePlan::new(OP, *layout, &ctx.limits)?;
-        let stats = record_welford(rec, OP, &plan, weight.buffer())?;
+        let layout = &plan.layout;
+        let stats = record_welford(rec, OP, plan, weight.buffer())?;
         let norm = vec4_buffer(ctx, OP, layout.channels)?;
         let params = FinalizeParams {
             channels: layout.channels as u32,
@@ -232,6 +227,70 @@ impl WeightStandardization {
             layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         Ok(norm)
+    }
+
+    /// Records `output = (W - mean) * rstd`.
+    fn record_output(
+        &self,
+        rec: &mut Recording<'_>,
+        layout: &ChannelLayout,
+        weight: &Tensor,
+        norm: &wgpu::Buffer,
+    ) -> Result<Tensor> {
+        let ctx = rec.context();
+        let out = Tensor::zeros(ctx, weight.shape())?;
+        for w in element_windows(*layout, &ctx.limits) {
+            let params = self.element_params(layout, w.len, w.c_start, w.j_start);
+            rec.dispatch(
+                Kernel::WsNormalize,
+                &params,
+                &[
+                    Bind::window(weight.buffer(), w.start, w.len),
+                    Bind::elems(norm, layout.channels * 4),
+                    Bind::window(out.buffer(), w.start, w.len),
+                ],
+                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Records the gradient for the raw weight, given the channel statistics.
+    fn record_grad(
+        &self,
+        rec: &mut Recording<'_>,
+        plan: &ReducePlan,
+        weight: &Tensor,
+        grad_output: &Tensor,
+        norm: &wgpu::Buffer,
+    ) -> Result<Tensor> {
+        let ctx = rec.context();
+        let layout = &plan.layout;
+        let sums = record_sums(
+            rec,
+            OP,
+            plan,
+            grad_output.buffer(),
+            weight.buffer(),
+            Some(norm),
+        )?;
+        let out = Tensor::zeros(ctx, weight.shape())?;
+        for w in element_windows(*layout, &ctx.limits) {
+            let params = self.element_params(layout, w.len, w.c_start, w.j_start);
+            rec.dispatch(
+                Kernel::WsGrad,
+                &params,
+                &[
+                    Bind::window(weight.buffer(), w.start, w.len),
+                    Bind::window(grad_output.buffer(), w.start, w.len),
+                    Bind::elems(norm, layout.channels * 4),
+                    Bind::elems(&sums, layout.channels * 4),
+                    Bind::window(out.buffer(), w.start, w.len),
+                ],
+                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+            )?;
+        }
+        Ok(out)
     }
 
     fn element_params(
