@@ -62,6 +62,8 @@ struct Item {
     base: u32,  // window-relative index of the item's first element
     cols: u32,  // elements per row of the item
     count: u32, // elements in the item
+    o0: u32,    // the item's first row within its batch entry
+    j0: u32,    // the item's first column within the channel's row
 }
 
 fn item_at(p: ReduceParams, linear: u32) -> Item {
@@ -87,6 +89,8 @@ fn item_at(p: ReduceParams, linear: u32) -> Item {
     it.base = p.base_delta + rows_from * p.row_stride + cl * p.inner + jl * p.row_chunk;
     it.cols = cols;
     it.count = rows * cols;
+    it.o0 = b * p.rows_per_item;
+    it.j0 = jc * p.row_chunk;
     return it;
 }
 
@@ -303,5 +307,40 @@ fn sum_combine(
     let total = tree_sum(lid, acc);
     if (lid == 0u) {
         sc_out[c] = total;
+    }
+}
+
+// ---- Dots: sum_{o, j} x[o, c, j] * vector[o * inner + j] per channel ---------------
+//
+// With batch = 1: the matrix-vector product M v of spectral normalization, where M's
+// row c is everything of channel c (outer x inner) and v runs over (o, j). Rows are
+// read contiguously (the walk's row-major order). Result in the first component.
+
+@group(0) @binding(0) var<uniform> dp: ReduceParams;
+@group(0) @binding(1) var<storage, read> dp_x: array<f32>;
+@group(0) @binding(2) var<storage, read> dp_vector: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dp_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn dot_partials(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= dp.box_nb * dp.box_nc * dp.box_njc) {
+        return;
+    }
+    let it = item_at(dp, linear);
+    var acc = 0.0;
+    var w = walk_start(it, lid);
+    while (w.row < w.rows) {
+        let e = walk_index(dp, it, w);
+        acc = fma(dp_x[e], dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col], acc);
+        walk_next(&w, it.cols);
+    }
+    let total = tree_sum(lid, vec4<f32>(acc, 0.0, 0.0, 0.0));
+    if (lid == 0u) {
+        dp_out[it.slot] = total;
     }
 }

@@ -6,6 +6,9 @@
 //! - [`WeightStandardization`]: `(W - mean) / sqrt(var + eps)` per output channel
 //!   (Chainer's `link_hooks.WeightStandardization`, the labml.ai PyTorch version),
 //!   forward and backward.
+//! - [`SpectralNorm`]: `W / sigma(W)` with a persistent power-iteration vector
+//!   (Chainer's `link_hooks.SpectralNormalization`, PyTorch's `spectral_norm`), forward
+//!   and backward, `factor`, `use_gamma`, deconvolution axes, a converging sigma estimate.
 //! - [`WeightNorm`]: `W = g * v / ||v||` (PyTorch's `weight_norm`, Jittor's `weightnorm`),
 //!   forward, backward, decompose and fold back.
 //! - [`BatchNorm`]: batch statistics over every axis but a feature axis, running
@@ -54,6 +57,9 @@ pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
 pub use ops::batch_norm::{
     BatchNorm, BatchNormForward, BatchNormState, ChannelStats, Mode, Momentum, PopulationStats,
     RunningVar,
+};
+pub use ops::spectral_norm::{
+    SigmaEstimate, SpectralFlavor, SpectralNorm, SpectralNormOutput, SpectralNormState,
 };
 pub use ops::weight_norm::{NormAxes, WeightNorm};
 pub use ops::weight_standardization::{Variance, WeightStandardization};

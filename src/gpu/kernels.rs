@@ -37,6 +37,10 @@ pub const SHADERS: &[ShaderSource] = &[
         source: include_str!("../../shaders/batch_norm.wgsl"),
     },
     ShaderSource {
+        name: "spectral_norm",
+        source: include_str!("../../shaders/spectral_norm.wgsl"),
+    },
+    ShaderSource {
         name: "copy",
         source: include_str!("../../shaders/copy.wgsl"),
     },
@@ -101,7 +105,8 @@ const CHANNEL_STATS: usize = 0;
 const WEIGHT_STANDARDIZATION: usize = 1;
 const WEIGHT_NORM: usize = 2;
 const BATCH_NORM: usize = 3;
-const COPY: usize = 4;
+const SPECTRAL_NORM: usize = 4;
+const COPY: usize = 5;
 
 kernels! {
     WelfordPartials => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials", "welford_partials",
@@ -112,6 +117,8 @@ kernels! {
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 0.0)]);
     SumPartialsCentered => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials.centered", "sum_partials",
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
+    DotPartials => (CHANNEL_STATS, "wgnorm.channel_stats.dot_partials", "dot_partials",
+        [Uniform, Read, Read, ReadWrite], []);
     SumCombine => (CHANNEL_STATS, "wgnorm.channel_stats.sum_combine", "sum_combine",
         [Uniform, Read, ReadWrite], []);
     WsFinalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.finalize", "finalize",
@@ -130,6 +137,20 @@ kernels! {
         [Uniform, Read, Read, ReadWrite, ReadWrite], []);
     WnGradV => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v", "grad_v",
         [Uniform, Read, Read, Read, ReadWrite], []);
+    SnMtvPartials => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_partials", "mtv_partials",
+        [Uniform, Read, Read, ReadWrite], []);
+    SnMtvCombine => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_combine", "mtv_combine",
+        [Uniform, Read, ReadWrite], []);
+    SnNormalize => (SPECTRAL_NORM, "wgnorm.spectral_norm.normalize", "normalize",
+        [Uniform, Read, ReadWrite, ReadWrite, ReadWrite], []);
+    SnDot => (SPECTRAL_NORM, "wgnorm.spectral_norm.dot", "dot",
+        [Uniform, Read, Read, ReadWrite], []);
+    SnScale => (SPECTRAL_NORM, "wgnorm.spectral_norm.scale", "scale",
+        [Uniform, Read, Read, Read, ReadWrite], []);
+    SnGradCoef => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad_coef", "grad_coef",
+        [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
+    SnGrad => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad", "grad",
+        [Uniform, Read, Read, Read, Read, ReadWrite], []);
     BnFinalize => (BATCH_NORM, "wgnorm.batch_norm.finalize", "finalize",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
     BnNormalize => (BATCH_NORM, "wgnorm.batch_norm.normalize", "normalize",

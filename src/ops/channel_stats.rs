@@ -386,6 +386,41 @@ pub(crate) fn record_sums(
     Ok(out)
 }
 
+/// Records per-channel `sum_{o, j} x[o, c, j] * vector[o * inner + j]` (first component
+/// of a vec4 per channel), for a layout with `batch == 1`: the row reduction `M v`.
+pub(crate) fn record_dot(
+    rec: &mut Recording<'_>,
+    op: &'static str,
+    plan: &ReducePlan,
+    x: &wgpu::Buffer,
+    vector: &wgpu::Buffer,
+) -> Result<wgpu::Buffer> {
+    debug_assert_eq!(plan.layout.batch, 1);
+    let ctx = rec.context();
+    let channels = plan.layout.slices();
+    let ppc = plan.partials_per_channel();
+    let partials = vec4_buffer(ctx, op, channels * ppc)?;
+    let vector_len = plan.layout.outer * plan.layout.inner;
+    for bx in &plan.boxes {
+        rec.dispatch(
+            Kernel::DotPartials,
+            &plan.params(bx),
+            &[
+                Bind::window(x, bx.bind_start, bx.bind_len),
+                Bind::elems(vector, vector_len),
+                Bind::elems(&partials, channels * ppc * 4),
+            ],
+            bx.nb * bx.nc * bx.njc,
+        )?;
+    }
+    if ppc == 1 && !plan.boxes.is_empty() {
+        return Ok(partials);
+    }
+    let out = vec4_buffer(ctx, op, channels)?;
+    record_combine(rec, Kernel::SumCombine, plan, &partials, &out)?;
+    Ok(out)
+}
+
 fn record_combine(
     rec: &mut Recording<'_>,
     kernel: Kernel,
@@ -454,10 +489,11 @@ pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec
     out
 }
 
-// Mirrors `ElementParams` in shaders/weight_norm.wgsl and shaders/batch_norm.wgsl.
+// Mirrors `ElementParams` in shaders/weight_norm.wgsl, shaders/batch_norm.wgsl and
+// shaders/spectral_norm.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct ElementParams {
+pub(crate) struct ElementParams {
     count: u32,
     channels: u32,
     inner: u32,
@@ -466,6 +502,22 @@ struct ElementParams {
     outer: u32,
     o_start: u32,
     a_start: u32,
+}
+
+impl ElementParams {
+    /// The params of window `w` of an elementwise pass over `layout`.
+    pub(crate) fn new(layout: &ChannelLayout, w: &ElementWindow) -> Self {
+        ElementParams {
+            count: w.len as u32,
+            channels: layout.channels as u32,
+            inner: layout.inner as u32,
+            c_start: w.c_start as u32,
+            j_start: w.j_start as u32,
+            outer: layout.outer as u32,
+            o_start: w.o_start as u32,
+            a_start: w.a_start as u32,
+        }
+    }
 }
 
 /// Records an elementwise `kernel` over `inputs` (each shaped like `out`) with one vec4
@@ -480,16 +532,7 @@ pub(crate) fn record_elementwise(
     out: &Tensor,
 ) -> Result<()> {
     for w in element_windows(*layout, &rec.context().limits) {
-        let params = ElementParams {
-            count: w.len as u32,
-            channels: layout.channels as u32,
-            inner: layout.inner as u32,
-            c_start: w.c_start as u32,
-            j_start: w.j_start as u32,
-            outer: layout.outer as u32,
-            o_start: w.o_start as u32,
-            a_start: w.a_start as u32,
-        };
+        let params = ElementParams::new(layout, &w);
         let mut binds: Vec<Bind<'_>> = inputs
             .iter()
             .map(|t| Bind::window(t.buffer(), w.start, w.len))

@@ -3,5 +3,6 @@
 pub mod batch_norm;
 pub(crate) mod channel_stats;
 pub mod copy;
+pub mod spectral_norm;
 pub mod weight_norm;
 pub mod weight_standardization;

@@ -3,5 +3,6 @@
 //! without a GPU can call them directly.
 
 pub mod batch_norm;
+pub mod spectral_norm;
 pub mod weight_norm;
 pub mod weight_standardization;
