@@ -15,6 +15,10 @@
 //!   averages in every framework's convention (PyTorch, Keras, Chainer, GoMLX), forward
 //!   and backward, exact recomputed averages, mergeable statistics.
 //!
+//! [`hooks`] attach them to weights after Chainer's `LinkHook` (composition, backward
+//! through the chain, a timer hook); [`state`] saves and loads their state under
+//! PyTorch's names with safetensors.
+//!
 //! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
 //! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
 //! Welford and Chan's combine; tensors larger than one storage binding are split, not
@@ -48,12 +52,18 @@ struct ReadmeDoctests;
 pub mod conformance;
 mod error;
 pub mod gpu;
+pub mod hooks;
 pub mod ops;
 pub mod reference;
 pub mod shapes;
+pub mod state;
 
 pub use error::{Error, Result};
 pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
+pub use hooks::{
+    register_global, SpectralNormHook, TimerHook, Weight, WeightHook, WeightNormHook,
+    WeightStandardizationHook,
+};
 pub use ops::batch_norm::{
     BatchNorm, BatchNormForward, BatchNormState, ChannelStats, Mode, Momentum, PopulationStats,
     RunningVar,

@@ -44,7 +44,13 @@ enum Command {
         bind_group: wgpu::BindGroup,
         grid: [u32; 3],
     },
+    /// A time boundary (see [`Recording::boundary`]).
+    Boundary,
 }
+
+/// Called after the submission with the time of every boundary, in seconds from the
+/// first one.
+type TimingCallback<'c> = Box<dyn FnOnce(&[f64]) + 'c>;
 
 /// A list of GPU commands from any number of ops, submitted together.
 ///
@@ -65,6 +71,8 @@ enum Command {
 pub struct Recording<'c> {
     ctx: &'c Context,
     commands: Vec<Command>,
+    boundaries: usize,
+    timing: Vec<TimingCallback<'c>>,
 }
 
 impl<'c> Recording<'c> {
@@ -73,7 +81,34 @@ impl<'c> Recording<'c> {
         Recording {
             ctx,
             commands: Vec::new(),
+            boundaries: 0,
+            timing: Vec::new(),
         }
+    }
+
+    /// Records a time boundary between the dispatches before and after it and returns
+    /// its index. After [`Self::submit`], callbacks given to [`Self::on_times`] get
+    /// the time of every boundary: from GPU timestamp queries when the device has
+    /// them (`Features::TIMESTAMP_QUERY_INSIDE_ENCODERS`), otherwise from the wall
+    /// clock, the work between boundaries then being submitted and waited on in
+    /// segments.
+    pub fn boundary(&mut self) -> usize {
+        self.commands.push(Command::Boundary);
+        self.boundaries += 1;
+        self.boundaries - 1
+    }
+
+    /// Registers `f` to receive the boundary times (seconds from the first boundary)
+    /// once the recording has been submitted and has finished.
+    pub fn on_times(&mut self, f: impl FnOnce(&[f64]) + 'c) {
+        self.timing.push(Box::new(f));
+    }
+
+    /// Whether boundaries are timed on the GPU (else with the wall clock).
+    pub fn gpu_timed(&self) -> bool {
+        self.ctx.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
     }
 
     /// The context this recording belongs to.
@@ -138,39 +173,152 @@ impl<'c> Recording<'c> {
 
     /// Encodes everything recorded into one command buffer and submits it. Does not
     /// wait: read results with [`Context::read_all`] or [`Tensor::to_array`](crate::Tensor::to_array).
+    /// With time boundaries it waits for the work, and calls the timing callbacks.
     pub fn submit(self) -> Result<()> {
         let device = &self.ctx.device;
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("wgnorm.recording"),
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("wgnorm.recording"),
-                timestamp_writes: None,
-            });
-            for command in &self.commands {
-                match command {
-                    Command::Dispatch {
-                        pipeline,
-                        bind_group,
-                        grid,
-                    } => {
-                        pass.set_pipeline(&pipeline.pipeline);
-                        pass.set_bind_group(0, bind_group, &[]);
-                        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-                    }
-                }
-            }
-        }
-        self.ctx.queue.submit([encoder.finish()]);
+        let times = if self.boundaries == 0 {
+            let mut encoder = self.encoder();
+            encode(&mut encoder, &self.commands, |_, _| {});
+            self.ctx.queue.submit([encoder.finish()]);
+            None
+        } else if self.gpu_timed() {
+            Some(self.submit_gpu_timed()?)
+        } else {
+            Some(self.submit_wall_timed()?)
+        };
         if let Some(e) = pollster::block_on(validation.pop()) {
             return Err(Error::Gpu {
                 during: "submit",
                 reason: e.to_string(),
             });
         }
+        if let Some(times) = times {
+            for f in self.timing {
+                f(&times);
+            }
+        }
         Ok(())
+    }
+
+    fn encoder(&self) -> wgpu::CommandEncoder {
+        self.ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgnorm.recording"),
+            })
+    }
+
+    /// One submission; a timestamp written between compute passes at each boundary.
+    fn submit_gpu_timed(&self) -> Result<Vec<f64>> {
+        let device = &self.ctx.device;
+        let n = self.boundaries as u32;
+        let queries = device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("wgnorm.boundaries"),
+            ty: wgpu::QueryType::Timestamp,
+            count: n,
+        });
+        let bytes = u64::from(n) * 8;
+        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgnorm.boundaries.resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgnorm.boundaries.readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.encoder();
+        encode(&mut encoder, &self.commands, |encoder, slot| {
+            encoder.write_timestamp(&queries, slot as u32)
+        });
+        encoder.resolve_query_set(&queries, 0..n, &resolve, 0);
+        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        self.ctx.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| drop(tx.send(r)));
+        self.ctx.wait()?;
+        rx.recv()
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|reason| Error::Gpu {
+                during: "reading timestamps",
+                reason,
+            })?;
+        let view = readback
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu {
+                during: "reading timestamps",
+                reason: e.to_string(),
+            })?;
+        let ticks: Vec<u64> = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
+        drop(view);
+        let period = f64::from(self.ctx.queue.get_timestamp_period()) * 1e-9;
+        Ok(ticks
+            .iter()
+            .map(|&t| t.wrapping_sub(ticks[0]) as f64 * period)
+            .collect())
+    }
+
+    /// One submission per segment between boundaries, each waited on.
+    fn submit_wall_timed(&self) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(self.boundaries);
+        let mut start = None;
+        for segment in self
+            .commands
+            .split_inclusive(|c| matches!(c, Command::Boundary))
+        {
+            let mut encoder = self.encoder();
+            encode(&mut encoder, segment, |_, _| {});
+            self.ctx.queue.submit([encoder.finish()]);
+            self.ctx.wait()?;
+            if matches!(segment.last(), Some(Command::Boundary)) {
+                let now = std::time::Instant::now();
+                let t0 = *start.get_or_insert(now);
+                times.push(now.duration_since(t0).as_secs_f64());
+            }
+        }
+        Ok(times)
+    }
+}
+
+/// Encodes `commands` into compute passes; each boundary ends the pass and calls
+/// `at_boundary(encoder, index)` between passes.
+fn encode(
+    encoder: &mut wgpu::CommandEncoder,
+    commands: &[Command],
+    mut at_boundary: impl FnMut(&mut wgpu::CommandEncoder, usize),
+) {
+    let mut slot = 0;
+    for segment in commands.split_inclusive(|c| matches!(c, Command::Boundary)) {
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("wgnorm.recording"),
+                timestamp_writes: None,
+            });
+            for command in segment {
+                if let Command::Dispatch {
+                    pipeline,
+                    bind_group,
+                    grid,
+                } = command
+                {
+                    pass.set_pipeline(&pipeline.pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
+                    pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                }
+            }
+        }
+        if matches!(segment.last(), Some(Command::Boundary)) {
+            at_boundary(encoder, slot);
+            slot += 1;
+        }
     }
 }
 
