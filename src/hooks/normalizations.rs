@@ -54,7 +54,7 @@ pub struct SpectralNormHook {
     /// The seed of the initial `u` (and `v`).
     pub seed: u64,
     state: Option<SpectralNormState>,
-    last: Option<(SpectralNormOutput, Tensor)>,
+    last: Option<SpectralNormOutput>,
     grad_gamma: Option<Tensor>,
 }
 
@@ -77,7 +77,7 @@ impl SpectralNormHook {
 
     /// Sigma of the last forward, shape `[1]`.
     pub fn sigma(&self) -> Option<&Tensor> {
-        self.last.as_ref().map(|(o, _)| &o.sigma)
+        self.last.as_ref().map(|o| &o.sigma)
     }
 }
 
@@ -132,7 +132,7 @@ impl WeightHook for SpectralNormHook {
             .config
             .record_forward(rec, input, state, args.training)?;
         let w = out.weight.clone();
-        self.last = Some((out, input.clone()));
+        self.last = Some(out);
         Ok(Some(w))
     }
 
@@ -142,7 +142,7 @@ impl WeightHook for SpectralNormHook {
         input: &Tensor,
         grad: &Tensor,
     ) -> Result<Tensor> {
-        let (fwd, _) = self
+        let fwd = self
             .last
             .as_ref()
             .ok_or_else(|| Error::input("spectral_norm", "backward before any forward"))?;

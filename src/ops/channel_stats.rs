@@ -356,34 +356,19 @@ pub(crate) fn record_sums(
     b: &wgpu::Buffer,
     centre: Option<&wgpu::Buffer>,
 ) -> Result<wgpu::Buffer> {
-    let ctx = rec.context();
     let channels = plan.layout.slices();
-    let ppc = plan.partials_per_channel();
-    let partials = vec4_buffer(ctx, op, channels * ppc)?;
+    let dummy = rec.context().dummy.clone();
     let (kernel, centre, centre_len) = match centre {
         Some(c) => (Kernel::SumPartialsCentered, c, channels * 4),
-        None => (Kernel::SumPartials, &*ctx.dummy, 4),
+        None => (Kernel::SumPartials, &*dummy, 4),
     };
-    for bx in &plan.boxes {
-        rec.dispatch(
-            kernel,
-            &plan.params(bx),
-            &[
-                Bind::window(a, bx.bind_start, bx.bind_len),
-                Bind::window(b, bx.bind_start, bx.bind_len),
-                Bind::elems(centre, centre_len),
-                Bind::elems(&partials, channels * ppc * 4),
-            ],
-            bx.nb * bx.nc * bx.njc,
-        )?;
-    }
-    if ppc == 1 && !plan.boxes.is_empty() {
-        // One partial per channel, at slot c: it is already the result.
-        return Ok(partials);
-    }
-    let out = vec4_buffer(ctx, op, channels)?;
-    record_combine(rec, Kernel::SumCombine, plan, &partials, &out)?;
-    Ok(out)
+    record_vec4_sums(rec, op, plan, kernel, |bx| {
+        vec![
+            Bind::window(a, bx.bind_start, bx.bind_len),
+            Bind::window(b, bx.bind_start, bx.bind_len),
+            Bind::elems(centre, centre_len),
+        ]
+    })
 }
 
 /// Records per-channel `sum_{o, j} x[o, c, j] * vector[o * inner + j]` (first component
@@ -396,24 +381,36 @@ pub(crate) fn record_dot(
     vector: &wgpu::Buffer,
 ) -> Result<wgpu::Buffer> {
     debug_assert_eq!(plan.layout.batch, 1);
+    let vector_len = plan.layout.outer * plan.layout.inner;
+    record_vec4_sums(rec, op, plan, Kernel::DotPartials, |bx| {
+        vec![
+            Bind::window(x, bx.bind_start, bx.bind_len),
+            Bind::elems(vector, vector_len),
+        ]
+    })
+}
+
+/// The partials-then-`sum_combine` scaffolding of a vec4 sum per channel: one
+/// dispatch of `kernel` per box with `binds(box, partials binding)`, then the combine
+/// (skipped when each channel has one partial).
+fn record_vec4_sums<'x>(
+    rec: &mut Recording<'_>,
+    op: &'static str,
+    plan: &ReducePlan,
+    kernel: Kernel,
+    binds: impl Fn(&ReduceBox) -> Vec<Bind<'x>>,
+) -> Result<wgpu::Buffer> {
     let ctx = rec.context();
     let channels = plan.layout.slices();
     let ppc = plan.partials_per_channel();
     let partials = vec4_buffer(ctx, op, channels * ppc)?;
-    let vector_len = plan.layout.outer * plan.layout.inner;
     for bx in &plan.boxes {
-        rec.dispatch(
-            Kernel::DotPartials,
-            &plan.params(bx),
-            &[
-                Bind::window(x, bx.bind_start, bx.bind_len),
-                Bind::elems(vector, vector_len),
-                Bind::elems(&partials, channels * ppc * 4),
-            ],
-            bx.nb * bx.nc * bx.njc,
-        )?;
+        let mut all: Vec<Bind<'_>> = binds(bx).into_iter().collect();
+        all.push(Bind::elems(&partials, channels * ppc * 4));
+        rec.dispatch(kernel, &plan.params(bx), &all, bx.nb * bx.nc * bx.njc)?;
     }
     if ppc == 1 && !plan.boxes.is_empty() {
+        // One partial per channel, at slot c: it is already the result.
         return Ok(partials);
     }
     let out = vec4_buffer(ctx, op, channels)?;
