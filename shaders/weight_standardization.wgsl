@@ -144,3 +144,199 @@ fn grad(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Row kernels: when each output channel is one contiguous row (axis 0) short enough
+// to stay in cache, one workgroup standardizes a whole row. The row is read from
+// memory once; the later passes over it hit the cache, so forward moves 8 bytes per
+// element (read, write) instead of 12, and backward 12 instead of 20. Statistics are
+// two-pass (mean, then centred sums) within the workgroup; the mean is summed shifted
+// by the row's first element, so a large common offset costs no precision.
+
+const RWG: u32 = 64u;
+
+// Mirrors `RowParams` in src/ops/weight_standardization.rs.
+struct RowParams {
+    rows: u32,  // rows in this window
+    len: u32,   // elements per row
+    skip: u32,  // elements of the window before its first row (alignment)
+    _pad: u32,
+    eps: f32,
+    inv_n: f32,
+    inv_divisor: f32,
+    _pad1: u32,
+}
+
+var<workgroup> row_red: array<vec2<f32>, RWG>;
+
+// Sum over the workgroup; every invocation gets the total.
+fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    row_red[lid] = v;
+    workgroupBarrier();
+    for (var s = RWG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            row_red[lid] += row_red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = row_red[0];
+    workgroupBarrier();
+    return total;
+}
+
+@group(0) @binding(0) var<uniform> rp: RowParams;
+@group(0) @binding(1) var<storage, read> rp_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> rp_y: array<f32>;
+
+@compute @workgroup_size(RWG)
+fn rows_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rp.rows) {
+        return;
+    }
+    let base = rp.skip + row * rp.len;
+    let shift = rp_x[base];
+    var s = 0.0;
+    for (var i = lid; i < rp.len; i += RWG) {
+        s += rp_x[base + i] - shift;
+    }
+    let mean = shift + row_sum(lid, vec2<f32>(s, 0.0)).x * rp.inv_n;
+    var q = 0.0;
+    for (var i = lid; i < rp.len; i += RWG) {
+        let d = rp_x[base + i] - mean;
+        q += d * d;
+    }
+    let var_ = max(row_sum(lid, vec2<f32>(q, 0.0)).x * rp.inv_divisor, 0.0);
+    let r = 1.0 / sqrt(var_ + rp.eps);
+    for (var i = lid; i < rp.len; i += RWG) {
+        rp_y[base + i] = (rp_x[base + i] - mean) * r;
+    }
+}
+
+@group(0) @binding(0) var<uniform> rg: RowParams;
+@group(0) @binding(1) var<storage, read> rg_x: array<f32>;
+@group(0) @binding(2) var<storage, read> rg_g: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rg_dx: array<f32>;
+
+@compute @workgroup_size(RWG)
+fn rows_grad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rg.rows) {
+        return;
+    }
+    let base = rg.skip + row * rg.len;
+    // sum x, sum g
+    let shift = rg_x[base];
+    var s = vec2<f32>(0.0);
+    for (var i = lid; i < rg.len; i += RWG) {
+        s += vec2<f32>(rg_x[base + i] - shift, rg_g[base + i]);
+    }
+    let sums = row_sum(lid, s);
+    let mean = shift + sums.x * rg.inv_n;
+    // sum (x - mean)^2, sum g (x - mean)
+    var q = vec2<f32>(0.0);
+    for (var i = lid; i < rg.len; i += RWG) {
+        let d = rg_x[base + i] - mean;
+        q += vec2<f32>(d * d, rg_g[base + i] * d);
+    }
+    let centred = row_sum(lid, q);
+    let var_ = max(centred.x * rg.inv_divisor, 0.0);
+    let r = 1.0 / sqrt(var_ + rg.eps);
+    let a = sums.y * rg.inv_n;
+    let b = r * centred.y * rg.inv_divisor;
+    for (var i = lid; i < rg.len; i += RWG) {
+        let y = (rg_x[base + i] - mean) * r;
+        rg_dx[base + i] = r * (rg_g[base + i] - a - y * b);
+    }
+}
+
+// The same two kernels on rows whose length is a multiple of 4, four elements per
+// load (`len` and `skip` then count vec4s): a quarter of the loop iterations.
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@group(0) @binding(0) var<uniform> r4p: RowParams;
+@group(0) @binding(1) var<storage, read> r4p_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> r4p_y: array<vec4<f32>>;
+
+@compute @workgroup_size(RWG)
+fn rows_forward_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= r4p.rows) {
+        return;
+    }
+    let base = r4p.skip + row * r4p.len;
+    let shift = r4p_x[base].x;
+    var s = vec4<f32>(0.0);
+    for (var i = lid; i < r4p.len; i += RWG) {
+        s += r4p_x[base + i] - shift;
+    }
+    let mean = shift + row_sum(lid, vec2<f32>(hsum(s), 0.0)).x * r4p.inv_n;
+    var q = vec4<f32>(0.0);
+    for (var i = lid; i < r4p.len; i += RWG) {
+        let d = r4p_x[base + i] - mean;
+        q += d * d;
+    }
+    let var_ = max(row_sum(lid, vec2<f32>(hsum(q), 0.0)).x * r4p.inv_divisor, 0.0);
+    let r = 1.0 / sqrt(var_ + r4p.eps);
+    for (var i = lid; i < r4p.len; i += RWG) {
+        r4p_y[base + i] = (r4p_x[base + i] - mean) * r;
+    }
+}
+
+@group(0) @binding(0) var<uniform> r4g: RowParams;
+@group(0) @binding(1) var<storage, read> r4g_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> r4g_g: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> r4g_dx: array<vec4<f32>>;
+
+@compute @workgroup_size(RWG)
+fn rows_grad_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= r4g.rows) {
+        return;
+    }
+    let base = r4g.skip + row * r4g.len;
+    let shift = r4g_x[base].x;
+    var sx = vec4<f32>(0.0);
+    var sg = vec4<f32>(0.0);
+    for (var i = lid; i < r4g.len; i += RWG) {
+        sx += r4g_x[base + i] - shift;
+        sg += r4g_g[base + i];
+    }
+    let sums = row_sum(lid, vec2<f32>(hsum(sx), hsum(sg)));
+    let mean = shift + sums.x * r4g.inv_n;
+    var qx = vec4<f32>(0.0);
+    var qg = vec4<f32>(0.0);
+    for (var i = lid; i < r4g.len; i += RWG) {
+        let d = r4g_x[base + i] - mean;
+        qx += d * d;
+        qg += r4g_g[base + i] * d;
+    }
+    let centred = row_sum(lid, vec2<f32>(hsum(qx), hsum(qg)));
+    let var_ = max(centred.x * r4g.inv_divisor, 0.0);
+    let r = 1.0 / sqrt(var_ + r4g.eps);
+    let a = sums.y * r4g.inv_n;
+    let b = r * centred.y * r4g.inv_divisor;
+    for (var i = lid; i < r4g.len; i += RWG) {
+        let y = (r4g_x[base + i] - mean) * r;
+        r4g_dx[base + i] = r * (r4g_g[base + i] - a - y * b);
+    }
+}

@@ -49,6 +49,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod bench;
 pub mod conformance;
 mod error;
 pub mod gpu;

@@ -127,6 +127,14 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     WsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad", "grad",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
+    WsRowsForward => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_forward", "rows_forward",
+        [Uniform, Read, ReadWrite], []);
+    WsRowsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_grad", "rows_grad",
+        [Uniform, Read, Read, ReadWrite], []);
+    WsRowsForwardVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_forward_vec4", "rows_forward_vec4",
+        [Uniform, Read, ReadWrite], []);
+    WsRowsGradVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_grad_vec4", "rows_grad_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
     WnNorms => (WEIGHT_NORM, "wgnorm.weight_norm.norms", "norms",
         [Uniform, Read, ReadWrite], []);
     WnFactors => (WEIGHT_NORM, "wgnorm.weight_norm.factors", "factors",

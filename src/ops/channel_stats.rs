@@ -459,6 +459,51 @@ pub(crate) struct ElementWindow {
     pub j_start: u64,
 }
 
+/// Rows at most this long are handled by one workgroup each ("row kernels"): a row of
+/// 16 Ki f32 (64 KiB) stays in a GPU's L2 and a CPU's L2 between the passes over it.
+pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
+
+/// A run of whole rows that fits one binding: bind `len` elements from `start`
+/// (aligned); the first row begins `skip` elements in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowWindow {
+    pub start: u64,
+    pub len: u64,
+    pub skip: u64,
+    pub rows: u64,
+}
+
+/// When every slice of `layout` is one contiguous row (`outer == 1`, `batch == 1`) of
+/// at most [`ROW_KERNEL_MAX_LEN`] elements, the windows of whole rows for a row
+/// kernel; `None` when the layout does not qualify.
+pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<Vec<RowWindow>> {
+    let (rows, len) = (layout.channels, layout.inner);
+    if layout.batch != 1 || layout.outer != 1 || len == 0 || len > ROW_KERNEL_MAX_LEN || rows == 0 {
+        return None;
+    }
+    let align = limits.align_elems.max(1);
+    let per_window = limits.max_binding_elems.saturating_sub(align) / len;
+    if per_window == 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < rows {
+        let n = per_window.min(rows - first);
+        let begin = first * len;
+        let start = begin / align * align;
+        let skip = begin - start;
+        out.push(RowWindow {
+            start,
+            len: skip + n * len,
+            skip,
+            rows: n,
+        });
+        first += n;
+    }
+    Some(out)
+}
+
 /// Splits an elementwise pass over `layout` into windows that fit one binding, each
 /// starting at an aligned offset.
 pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec<ElementWindow> {
@@ -573,6 +618,40 @@ mod tests {
             max_groups_per_dim: 65535,
             max_buffer_bytes: u64::MAX,
         }
+    }
+
+    /// Row windows cover every row exactly once, whole, inside one binding, from an
+    /// aligned start; layouts that are not contiguous rows are refused.
+    #[test]
+    fn row_windows_cover_whole_rows() {
+        for (rows, len, binding, align) in [
+            (10, 7, 64, 4),
+            (1000, 513, 4096, 64),
+            (3, 100, 1 << 20, 64),
+            (5, 64, 64, 64),
+        ] {
+            let layout = ChannelLayout::new(&[rows as usize, len as usize], Some(0));
+            let lim = limits(binding, align);
+            let windows = row_windows(layout, &lim);
+            if len + align > binding {
+                assert!(windows.is_none(), "{rows}x{len} in {binding}");
+                continue;
+            }
+            let windows = windows.unwrap();
+            let mut next = 0;
+            for w in &windows {
+                assert_eq!(w.start % align, 0);
+                assert!(w.len <= binding);
+                assert_eq!(w.start + w.skip, next * len);
+                assert_eq!(w.len, w.skip + w.rows * len);
+                next += w.rows;
+            }
+            assert_eq!(next, rows);
+        }
+        let deconv = ChannelLayout::new(&[4, 8, 3], Some(1));
+        assert!(row_windows(deconv, &limits(1 << 20, 64)).is_none());
+        let long = ChannelLayout::new(&[2, ROW_KERNEL_MAX_LEN as usize + 1], Some(0));
+        assert!(row_windows(long, &limits(1 << 30, 64)).is_none());
     }
 
     /// Every element of every slice is covered by exactly one item of one box, every

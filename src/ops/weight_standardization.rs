@@ -3,8 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    check_channel_input, element_windows, record_sums, record_welford, vec4_buffer, ChannelLayout,
-    ReducePlan,
+    check_channel_input, element_windows, record_sums, record_welford, row_windows, vec4_buffer,
+    ChannelLayout, ReducePlan, RowWindow,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -65,6 +65,20 @@ struct FinalizeParams {
     eps: f32,
     divisor: f32,
     _pad: u32,
+}
+
+// Mirrors `RowParams` in shaders/weight_standardization.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct RowParams {
+    rows: u32,
+    len: u32,
+    skip: u32,
+    _pad: u32,
+    eps: f32,
+    inv_n: f32,
+    inv_divisor: f32,
+    _pad1: u32,
 }
 
 // Mirrors `ElementParams` in shaders/weight_standardization.wgsl.
@@ -149,6 +163,9 @@ impl WeightStandardization {
     /// Records the forward pass into `rec` (nothing runs until `rec` is submitted).
     pub fn record_forward(&self, rec: &mut Recording<'_>, weight: &Tensor) -> Result<Tensor> {
         let layout = self.check(weight.shape())?;
+        if let Some(windows) = row_windows(layout, &rec.context().limits) {
+            return self.record_rows(rec, &layout, &windows, weight, None);
+        }
         let plan = ReducePlan::new(OP, layout, &rec.context().limits)?;
         let norm = self.record_norm(rec, &plan, weight)?;
         self.record_output(rec, &layout, weight, &norm)
@@ -162,6 +179,9 @@ impl WeightStandardization {
         grad_output: &Tensor,
     ) -> Result<Tensor> {
         let plan = self.check_backward(rec, weight, grad_output)?;
+        if let Some(windows) = row_windows(plan.layout, &rec.context().limits) {
+            return self.record_rows(rec, &plan.layout, &windows, weight, Some(grad_output));
+        }
         let norm = self.record_norm(rec, &plan, weight)?;
         self.record_grad(rec, &plan, weight, grad_output, &norm)
     }
@@ -289,6 +309,51 @@ impl WeightStandardization {
                 ],
                 w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
+        }
+        Ok(out)
+    }
+
+    /// One workgroup per row (see `row_windows`): the forward output, or with
+    /// `grad_output` the gradient for the raw weight.
+    fn record_rows(
+        &self,
+        rec: &mut Recording<'_>,
+        layout: &ChannelLayout,
+        windows: &[RowWindow],
+        weight: &Tensor,
+        grad_output: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let out = Tensor::zeros(rec.context(), weight.shape())?;
+        // Rows of a multiple of 4 elements start at multiples of 4 (windows start
+        // aligned): four elements per load.
+        let by4 = layout.inner.is_multiple_of(4);
+        let (unit, forward, grad) = if by4 {
+            (4, Kernel::WsRowsForwardVec4, Kernel::WsRowsGradVec4)
+        } else {
+            (1, Kernel::WsRowsForward, Kernel::WsRowsGrad)
+        };
+        for w in windows {
+            let params = RowParams {
+                rows: w.rows as u32,
+                len: (layout.inner / unit) as u32,
+                skip: (w.skip / unit) as u32,
+                _pad: 0,
+                eps: self.eps,
+                inv_n: (1.0 / layout.per_channel() as f64) as f32,
+                inv_divisor: (1.0 / self.divisor(layout)) as f32,
+                _pad1: 0,
+            };
+            let x = Bind::window(weight.buffer(), w.start, w.len);
+            let y = Bind::window(out.buffer(), w.start, w.len);
+            match grad_output {
+                None => rec.dispatch(forward, &params, &[x, y], w.rows)?,
+                Some(g) => rec.dispatch(
+                    grad,
+                    &params,
+                    &[x, Bind::window(g.buffer(), w.start, w.len), y],
+                    w.rows,
+                )?,
+            }
         }
         Ok(out)
     }

@@ -1,0 +1,1137 @@
+//! The benchmark suite, shared by the criterion benches (`cargo bench`), the report
+//! example (`cargo run --release --example report`) and the burn peer crate
+//! (`benches/peer`): the ops, the workloads of issue 7 at realistic sizes, the bytes
+//! each op must move at minimum, inputs prepared on the GPU, kernel and end-to-end
+//! timing, and the report (a Markdown table and SVG plots).
+//!
+//! # Bytes counted
+//!
+//! [`Op::bytes_per_element`] is the traffic of the best streaming algorithm, in bytes
+//! per element of the tensor: each operand read once and each result written once,
+//! plus one more read of an operand whenever an element cannot be produced before a
+//! reduction over a slice that is spread over the whole tensor has finished. A channel
+//! of a weight fits in one workgroup, so Weight Standardization and Weight
+//! Normalization count one read and one write (`8`); a batch-norm channel is spread
+//! over the batch, so a training forward reads `x` twice (`12`); a power iteration
+//! reads `W` once per mat-vec. The copy kernel moves `8` bytes per element and is the
+//! yardstick: an op's *fraction of copy bandwidth* is `(bytes / op time) / (8 n / copy
+//! time)`.
+//!
+//! # Times
+//!
+//! *Kernel* time is read from GPU timestamps written before and after the op's compute
+//! passes, where the device has `TIMESTAMP_QUERY_INSIDE_ENCODERS`; *end-to-end* time is
+//! the wall clock from recording (output buffers and bind groups included) through
+//! submission to the work having finished, ready for readback.
+
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::time::Instant;
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Context, Recording, Tensor};
+use crate::ops::batch_norm::{BatchNorm, BatchNormForward, BatchNormState, Mode};
+use crate::ops::copy::record_copy;
+use crate::ops::spectral_norm::{SpectralNorm, SpectralNormOutput, SpectralNormState};
+use crate::ops::weight_norm::WeightNorm;
+use crate::ops::weight_standardization::WeightStandardization;
+use crate::reference;
+
+/// One benchmarked operation. Configurations are the frameworks' defaults: Chainer's
+/// Weight Standardization, Chainer's Spectral Normalization (one power iteration;
+/// PyTorch's for the evaluation forward), PyTorch's `weight_norm(dim=0)`, PyTorch's
+/// `BatchNorm` with the feature axis of the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// The copy kernel (the yardstick).
+    Copy,
+    /// Weight Standardization forward.
+    WsForward,
+    /// Weight Standardization backward.
+    WsBackward,
+    /// Spectral Normalization training forward (Chainer, one power iteration).
+    SnForwardTrain,
+    /// Spectral Normalization evaluation forward (PyTorch: no iteration).
+    SnForwardEval,
+    /// Spectral Normalization backward.
+    SnBackward,
+    /// Weight Normalization forward, `g * v / ||v||`.
+    WnForward,
+    /// Weight Normalization backward (grad g and grad v).
+    WnBackward,
+    /// Batch Normalization training forward (batch statistics, running averages).
+    BnForwardTrain,
+    /// Batch Normalization evaluation forward (running averages).
+    BnForwardEval,
+    /// Batch Normalization training backward (grad x, gamma, beta).
+    BnBackward,
+}
+
+impl Op {
+    /// Every op, the copy first.
+    pub const ALL: [Op; 11] = [
+        Op::Copy,
+        Op::WsForward,
+        Op::WsBackward,
+        Op::SnForwardTrain,
+        Op::SnForwardEval,
+        Op::SnBackward,
+        Op::WnForward,
+        Op::WnBackward,
+        Op::BnForwardTrain,
+        Op::BnForwardEval,
+        Op::BnBackward,
+    ];
+
+    /// A short name, e.g. `ws_forward`, used in bench ids and files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Copy => "copy",
+            Op::WsForward => "ws_forward",
+            Op::WsBackward => "ws_backward",
+            Op::SnForwardTrain => "sn_forward_train",
+            Op::SnForwardEval => "sn_forward_eval",
+            Op::SnBackward => "sn_backward",
+            Op::WnForward => "wn_forward",
+            Op::WnBackward => "wn_backward",
+            Op::BnForwardTrain => "bn_forward_train",
+            Op::BnForwardEval => "bn_forward_eval",
+            Op::BnBackward => "bn_backward",
+        }
+    }
+
+    /// The family, which is also the criterion group: `copy`,
+    /// `weight_standardization`, `spectral_norm`, `weight_norm`, `batch_norm`.
+    pub fn family(self) -> &'static str {
+        match self {
+            Op::Copy => "copy",
+            Op::WsForward | Op::WsBackward => "weight_standardization",
+            Op::SnForwardTrain | Op::SnForwardEval | Op::SnBackward => "spectral_norm",
+            Op::WnForward | Op::WnBackward => "weight_norm",
+            Op::BnForwardTrain | Op::BnForwardEval | Op::BnBackward => "batch_norm",
+        }
+    }
+
+    /// Minimum bytes moved per element of the tensor (see the module docs).
+    pub fn bytes_per_element(self) -> u64 {
+        match self {
+            // read, write
+            Op::Copy | Op::WsForward | Op::WnForward | Op::BnForwardEval => 8,
+            // read W (or v) and grad, write grad
+            Op::WsBackward | Op::WnBackward => 12,
+            // M^T u, M v, then read and write the output
+            Op::SnForwardTrain => 16,
+            // u^T M v, then read and write the output
+            Op::SnForwardEval => 12,
+            // <G, W>, then read G and write grad_W
+            Op::SnBackward => 16,
+            // statistics, then read x and write y
+            Op::BnForwardTrain => 12,
+            // sums of dy and dy * x_hat (read x, dy), then read x, dy and write dx
+            Op::BnBackward => 20,
+        }
+    }
+
+    /// Whether the op normalizes activations (batch norm) rather than weights.
+    pub fn on_activations(self) -> bool {
+        self.family() == "batch_norm"
+    }
+
+    /// The workloads of issue 7 this op runs on: ResNet-50's convolution weights, a
+    /// 4096 x 4096 linear weight and a 50000 x 512 embedding for the weight ops; a
+    /// 32 x 64 x 56 x 56 batch in NCHW and NHWC for batch norm; all of them for the copy.
+    pub fn workloads(self) -> Vec<Workload> {
+        match self {
+            Op::Copy => Workload::weights()
+                .into_iter()
+                .chain(Workload::activations())
+                .collect(),
+            op if op.on_activations() => Workload::activations(),
+            _ => Workload::weights(),
+        }
+    }
+}
+
+/// Tensors an op runs on, all recorded into one submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Short name, e.g. `linear_4096x4096`.
+    pub name: String,
+    /// One shape per tensor.
+    pub shapes: Vec<Vec<usize>>,
+    /// The batch-norm feature axis (1 for NCHW, 3 for NHWC); 0 for weights.
+    pub feature_axis: usize,
+}
+
+impl Workload {
+    /// The 53 convolution weights of ResNet-50 (23.5M elements), one submission.
+    pub fn resnet50() -> Self {
+        Workload {
+            name: "resnet50_53_convs".into(),
+            shapes: crate::shapes::resnet50_conv_weights()
+                .iter()
+                .map(|s| s.to_vec())
+                .collect(),
+            feature_axis: 0,
+        }
+    }
+
+    /// One weight of `shape` called `name`.
+    pub fn single(name: &str, shape: &[usize], feature_axis: usize) -> Self {
+        Workload {
+            name: name.into(),
+            shapes: vec![shape.to_vec()],
+            feature_axis,
+        }
+    }
+
+    /// ResNet-50, a 4096 x 4096 linear weight, a 50000 x 512 embedding.
+    pub fn weights() -> Vec<Self> {
+        vec![
+            Self::resnet50(),
+            Self::single("linear_4096x4096", &[4096, 4096], 0),
+            Self::single("embedding_50000x512", &[50000, 512], 0),
+        ]
+    }
+
+    /// Batch-norm activations 32 x 64 x 56 x 56 (ResNet-50's first stage) in NCHW and NHWC.
+    pub fn activations() -> Vec<Self> {
+        vec![
+            Self::single("nchw_32x64x56x56", &[32, 64, 56, 56], 1),
+            Self::single("nhwc_32x56x56x64", &[32, 56, 56, 64], 3),
+        ]
+    }
+
+    /// Elements over all tensors.
+    pub fn elements(&self) -> u64 {
+        self.shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum()
+    }
+}
+
+/// An op on a workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// The op.
+    pub op: Op,
+    /// What it runs on.
+    pub workload: Workload,
+}
+
+impl Case {
+    /// The bytes the op must move at minimum on this workload (criterion's
+    /// `Throughput::Bytes`).
+    pub fn min_bytes(&self) -> u64 {
+        self.op.bytes_per_element() * self.workload.elements()
+    }
+
+    /// The copy of the same workload, the yardstick for this case.
+    pub fn yardstick(&self) -> Case {
+        Case {
+            op: Op::Copy,
+            workload: self.workload.clone(),
+        }
+    }
+}
+
+/// Every case of the full suite, in [`Op::ALL`] order.
+pub fn suite() -> Vec<Case> {
+    Op::ALL
+        .iter()
+        .flat_map(|&op| {
+            op.workloads()
+                .into_iter()
+                .map(move |workload| Case { op, workload })
+        })
+        .collect()
+}
+
+/// Deterministic inputs in [-1, 1) (a 64-bit LCG), fast enough for 25M elements.
+pub fn pseudo_random(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) as f32) / (1u64 << 23) as f32 - 1.0
+    })
+}
+
+/// The inputs of one tensor of a workload, on the GPU and on the host.
+enum Item {
+    Copy {
+        x: Tensor,
+    },
+    Ws {
+        w: Tensor,
+        grad: Tensor,
+        host: ArrayD<f32>,
+        host_grad: ArrayD<f32>,
+    },
+    Sn {
+        w: Tensor,
+        grad: Tensor,
+        state: SpectralNormState,
+        fwd: SpectralNormOutput,
+        host: ArrayD<f32>,
+        host_grad: ArrayD<f32>,
+        u: Vec<f32>,
+        v: Vec<f32>,
+    },
+    Wn {
+        g: Tensor,
+        v: Tensor,
+        grad: Tensor,
+        host_g: ArrayD<f32>,
+        host_v: ArrayD<f32>,
+        host_grad: ArrayD<f32>,
+    },
+    Bn {
+        x: Tensor,
+        grad: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        state: BatchNormState,
+        fwd: BatchNormForward,
+        host: ArrayD<f32>,
+        host_grad: ArrayD<f32>,
+        host_gamma: Vec<f32>,
+        host_beta: Vec<f32>,
+    },
+}
+
+/// A case with its inputs uploaded, ready to be recorded again and again.
+pub struct Prepared<'c> {
+    ctx: &'c Context,
+    /// The case.
+    pub case: Case,
+    items: Vec<Item>,
+}
+
+/// The configurations the suite benchmarks (see [`Op`]).
+fn ws() -> WeightStandardization {
+    WeightStandardization::default()
+}
+fn sn(op: Op) -> SpectralNorm {
+    if op == Op::SnForwardEval {
+        SpectralNorm::pytorch()
+    } else {
+        SpectralNorm::chainer()
+    }
+}
+fn wn() -> WeightNorm {
+    WeightNorm::default()
+}
+fn bn(feature_axis: usize) -> BatchNorm {
+    BatchNorm {
+        feature_axis,
+        ..BatchNorm::pytorch()
+    }
+}
+
+impl<'c> Prepared<'c> {
+    /// Uploads deterministic inputs for `case` (and runs what its backward needs).
+    pub fn new(ctx: &'c Context, case: &Case) -> Result<Self> {
+        let mut items = Vec::with_capacity(case.workload.shapes.len());
+        for (i, shape) in case.workload.shapes.iter().enumerate() {
+            let seed = i as u64 * 2 + 1;
+            let host = pseudo_random(shape, seed);
+            let up = |a: &ArrayD<f32>| Tensor::from_array(ctx, a);
+            let item = match case.op {
+                Op::Copy => Item::Copy { x: up(&host)? },
+                Op::WsForward | Op::WsBackward => {
+                    let host_grad = pseudo_random(shape, seed + 1);
+                    Item::Ws {
+                        w: up(&host)?,
+                        grad: up(&host_grad)?,
+                        host,
+                        host_grad,
+                    }
+                }
+                Op::SnForwardTrain | Op::SnForwardEval | Op::SnBackward => {
+                    let config = sn(case.op);
+                    let w = up(&host)?;
+                    // Chainer's initial state (a seeded u, no warm-up) serves both
+                    // flavors: the timing does not depend on the vectors' values.
+                    let mut state = SpectralNorm::chainer().init_state(ctx, &w, seed)?;
+                    let fwd = config.forward(ctx, &w, &mut state, true)?;
+                    let host_grad = pseudo_random(shape, seed + 1);
+                    let u = fwd.u.to_array(ctx)?.into_raw_vec_and_offset().0;
+                    let v = fwd.v.to_array(ctx)?.into_raw_vec_and_offset().0;
+                    Item::Sn {
+                        grad: up(&host_grad)?,
+                        w,
+                        state,
+                        fwd,
+                        host,
+                        host_grad,
+                        u,
+                        v,
+                    }
+                }
+                Op::WnForward | Op::WnBackward => {
+                    let config = wn();
+                    let host_g = pseudo_random(&config.g_shape(shape)?, seed + 2);
+                    let host_grad = pseudo_random(shape, seed + 1);
+                    Item::Wn {
+                        g: up(&host_g)?,
+                        v: up(&host)?,
+                        grad: up(&host_grad)?,
+                        host_g,
+                        host_v: host,
+                        host_grad,
+                    }
+                }
+                Op::BnForwardTrain | Op::BnForwardEval | Op::BnBackward => {
+                    let config = bn(case.workload.feature_axis);
+                    let features = *shape.get(config.feature_axis).ok_or_else(|| {
+                        Error::input("bench", format!("feature axis out of range of {shape:?}"))
+                    })?;
+                    let host_gamma: Vec<f32> =
+                        (0..features).map(|c| 1.0 + c as f32 * 0.01).collect();
+                    let host_beta: Vec<f32> = (0..features).map(|c| c as f32 * -0.02).collect();
+                    let x = up(&host)?;
+                    let gamma = Tensor::from_slice(ctx, &[features], &host_gamma)?;
+                    let beta = Tensor::from_slice(ctx, &[features], &host_beta)?;
+                    let mut state = BatchNormState::new(ctx, features)?;
+                    let fwd = config.forward(
+                        ctx,
+                        &x,
+                        Some(&gamma),
+                        Some(&beta),
+                        Some(&mut state),
+                        Mode::Train,
+                    )?;
+                    let host_grad = pseudo_random(shape, seed + 1);
+                    Item::Bn {
+                        grad: up(&host_grad)?,
+                        x,
+                        gamma,
+                        beta,
+                        state,
+                        fwd,
+                        host,
+                        host_grad,
+                        host_gamma,
+                        host_beta,
+                    }
+                }
+            };
+            items.push(item);
+        }
+        ctx.wait()?;
+        Ok(Prepared {
+            ctx,
+            case: case.clone(),
+            items,
+        })
+    }
+
+    /// Records the op on every tensor of the workload.
+    pub fn record(&mut self, rec: &mut Recording<'_>) -> Result<()> {
+        let op = self.case.op;
+        let feature_axis = self.case.workload.feature_axis;
+        for item in &mut self.items {
+            match item {
+                Item::Copy { x } => drop(record_copy(rec, x)?),
+                Item::Ws { w, grad, .. } => match op {
+                    Op::WsForward => drop(ws().record_forward(rec, w)?),
+                    _ => drop(ws().record_backward(rec, w, grad)?),
+                },
+                Item::Sn {
+                    w,
+                    grad,
+                    state,
+                    fwd,
+                    ..
+                } => match op {
+                    Op::SnForwardTrain => drop(sn(op).record_forward(rec, w, state, true)?),
+                    Op::SnForwardEval => drop(sn(op).record_forward(rec, w, state, false)?),
+                    _ => drop(sn(op).record_backward(rec, w, grad, fwd, state)?),
+                },
+                Item::Wn { g, v, grad, .. } => match op {
+                    Op::WnForward => drop(wn().record_forward(rec, g, v)?),
+                    _ => drop(wn().record_backward(rec, g, v, grad)?),
+                },
+                Item::Bn {
+                    x,
+                    grad,
+                    gamma,
+                    beta,
+                    state,
+                    fwd,
+                    ..
+                } => {
+                    let config = bn(feature_axis);
+                    match op {
+                        Op::BnForwardTrain | Op::BnForwardEval => {
+                            let mode = if op == Op::BnForwardTrain {
+                                Mode::Train
+                            } else {
+                                Mode::Eval
+                            };
+                            config.record_forward(
+                                rec,
+                                x,
+                                Some(gamma),
+                                Some(beta),
+                                Some(state),
+                                mode,
+                            )?;
+                        }
+                        _ => drop(config.record_backward(rec, x, grad, fwd)?),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the op once, untimed: records, submits and waits for completion (what the
+    /// end-to-end time measures).
+    pub fn run(&mut self) -> Result<()> {
+        let mut rec = Recording::new(self.ctx);
+        self.record(&mut rec)?;
+        rec.submit()?;
+        self.ctx.wait()
+    }
+
+    /// Runs the op once and times it: `(kernel, end_to_end)` in seconds. The kernel
+    /// time is `None` where the device has no timestamp queries inside encoders.
+    pub fn run_timed(&mut self) -> Result<(Option<f64>, f64)> {
+        let ctx = self.ctx;
+        let start = Instant::now();
+        let mut rec = Recording::new(ctx);
+        let gpu = rec.gpu_timed();
+        let kernel = Rc::new(Cell::new(None));
+        if gpu {
+            rec.boundary();
+        }
+        self.record(&mut rec)?;
+        if gpu {
+            rec.boundary();
+            let slot = kernel.clone();
+            rec.on_times(move |t| slot.set(t.last().copied()));
+        }
+        rec.submit()?;
+        ctx.wait()?;
+        let e2e = start.elapsed().as_secs_f64();
+        Ok((kernel.get(), e2e))
+    }
+
+    /// Runs the CPU reference (f64) of the op on every tensor of the workload once
+    /// (the copy's reference is an ndarray clone).
+    pub fn run_reference(&self) -> Result<()> {
+        let op = self.case.op;
+        for item in &self.items {
+            match item {
+                Item::Copy { .. } => {}
+                Item::Ws {
+                    host, host_grad, ..
+                } => {
+                    if op == Op::WsForward {
+                        drop(reference::weight_standardization::forward(
+                            &ws(),
+                            host.view(),
+                        )?);
+                    } else {
+                        drop(reference::weight_standardization::backward(
+                            &ws(),
+                            host.view(),
+                            host_grad.view(),
+                        )?);
+                    }
+                }
+                Item::Sn {
+                    host,
+                    host_grad,
+                    u,
+                    v,
+                    ..
+                } => {
+                    let config = sn(op);
+                    let fwd = reference::spectral_norm::forward(
+                        &config,
+                        host.view(),
+                        u,
+                        v,
+                        1.0,
+                        op != Op::SnForwardEval,
+                    )?;
+                    if op == Op::SnBackward {
+                        drop(reference::spectral_norm::backward(
+                            &config,
+                            host.view(),
+                            host_grad.view(),
+                            &fwd,
+                            1.0,
+                        )?);
+                    }
+                }
+                Item::Wn {
+                    host_g,
+                    host_v,
+                    host_grad,
+                    ..
+                } => {
+                    if op == Op::WnForward {
+                        drop(reference::weight_norm::forward(
+                            &wn(),
+                            host_g.view(),
+                            host_v.view(),
+                        )?);
+                    } else {
+                        drop(reference::weight_norm::backward(
+                            &wn(),
+                            host_g.view(),
+                            host_v.view(),
+                            host_grad.view(),
+                        )?);
+                    }
+                }
+                Item::Bn {
+                    host,
+                    host_grad,
+                    host_gamma,
+                    host_beta,
+                    ..
+                } => {
+                    let config = bn(self.case.workload.feature_axis);
+                    let features = host_gamma.len();
+                    let (mean, var) = (vec![0.0; features], vec![1.0; features]);
+                    if op == Op::BnBackward {
+                        drop(reference::batch_norm::backward(
+                            &config,
+                            host.view(),
+                            host_grad.view(),
+                            Some(host_gamma),
+                            &mean,
+                            &var,
+                            Mode::Train,
+                        )?);
+                    } else {
+                        let mode = if op == Op::BnForwardTrain {
+                            Mode::Train
+                        } else {
+                            Mode::Eval
+                        };
+                        drop(reference::batch_norm::forward(
+                            &config,
+                            host.view(),
+                            Some(host_gamma),
+                            Some(host_beta),
+                            &mean,
+                            &var,
+                            0,
+                            mode,
+                        )?);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The host copy of the first tensor of the workload and its shape, for peers.
+    pub fn host_input(&self, index: usize) -> Option<&ArrayD<f32>> {
+        match self.items.get(index)? {
+            Item::Copy { .. } => None,
+            Item::Ws { host, .. } | Item::Sn { host, .. } | Item::Bn { host, .. } => Some(host),
+            Item::Wn { host_v, .. } => Some(host_v),
+        }
+    }
+}
+
+/// The median of `xs` (`NaN` when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// A peer library measured on the same adapter in the same run (the `benches/peer`
+/// crate implements it with burn).
+pub trait Peer {
+    /// The peer's name, e.g. `burn 0.22 (wgpu)`.
+    fn name(&self) -> String;
+    /// The median end-to-end seconds of the peer's version of `case` (run to
+    /// completion, as wgnorm's end-to-end time), or `None` where it has none.
+    fn seconds(&mut self, case: &Case, samples: usize) -> Option<f64>;
+}
+
+/// What [`run`] measures and how often.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The cases, in order (copies are added as needed for the yardstick).
+    pub cases: Vec<Case>,
+    /// Timed runs per case (the median is reported). Default 5.
+    pub samples: usize,
+    /// Untimed runs first. Default 1.
+    pub warmup: usize,
+    /// Time the CPU reference too (one run per case). Default true.
+    pub reference: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            cases: suite(),
+            samples: 5,
+            warmup: 1,
+            reference: true,
+        }
+    }
+}
+
+impl RunOptions {
+    /// The short version the report example runs (under two minutes on lavapipe):
+    /// every op, the ResNet-50 weights and the 4096 x 4096 linear weight for the
+    /// weight ops, both batch-norm layouts, 3 samples.
+    pub fn short() -> Self {
+        let keep = |w: &Workload| w.name != "embedding_50000x512";
+        RunOptions {
+            cases: suite().into_iter().filter(|c| keep(&c.workload)).collect(),
+            samples: 3,
+            warmup: 1,
+            reference: true,
+        }
+    }
+}
+
+/// One measured case.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The case.
+    pub case: Case,
+    /// Median kernel seconds (GPU timestamps), where available.
+    pub kernel_s: Option<f64>,
+    /// Median end-to-end seconds.
+    pub end_to_end_s: f64,
+    /// The copy of the same workload: kernel and end-to-end seconds.
+    pub copy: (Option<f64>, f64),
+    /// CPU reference seconds (one run).
+    pub reference_s: Option<f64>,
+    /// The peer's median end-to-end seconds.
+    pub peer_s: Option<f64>,
+}
+
+impl Row {
+    /// Seconds the bandwidth figures use: kernel time where both the op and the copy
+    /// have it, else end-to-end.
+    pub fn seconds(&self) -> (f64, f64) {
+        match (self.kernel_s, self.copy.0) {
+            (Some(k), Some(c)) => (k, c),
+            _ => (self.end_to_end_s, self.copy.1),
+        }
+    }
+
+    /// Minimum bytes over time, in GB/s.
+    pub fn gb_per_s(&self) -> f64 {
+        self.case.min_bytes() as f64 / self.seconds().0 / 1e9
+    }
+
+    /// The op's bandwidth over the copy kernel's on the same workload.
+    pub fn copy_fraction(&self) -> f64 {
+        let (op, copy) = self.seconds();
+        (self.case.min_bytes() as f64 / op) / (8.0 * self.case.workload.elements() as f64 / copy)
+    }
+
+    /// How many times faster than the CPU reference (end to end).
+    pub fn vs_reference(&self) -> Option<f64> {
+        self.reference_s.map(|r| r / self.end_to_end_s)
+    }
+
+    /// How many times faster than the peer (end to end against end to end).
+    pub fn vs_peer(&self) -> Option<f64> {
+        self.peer_s.map(|p| p / self.end_to_end_s)
+    }
+}
+
+/// The result of [`run`].
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The adapter, as [`Context::info`] prints it.
+    pub adapter: String,
+    /// Whether kernel times come from GPU timestamps.
+    pub timestamps: bool,
+    /// The peer's name, if one was measured.
+    pub peer: Option<String>,
+    /// One row per case.
+    pub rows: Vec<Row>,
+}
+
+/// Measures `options.cases` on `ctx` (and on `peer`), calling `progress` after each row.
+pub fn run(
+    ctx: &Context,
+    options: &RunOptions,
+    mut peer: Option<&mut dyn Peer>,
+    mut progress: impl FnMut(&Row),
+) -> Result<Report> {
+    let mut copies: Vec<(Workload, (Option<f64>, f64))> = Vec::new();
+    let mut rows = Vec::new();
+    for case in &options.cases {
+        if !copies.iter().any(|(w, _)| *w == case.workload) {
+            let copy = measure(ctx, &case.yardstick(), options)?;
+            copies.push((case.workload.clone(), copy));
+        }
+        let copy = copies
+            .iter()
+            .find(|(w, _)| *w == case.workload)
+            .map(|(_, c)| *c)
+            .expect("measured above");
+        let (kernel_s, end_to_end_s) = if case.op == Op::Copy {
+            copy
+        } else {
+            measure(ctx, case, options)?
+        };
+        let reference_s = if options.reference && case.op != Op::Copy {
+            let prepared = Prepared::new(ctx, case)?;
+            let start = Instant::now();
+            prepared.run_reference()?;
+            Some(start.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        let peer_s = peer
+            .as_deref_mut()
+            .and_then(|p| p.seconds(case, options.samples));
+        let row = Row {
+            case: case.clone(),
+            kernel_s,
+            end_to_end_s,
+            copy,
+            reference_s,
+            peer_s,
+        };
+        progress(&row);
+        rows.push(row);
+    }
+    Ok(Report {
+        adapter: ctx.info().to_string(),
+        timestamps: Recording::new(ctx).gpu_timed(),
+        peer: peer.map(|p| p.name()),
+        rows,
+    })
+}
+
+/// Median kernel and end-to-end seconds of `case`.
+fn measure(ctx: &Context, case: &Case, options: &RunOptions) -> Result<(Option<f64>, f64)> {
+    let mut prepared = Prepared::new(ctx, case)?;
+    for _ in 0..options.warmup {
+        prepared.run_timed()?;
+    }
+    let (mut kernel, mut e2e) = (Vec::new(), Vec::new());
+    for _ in 0..options.samples.max(1) {
+        let (k, e) = prepared.run_timed()?;
+        kernel.extend(k);
+        e2e.push(e);
+    }
+    let kernel = (!kernel.is_empty()).then(|| median(&kernel));
+    Ok((kernel, median(&e2e)))
+}
+
+/// The report's command line, shared by `examples/report.rs` and the peer crate:
+/// `--full` (the whole suite, 5 samples; default the short version), `--out DIR`
+/// (default `target/report`), `--only TEXT` (the ops whose name contains it). Runs on
+/// [`Context::headless`], prints progress and the table, writes `table.md`,
+/// `copy_fraction.svg` and `speedups.svg` into the output directory.
+pub fn report_main(
+    peer: Option<&mut dyn Peer>,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let full = args.iter().any(|a| a == "--full");
+    let out = std::path::PathBuf::from(value("--out").unwrap_or_else(|| "target/report".into()));
+    let mut options = if full {
+        RunOptions::default()
+    } else {
+        RunOptions::short()
+    };
+    if let Some(only) = value("--only") {
+        options
+            .cases
+            .retain(|c| c.op.name().contains(only.as_str()));
+    }
+    let ctx = Context::headless()?;
+    println!("adapter: {}", ctx.info());
+    let start = Instant::now();
+    let report = run(&ctx, &options, peer, |row| {
+        eprintln!(
+            "  {:<17} {:<20} {:>5.2} of copy bandwidth{}",
+            row.case.op.name(),
+            row.case.workload.name,
+            row.copy_fraction(),
+            row.vs_peer()
+                .map_or(String::new(), |x| format!(", {x:.2}x the peer"))
+        )
+    })?;
+    println!(
+        "\n{} version, median of {} samples, kernel time from {}:\n",
+        if full { "full" } else { "short" },
+        options.samples,
+        if report.timestamps {
+            "GPU timestamps"
+        } else {
+            "the wall clock (no timestamp queries)"
+        }
+    );
+    print!("{}", report.table());
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("copy_fraction.svg"), report.svg_copy_fraction())?;
+    std::fs::write(out.join("speedups.svg"), report.svg_speedups())?;
+    std::fs::write(out.join("table.md"), report.table())?;
+    println!(
+        "\ntable and plots in {} ({:.0} s)",
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn ms(s: f64) -> String {
+    if s >= 0.1 {
+        format!("{:.0} ms", s * 1e3)
+    } else if s >= 0.001 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+fn ratio(x: Option<f64>) -> String {
+    x.map_or("-".into(), |r| format!("{r:.2}x"))
+}
+
+impl Report {
+    /// A Markdown table: op, workload, bytes, kernel and end-to-end time, GB/s,
+    /// fraction of copy bandwidth, speed-up over the CPU reference and over the peer.
+    pub fn table(&self) -> String {
+        let peer = self.peer.as_deref().unwrap_or("peer");
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| op | workload | min bytes | kernel | end to end | GB/s | / copy bw | vs CPU reference | vs {peer} |"
+        );
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} MB | {} | {} | {:.2} | {:.2} | {} | {} |",
+                r.case.op.name(),
+                r.case.workload.name,
+                r.case.min_bytes() as f64 / 1e6,
+                r.kernel_s.map_or("-".into(), ms),
+                ms(r.end_to_end_s),
+                r.gb_per_s(),
+                r.copy_fraction(),
+                ratio(r.vs_reference()),
+                ratio(r.vs_peer()),
+            );
+        }
+        s
+    }
+
+    /// Horizontal bars of each case's fraction of the copy bandwidth, with the 70%
+    /// target of issue 7 drawn as a line.
+    pub fn svg_copy_fraction(&self) -> String {
+        let rows: Vec<(String, f64)> = self
+            .rows
+            .iter()
+            .filter(|r| r.case.op != Op::Copy)
+            .map(|r| (label(r), r.copy_fraction()))
+            .collect();
+        let max = rows.iter().map(|r| r.1).fold(1.0, f64::max);
+        bars(
+            &format!("Fraction of copy bandwidth: {}", self.adapter_short()),
+            &rows,
+            max,
+            Some((0.7, "target 0.7")),
+            |v| format!("{v:.2}"),
+        )
+    }
+
+    /// Horizontal bars of the speed-up over the CPU reference and over the peer (log
+    /// scale), for the cases that have them.
+    pub fn svg_speedups(&self) -> String {
+        let peer = self.peer.clone().unwrap_or_else(|| "peer".into());
+        let mut rows = Vec::new();
+        for r in self.rows.iter().filter(|r| r.case.op != Op::Copy) {
+            if let Some(x) = r.vs_reference() {
+                rows.push((format!("{} vs CPU f64", label(r)), x));
+            }
+            if let Some(x) = r.vs_peer() {
+                rows.push((format!("{} vs {peer}", label(r)), x));
+            }
+        }
+        let max = rows.iter().map(|r| r.1).fold(2.0, f64::max);
+        let log = |v: f64| (v.max(0.01)).log10();
+        let shifted: Vec<(String, f64)> = rows
+            .iter()
+            .map(|(l, v)| (format!("{l}: {v:.2}x"), log(*v) - log(0.1)))
+            .collect();
+        bars(
+            &format!(
+                "Speed-up, end to end (log scale, line at 1x): {}",
+                self.adapter_short()
+            ),
+            &shifted,
+            log(max) - log(0.1),
+            Some((-log(0.1), "1x")),
+            |_| String::new(),
+        )
+    }
+
+    fn adapter_short(&self) -> String {
+        self.adapter
+            .split(", subgroups")
+            .next()
+            .unwrap_or(&self.adapter)
+            .to_string()
+    }
+}
+
+fn label(r: &Row) -> String {
+    format!("{} {}", r.case.op.name(), r.case.workload.name)
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart: one bar per row, scaled to `max`, an optional marker line.
+fn bars(
+    title: &str,
+    rows: &[(String, f64)],
+    max: f64,
+    marker: Option<(f64, &str)>,
+    value: impl Fn(f64) -> String,
+) -> String {
+    let (left, width, bar_h, top) = (330.0, 420.0, 16.0, 40.0);
+    let height = top + rows.len() as f64 * (bar_h + 4.0) + 30.0;
+    let x = |v: f64| left + width * (v / max).clamp(0.0, 1.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" font-family="sans-serif" font-size="11">"#,
+        left + width + 60.0
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="13" font-weight="bold">{}</text>"#,
+        xml(title)
+    );
+    for (i, (name, v)) in rows.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + 4.0);
+        let color = match marker {
+            Some((m, _)) if *v >= m => "#3a7d44",
+            Some(_) => "#c0392b",
+            None => "#2e86c1",
+        };
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            y + bar_h - 4.0,
+            xml(name)
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect x="{left}" y="{y}" width="{:.1}" height="{bar_h}" fill="{color}"/>"#,
+            x(*v) - left
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}">{}</text>"#,
+            x(*v) + 4.0,
+            y + bar_h - 4.0,
+            xml(&value(*v))
+        );
+    }
+    if let Some((m, text)) = marker {
+        let bottom = top + rows.len() as f64 * (bar_h + 4.0);
+        let _ = writeln!(
+            s,
+            r#"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{bottom}" stroke="black" stroke-dasharray="4 3"/>"#,
+            x(m),
+            top - 6.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            x(m),
+            bottom + 14.0,
+            xml(text)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suite_covers_every_op_on_its_workloads() {
+        let cases = suite();
+        for op in Op::ALL {
+            let n = cases.iter().filter(|c| c.op == op).count();
+            assert_eq!(n, op.workloads().len(), "{op:?}");
+        }
+        // ResNet-50's 53 weights, 23.5M elements; the copy moves 8 bytes per element.
+        let resnet = Case {
+            op: Op::Copy,
+            workload: Workload::resnet50(),
+        };
+        assert_eq!(resnet.min_bytes(), 8 * 23_454_912);
+        let bn = Case {
+            op: Op::BnForwardTrain,
+            workload: Workload::activations()[0].clone(),
+        };
+        assert_eq!(bn.min_bytes(), 12 * 32 * 64 * 56 * 56);
+    }
+
+    #[test]
+    fn fractions_and_ratios() {
+        let row = Row {
+            case: Case {
+                op: Op::WsBackward,
+                workload: Workload::single("x", &[1000], 0),
+            },
+            kernel_s: Some(3e-3),
+            end_to_end_s: 4e-3,
+            copy: (Some(1e-3), 2e-3),
+            reference_s: Some(8e-3),
+            peer_s: None,
+        };
+        // 12 bytes in 3 ms against 8 bytes in 1 ms.
+        assert!((row.copy_fraction() - 0.5).abs() < 1e-12);
+        assert!((row.gb_per_s() - 12e3 / 3e-3 / 1e9).abs() < 1e-12);
+        assert_eq!(row.vs_reference(), Some(2.0));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
