@@ -161,6 +161,127 @@ fn normalize(
     }
 }
 
+// `normalize` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` then count vec4s; a vec4 never straddles two channels).
+@group(0) @binding(0) var<uniform> np4: ElementParams;
+@group(0) @binding(1) var<storage, read> np4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> np4_norm: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> np4_y: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn normalize_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var r = run_start(np4, wid, nwg, lid);
+    if (r.first >= np4.count) {
+        return;
+    }
+    var m = np4_norm[r.c];
+    var scale = m.y * m.z;
+    let end = min(r.first + PER_THREAD, np4.count);
+    for (var e = r.first; e < end; e += 1u) {
+        np4_y[e] = (np4_x[e] - m.x) * scale + m.w;
+        if (run_step(np4, &r)) {
+            m = np4_norm[r.c];
+            scale = m.y * m.z;
+        }
+    }
+}
+
+// ---- channels-last (NHWC) twins -------------------------------------------------
+//
+// When the features are the last axis (inner = 1) and a multiple of 4: `count`,
+// `channels` and `c_start` count vec4s, and each thread keeps one group of 4 features
+// for PER_THREAD rows, so it loads its per-feature values once (4 vec4, transposed)
+// rather than once per element. Neighbouring threads read neighbouring vec4s.
+
+struct ClRun {
+    first: u32, // the thread's first vec4 (window-relative)
+    step: u32,  // vec4s between its rows
+    g: u32,     // its group of 4 features
+}
+
+fn cl_run(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> ClRun {
+    let t = linear_id(wid, nwg, lid);
+    let tg = t % p.channels;
+    var r: ClRun;
+    r.first = (t / p.channels) * PER_THREAD * p.channels + tg;
+    r.step = p.channels;
+    r.g = (p.c_start + tg) % p.channels;
+    return r;
+}
+
+// Component `k` of the per-feature vec4s of features 4g .. 4g + 3, as one vec4.
+fn lanes(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(a[k], b[k], c[k], d[k]);
+}
+
+@group(0) @binding(0) var<uniform> ncl: ElementParams;
+@group(0) @binding(1) var<storage, read> ncl_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ncl_norm: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> ncl_y: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn normalize_cl(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = cl_run(ncl, wid, nwg, lid);
+    if (r.first >= ncl.count) {
+        return;
+    }
+    let f = 4u * r.g;
+    let m0 = ncl_norm[f];
+    let m1 = ncl_norm[f + 1u];
+    let m2 = ncl_norm[f + 2u];
+    let m3 = ncl_norm[f + 3u];
+    let mean = lanes(m0, m1, m2, m3, 0u);
+    let scale = lanes(m0, m1, m2, m3, 1u) * lanes(m0, m1, m2, m3, 2u);
+    let beta = lanes(m0, m1, m2, m3, 3u);
+    for (var k = 0u; k < PER_THREAD; k += 1u) {
+        let e = r.first + k * r.step;
+        if (e < ncl.count) {
+            ncl_y[e] = (ncl_x[e] - mean) * scale + beta;
+        }
+    }
+}
+
+@group(0) @binding(0) var<uniform> gcl: ElementParams;
+@group(0) @binding(1) var<storage, read> gcl_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gcl_dy: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> gcl_coef: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> gcl_dx: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn grad_input_cl(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = cl_run(gcl, wid, nwg, lid);
+    if (r.first >= gcl.count) {
+        return;
+    }
+    let f = 4u * r.g;
+    let k0 = gcl_coef[f];
+    let k1 = gcl_coef[f + 1u];
+    let k2 = gcl_coef[f + 2u];
+    let k3 = gcl_coef[f + 3u];
+    let a = lanes(k0, k1, k2, k3, 0u);
+    let b = lanes(k0, k1, k2, k3, 1u);
+    let c = lanes(k0, k1, k2, k3, 2u);
+    let mean = lanes(k0, k1, k2, k3, 3u);
+    for (var k = 0u; k < PER_THREAD; k += 1u) {
+        let e = r.first + k * r.step;
+        if (e < gcl.count) {
+            gcl_dx[e] = a * (gcl_dy[e] - b - (gcl_x[e] - mean) * c);
+        }
+    }
+}
+
 // ---- grad_factors: grad_gamma, grad_beta and the coefficients of grad_input ---------
 
 @group(0) @binding(0) var<uniform> gf: GradParams;
@@ -217,6 +338,34 @@ fn grad_input(
         gi_dx[e] = k.x * (gi_dy[e] - k.y - (gi_x[e] - k.w) * k.z);
         if (run_step(gi, &r)) {
             k = gi_coef[r.c];
+        }
+    }
+}
+
+// `grad_input` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` then count vec4s; a vec4 never straddles two channels).
+@group(0) @binding(0) var<uniform> gi4: ElementParams;
+@group(0) @binding(1) var<storage, read> gi4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gi4_dy: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> gi4_coef: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> gi4_dx: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn grad_input_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var r = run_start(gi4, wid, nwg, lid);
+    if (r.first >= gi4.count) {
+        return;
+    }
+    var k = gi4_coef[r.c];
+    let end = min(r.first + PER_THREAD, gi4.count);
+    for (var e = r.first; e < end; e += 1u) {
+        gi4_dx[e] = k.x * (gi4_dy[e] - k.y - (gi4_x[e] - k.w) * k.z);
+        if (run_step(gi4, &r)) {
+            k = gi4_coef[r.c];
         }
     }
 }

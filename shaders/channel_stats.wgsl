@@ -344,3 +344,124 @@ fn dot_partials(
         dp_out[it.slot] = total;
     }
 }
+
+// ---- vec4 twins -------------------------------------------------------------------
+//
+// The three partial kernels above on vec4s, when every row of the layout, the item
+// chunk and every box start are multiples of 4 elements: the params (inner,
+// row_stride, row_chunk, base_delta) then count vec4s and so does the walk, a vec4
+// never straddles two channels, and a quarter of the walk's steps remain. Each lane
+// accumulates on its own; the lanes are summed at the end (they share the shift).
+
+fn hsum4(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@group(0) @binding(0) var<uniform> wp4: ReduceParams;
+@group(0) @binding(1) var<storage, read> wp4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> wp4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn welford_partials_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= wp4.box_nb * wp4.box_nc * wp4.box_njc) {
+        return;
+    }
+    let it = item_at(wp4, linear);
+    let shift = wp4_x[it.base].x;
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var n = 0u;
+    var w = walk_start(it, lid);
+    while (w.row < w.rows) {
+        let d = wp4_x[walk_index(wp4, it, w)] - shift;
+        s1 += d;
+        s2 = fma(d, d, s2);
+        n += 4u;
+        walk_next(&w, it.cols);
+    }
+    var acc = vec4<f32>(0.0);
+    if (n > 0u) {
+        let nf = f32(n);
+        let t1 = hsum4(s1);
+        let dm = t1 / nf;
+        acc = vec4<f32>(shift + dm, max(hsum4(s2) - t1 * dm, 0.0), nf, 0.0);
+    }
+    let total = tree_welford(lid, acc);
+    if (lid == 0u) {
+        wp4_out[it.slot] = total;
+    }
+}
+
+@group(0) @binding(0) var<uniform> sp4: ReduceParams;
+@group(0) @binding(1) var<storage, read> sp4_a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> sp4_b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> sp4_centre: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> sp4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn sum_partials_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= sp4.box_nb * sp4.box_nc * sp4.box_njc) {
+        return;
+    }
+    let it = item_at(sp4, linear);
+    var centre = 0.0;
+    if (CENTERED) {
+        centre = sp4_centre[it.c].x;
+    }
+    var sa = vec4<f32>(0.0);
+    var sab = vec4<f32>(0.0);
+    var sbb = vec4<f32>(0.0);
+    var w = walk_start(it, lid);
+    while (w.row < w.rows) {
+        let e = walk_index(sp4, it, w);
+        let a = sp4_a[e];
+        let b = sp4_b[e] - centre;
+        sa += a;
+        sab = fma(a, b, sab);
+        sbb = fma(b, b, sbb);
+        walk_next(&w, it.cols);
+    }
+    let total = tree_sum(lid, vec4<f32>(hsum4(sa), hsum4(sab), hsum4(sbb), 0.0));
+    if (lid == 0u) {
+        sp4_out[it.slot] = total;
+    }
+}
+
+@group(0) @binding(0) var<uniform> dp4: ReduceParams;
+@group(0) @binding(1) var<storage, read> dp4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dp4_vector: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> dp4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn dot_partials_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= dp4.box_nb * dp4.box_nc * dp4.box_njc) {
+        return;
+    }
+    let it = item_at(dp4, linear);
+    var acc = vec4<f32>(0.0);
+    var w = walk_start(it, lid);
+    while (w.row < w.rows) {
+        let e = walk_index(dp4, it, w);
+        acc = fma(dp4_x[e], dp4_vector[(it.o0 + w.row) * dp4.inner + it.j0 + w.col], acc);
+        walk_next(&w, it.cols);
+    }
+    let total = tree_sum(lid, vec4<f32>(hsum4(acc), 0.0, 0.0, 0.0));
+    if (lid == 0u) {
+        dp4_out[it.slot] = total;
+    }
+}

@@ -161,6 +161,33 @@ fn apply(
     }
 }
 
+// `apply` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` then count vec4s; a vec4 never straddles two channels).
+@group(0) @binding(0) var<uniform> ap4: ElementParams;
+@group(0) @binding(1) var<storage, read> ap4_v: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ap4_f: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> ap4_w: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn apply_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var r = run_start(ap4, wid, nwg, lid);
+    if (r.first >= ap4.count) {
+        return;
+    }
+    var f = ap4_f[run_slice(ap4, r)].x;
+    let end = min(r.first + PER_THREAD, ap4.count);
+    for (var e = r.first; e < end; e += 1u) {
+        ap4_w[e] = f * ap4_v[e];
+        if (run_step(ap4, &r)) {
+            f = ap4_f[run_slice(ap4, r)].x;
+        }
+    }
+}
+
 // ---- grad_factors: grad_g and the two coefficients of grad_v -------------------------
 
 @group(0) @binding(0) var<uniform> gf: SliceParams;
@@ -214,6 +241,34 @@ fn grad_v(
         gv_out[e] = k.x * gv_grad[e] - k.y * gv_v[e];
         if (run_step(gv, &r)) {
             k = gv_coef[run_slice(gv, r)];
+        }
+    }
+}
+
+// `grad_v` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` then count vec4s; a vec4 never straddles two channels).
+@group(0) @binding(0) var<uniform> gv4: ElementParams;
+@group(0) @binding(1) var<storage, read> gv4_v: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gv4_grad: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> gv4_coef: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> gv4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn grad_v_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var r = run_start(gv4, wid, nwg, lid);
+    if (r.first >= gv4.count) {
+        return;
+    }
+    var k = gv4_coef[run_slice(gv4, r)];
+    let end = min(r.first + PER_THREAD, gv4.count);
+    for (var e = r.first; e < end; e += 1u) {
+        gv4_out[e] = k.x * gv4_grad[e] - k.y * gv4_v[e];
+        if (run_step(gv4, &r)) {
+            k = gv4_coef[run_slice(gv4, r)];
         }
     }
 }

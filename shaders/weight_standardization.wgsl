@@ -115,6 +115,33 @@ fn normalize(
     }
 }
 
+// `normalize` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` then count vec4s; a vec4 never straddles two channels).
+@group(0) @binding(0) var<uniform> np4: ElementParams;
+@group(0) @binding(1) var<storage, read> np4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> np4_norm: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> np4_y: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn normalize_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var r = run_start(np4, wid, nwg, lid);
+    if (r.first >= np4.count) {
+        return;
+    }
+    var m = np4_norm[r.c];
+    let end = min(r.first + PER_THREAD, np4.count);
+    for (var e = r.first; e < end; e += 1u) {
+        np4_y[e] = (np4_x[e] - m.x) * m.y;
+        if (run_step(np4, &r)) {
+            m = np4_norm[r.c];
+        }
+    }
+}
+
 @group(0) @binding(0) var<uniform> gp: ElementParams;
 @group(0) @binding(1) var<storage, read> gp_x: array<f32>;
 @group(0) @binding(2) var<storage, read> gp_g: array<f32>;
@@ -141,6 +168,38 @@ fn grad(
         if (run_step(gp, &r)) {
             m = gp_norm[r.c];
             s = gp_sums[r.c];
+        }
+    }
+}
+
+// `grad` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` then count vec4s; a vec4 never straddles two channels).
+@group(0) @binding(0) var<uniform> gp4: ElementParams;
+@group(0) @binding(1) var<storage, read> gp4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gp4_g: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> gp4_norm: array<vec4<f32>>; // (mean, rstd, 0, 0)
+@group(0) @binding(4) var<storage, read> gp4_sums: array<vec4<f32>>; // (sum g, sum g (x - mean), 0, 0)
+@group(0) @binding(5) var<storage, read_write> gp4_dx: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn grad_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var r = run_start(gp4, wid, nwg, lid);
+    if (r.first >= gp4.count) {
+        return;
+    }
+    var m = gp4_norm[r.c];
+    var s = gp4_sums[r.c];
+    let end = min(r.first + PER_THREAD, gp4.count);
+    for (var e = r.first; e < end; e += 1u) {
+        let y = (gp4_x[e] - m.x) * m.y;
+        gp4_dx[e] = m.y * (gp4_g[e] - s.x * gp4.inv_n - y * m.y * s.y * gp4.inv_divisor);
+        if (run_step(gp4, &r)) {
+            m = gp4_norm[r.c];
+            s = gp4_sums[r.c];
         }
     }
 }

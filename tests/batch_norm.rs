@@ -148,10 +148,14 @@ fn random_shapes_match_the_reference() {
             ..BatchNorm::chainer()
         },
     ];
-    let shapes: [(Vec<usize>, usize); 7] = [
+    let shapes: [(Vec<usize>, usize); 11] = [
         (vec![13, 7], 1),
         (vec![5, 6, 9, 11], 1),   // NCHW
         (vec![5, 9, 11, 6], 3),   // NHWC
+        (vec![3, 7, 5, 12], 3),   // NHWC, channels a multiple of 4: channels-last kernels
+        (vec![33, 8], 1),         // BatchNorm1d, 8 features
+        (vec![7, 3, 260], 2),     // 260 features: 65 groups of 4
+        (vec![5, 6, 8, 12], 1),   // NCHW, rows a multiple of 4: vec4 kernels
         (vec![2, 3, 4, 5, 6], 1), // rank 5, NCDHW
         (vec![2, 4, 5, 6, 3], 4), // rank 5, channels last
         (vec![300, 3], 1),
@@ -208,6 +212,20 @@ fn split_bindings_match_the_reference() {
         &mut rng,
         0.0,
     );
+    // Channels last, a multiple of 4: windows start mid-row (c_start != 0).
+    for (shape, axis) in [(vec![4, 20, 21, 12], 3), (vec![70, 260], 1)] {
+        check(
+            &ctx,
+            &BatchNorm {
+                feature_axis: axis,
+                ..BatchNorm::pytorch()
+            },
+            &shape,
+            Mode::Train,
+            &mut rng,
+            0.0,
+        );
+    }
     check(
         &ctx,
         &BatchNorm::chainer(),

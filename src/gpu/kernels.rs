@@ -119,13 +119,25 @@ kernels! {
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
     DotPartials => (CHANNEL_STATS, "wgnorm.channel_stats.dot_partials", "dot_partials",
         [Uniform, Read, Read, ReadWrite], []);
+    WelfordPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials_vec4", "welford_partials_vec4",
+        [Uniform, Read, ReadWrite], []);
+    SumPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials_vec4", "sum_partials_vec4",
+        [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 0.0)]);
+    SumPartialsCenteredVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials_vec4.centered", "sum_partials_vec4",
+        [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
+    DotPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.dot_partials_vec4", "dot_partials_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
     SumCombine => (CHANNEL_STATS, "wgnorm.channel_stats.sum_combine", "sum_combine",
         [Uniform, Read, ReadWrite], []);
     WsFinalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.finalize", "finalize",
         [Uniform, Read, ReadWrite], []);
     WsNormalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
+    WsNormalizeVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.normalize_vec4", "normalize_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
     WsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad", "grad",
+        [Uniform, Read, Read, Read, Read, ReadWrite], []);
+    WsGradVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad_vec4", "grad_vec4",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
     WsRowsForward => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_forward", "rows_forward",
         [Uniform, Read, ReadWrite], []);
@@ -141,9 +153,13 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     WnApply => (WEIGHT_NORM, "wgnorm.weight_norm.apply", "apply",
         [Uniform, Read, Read, ReadWrite], []);
+    WnApplyVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.apply_vec4", "apply_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
     WnGradFactors => (WEIGHT_NORM, "wgnorm.weight_norm.grad_factors", "grad_factors",
         [Uniform, Read, Read, ReadWrite, ReadWrite], []);
     WnGradV => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v", "grad_v",
+        [Uniform, Read, Read, Read, ReadWrite], []);
+    WnGradVVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v_vec4", "grad_v_vec4",
         [Uniform, Read, Read, Read, ReadWrite], []);
     SnMtvPartials => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_partials", "mtv_partials",
         [Uniform, Read, Read, ReadWrite], []);
@@ -163,13 +179,55 @@ kernels! {
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
     BnNormalize => (BATCH_NORM, "wgnorm.batch_norm.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
+    BnNormalizeCl => (BATCH_NORM, "wgnorm.batch_norm.normalize_cl", "normalize_cl",
+        [Uniform, Read, Read, ReadWrite], []);
+    BnGradInputCl => (BATCH_NORM, "wgnorm.batch_norm.grad_input_cl", "grad_input_cl",
+        [Uniform, Read, Read, Read, ReadWrite], []);
+    BnNormalizeVec4 => (BATCH_NORM, "wgnorm.batch_norm.normalize_vec4", "normalize_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
     BnGradFactors => (BATCH_NORM, "wgnorm.batch_norm.grad_factors", "grad_factors",
         [Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
     BnGradInput => (BATCH_NORM, "wgnorm.batch_norm.grad_input", "grad_input",
         [Uniform, Read, Read, Read, ReadWrite], []);
+    BnGradInputVec4 => (BATCH_NORM, "wgnorm.batch_norm.grad_input_vec4", "grad_input_vec4",
+        [Uniform, Read, Read, Read, ReadWrite], []);
     BnMerge => (BATCH_NORM, "wgnorm.batch_norm.merge", "merge",
         [Uniform, Read, ReadWrite], []);
     Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
+    CopyVec4 => (COPY, "wgnorm.copy.copy_vec4", "copy_vec4", [Uniform, Read, ReadWrite], []);
+}
+
+impl Kernel {
+    /// The vec4 twin of an elementwise or partial-reduction kernel (the same body on
+    /// `array<vec4<f32>>`), used when every row of the layout is a multiple of 4
+    /// elements long.
+    pub(crate) fn vec4_twin(self) -> Option<Kernel> {
+        match self {
+            Kernel::WsNormalize => Some(Kernel::WsNormalizeVec4),
+            Kernel::WsGrad => Some(Kernel::WsGradVec4),
+            Kernel::WnApply => Some(Kernel::WnApplyVec4),
+            Kernel::WnGradV => Some(Kernel::WnGradVVec4),
+            Kernel::BnNormalize => Some(Kernel::BnNormalizeVec4),
+            Kernel::BnGradInput => Some(Kernel::BnGradInputVec4),
+            Kernel::WelfordPartials => Some(Kernel::WelfordPartialsVec4),
+            Kernel::SumPartials => Some(Kernel::SumPartialsVec4),
+            Kernel::SumPartialsCentered => Some(Kernel::SumPartialsCenteredVec4),
+            Kernel::DotPartials => Some(Kernel::DotPartialsVec4),
+            _ => None,
+        }
+    }
+}
+
+impl Kernel {
+    /// The channels-last twin of an elementwise kernel: for layouts whose channels are
+    /// the last axis and a multiple of 4, one group of 4 channels per thread.
+    pub(crate) fn channels_last_twin(self) -> Option<Kernel> {
+        match self {
+            Kernel::BnNormalize => Some(Kernel::BnNormalizeCl),
+            Kernel::BnGradInput => Some(Kernel::BnGradInputCl),
+            _ => None,
+        }
+    }
 }
 
 /// Threads per workgroup of the elementwise kernels (their shaders' `WG`).

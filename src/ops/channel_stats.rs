@@ -286,6 +286,32 @@ impl ReducePlan {
         self.blocks_per_batch * self.chunks_per_row
     }
 
+    /// Whether the partial kernels can run on vec4s: rows, item chunks, box starts
+    /// and lengths all multiples of 4 elements.
+    fn by_vec4(&self) -> bool {
+        self.layout.inner.is_multiple_of(4)
+            && self.row_chunk.is_multiple_of(4)
+            && self
+                .boxes
+                .iter()
+                .all(|b| b.base_delta.is_multiple_of(4) && b.bind_len.is_multiple_of(4))
+    }
+
+    /// The partial kernel to run (`kernel` or its vec4 twin) and its params for `bx`.
+    fn partials(&self, kernel: Kernel, bx: &ReduceBox) -> (Kernel, ReduceParams) {
+        let mut p = self.params(bx);
+        match kernel.vec4_twin().filter(|_| self.by_vec4()) {
+            Some(k4) => {
+                p.inner /= 4;
+                p.row_stride /= 4;
+                p.row_chunk /= 4;
+                p.base_delta /= 4;
+                (k4, p)
+            }
+            None => (kernel, p),
+        }
+    }
+
     fn params(&self, bx: &ReduceBox) -> ReduceParams {
         let l = self.layout;
         ReduceParams {
@@ -327,9 +353,10 @@ pub(crate) fn record_welford(
     let ppc = plan.partials_per_channel();
     let partials = vec4_buffer(ctx, op, channels * ppc)?;
     for bx in &plan.boxes {
+        let (kernel, params) = plan.partials(Kernel::WelfordPartials, bx);
         rec.dispatch(
-            Kernel::WelfordPartials,
-            &plan.params(bx),
+            kernel,
+            &params,
             &[
                 Bind::window(x, bx.bind_start, bx.bind_len),
                 Bind::elems(&partials, channels * ppc * 4),
@@ -407,7 +434,8 @@ fn record_vec4_sums<'x>(
     for bx in &plan.boxes {
         let mut all: Vec<Bind<'_>> = binds(bx).into_iter().collect();
         all.push(Bind::elems(&partials, channels * ppc * 4));
-        rec.dispatch(kernel, &plan.params(bx), &all, bx.nb * bx.nc * bx.njc)?;
+        let (kernel, params) = plan.partials(kernel, bx);
+        rec.dispatch(kernel, &params, &all, bx.nb * bx.nc * bx.njc)?;
     }
     if ppc == 1 && !plan.boxes.is_empty() {
         // One partial per channel, at slot c: it is already the result.
@@ -573,8 +601,39 @@ pub(crate) fn record_elementwise(
     per_slice: &wgpu::Buffer,
     out: &Tensor,
 ) -> Result<()> {
-    for w in element_windows(*layout, &rec.context().limits) {
-        let params = ElementParams::new(layout, &w);
+    let limits = &rec.context().limits;
+    // Rows a multiple of 4 long and windows starting at multiples of 4: the vec4 twin,
+    // with every position counted in vec4s.
+    let aligned4 = limits.align_elems.is_multiple_of(4);
+    let twin = kernel
+        .vec4_twin()
+        .filter(|_| layout.inner.is_multiple_of(4) && aligned4);
+    // Channels last, a multiple of 4 of them: one group of 4 channels per thread, for
+    // PER_THREAD rows (see batch_norm.wgsl); window starts are multiples of 4, hence so
+    // are their first channels.
+    let channels_last = kernel.channels_last_twin().filter(|_| {
+        layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4) && aligned4
+    });
+    for w in element_windows(*layout, limits) {
+        let mut params = ElementParams::new(layout, &w);
+        let (kernel, units) = if let Some(kcl) = channels_last {
+            params.count /= 4;
+            params.channels /= 4;
+            params.c_start /= 4;
+            // One thread per 4 channels and PER_THREAD rows: count work units so that
+            // units / ELEMENTS_PER_WORKGROUP is the number of workgroups.
+            let per_thread = ELEMENTS_PER_WORKGROUP / u64::from(WORKGROUP_SIZE);
+            let c4 = layout.channels / 4;
+            let threads = (w.len / 4).div_ceil(c4 * per_thread) * c4;
+            (kcl, threads * per_thread)
+        } else if let Some(k4) = twin {
+            params.count /= 4;
+            params.inner /= 4;
+            params.j_start /= 4;
+            (k4, w.len / 4)
+        } else {
+            (kernel, w.len)
+        };
         let mut binds: Vec<Bind<'_>> = inputs
             .iter()
             .map(|t| Bind::window(t.buffer(), w.start, w.len))
@@ -585,7 +644,7 @@ pub(crate) fn record_elementwise(
             kernel,
             &params,
             &binds,
-            w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+            units.div_ceil(ELEMENTS_PER_WORKGROUP),
         )?;
     }
     Ok(())

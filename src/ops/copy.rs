@@ -22,18 +22,26 @@ pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
     let ctx = rec.context();
     let dst = Tensor::zeros(ctx, src.shape())?;
     let layout = ChannelLayout::new(src.shape(), None);
+    // Windows start aligned; with a length that is a multiple of 4, every window is
+    // too, and the copy moves vec4s.
+    let (kernel, unit) = if layout.len().is_multiple_of(4) {
+        (Kernel::CopyVec4, 4)
+    } else {
+        (Kernel::Copy, 1)
+    };
     for w in element_windows(layout, &ctx.limits) {
+        let count = w.len / unit;
         rec.dispatch(
-            Kernel::Copy,
+            kernel,
             &CopyParams {
-                count: w.len as u32,
+                count: count as u32,
                 _pad: [0; 3],
             },
             &[
                 Bind::window(src.buffer(), w.start, w.len),
                 Bind::window(dst.buffer(), w.start, w.len),
             ],
-            w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+            count.div_ceil(ELEMENTS_PER_WORKGROUP),
         )?;
     }
     Ok(dst)

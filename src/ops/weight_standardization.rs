@@ -4,11 +4,11 @@ use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
     check_channel_input, element_windows, record_sums, record_welford, row_windows, vec4_buffer,
-    ChannelLayout, ReducePlan, RowWindow,
+    ChannelLayout, ElementWindow, ReducePlan, RowWindow,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
-    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
+    Bind, Context, Kernel, PlanLimits, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
 };
 
 const OP: &str = "weight_standardization";
@@ -260,16 +260,17 @@ impl WeightStandardization {
         let ctx = rec.context();
         let out = Tensor::zeros(ctx, weight.shape())?;
         for w in element_windows(*layout, &ctx.limits) {
-            let params = self.element_params(layout, w.len, w.c_start, w.j_start);
+            let (kernel, params, units) =
+                self.element_pass(Kernel::WsNormalize, layout, &ctx.limits, &w);
             rec.dispatch(
-                Kernel::WsNormalize,
+                kernel,
                 &params,
                 &[
                     Bind::window(weight.buffer(), w.start, w.len),
                     Bind::elems(norm, layout.channels * 4),
                     Bind::window(out.buffer(), w.start, w.len),
                 ],
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+                units.div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
         }
         Ok(out)
@@ -296,9 +297,10 @@ impl WeightStandardization {
         )?;
         let out = Tensor::zeros(ctx, weight.shape())?;
         for w in element_windows(*layout, &ctx.limits) {
-            let params = self.element_params(layout, w.len, w.c_start, w.j_start);
+            let (kernel, params, units) =
+                self.element_pass(Kernel::WsGrad, layout, &ctx.limits, &w);
             rec.dispatch(
-                Kernel::WsGrad,
+                kernel,
                 &params,
                 &[
                     Bind::window(weight.buffer(), w.start, w.len),
@@ -307,7 +309,7 @@ impl WeightStandardization {
                     Bind::elems(&sums, layout.channels * 4),
                     Bind::window(out.buffer(), w.start, w.len),
                 ],
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+                units.div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
         }
         Ok(out)
@@ -356,6 +358,30 @@ impl WeightStandardization {
             }
         }
         Ok(out)
+    }
+
+    /// The kernel (`kernel` or its vec4 twin when rows are a multiple of 4 long), its
+    /// params and its work units (elements or vec4s) for window `w`.
+    fn element_pass(
+        &self,
+        kernel: Kernel,
+        layout: &ChannelLayout,
+        limits: &PlanLimits,
+        w: &ElementWindow,
+    ) -> (Kernel, ElementParams, u64) {
+        let mut params = self.element_params(layout, w.len, w.c_start, w.j_start);
+        match kernel
+            .vec4_twin()
+            .filter(|_| layout.inner.is_multiple_of(4) && limits.align_elems.is_multiple_of(4))
+        {
+            Some(k4) => {
+                params.count /= 4;
+                params.inner /= 4;
+                params.j_start /= 4;
+                (k4, params, w.len / 4)
+            }
+            None => (kernel, params, w.len),
+        }
     }
 
     fn element_params(
