@@ -465,3 +465,154 @@ fn dot_partials_vec4(
         dp4_out[it.slot] = total;
     }
 }
+
+// ---- channels-last twins ----------------------------------------------------------
+//
+// For layouts whose channels are the last axis (inner = 1) and a multiple of 4, e.g.
+// NHWC batch norm: a workgroup takes a block of rows and up to 64 groups of 4
+// channels; thread (tg, tr) accumulates the vec4 of channels 4 g .. 4 g + 3 over rows
+// r0 + tr, r0 + tr + TR, ..., so the workgroup reads whole contiguous rows. Sums are
+// shifted by the block's first row (one shift per channel, shared by the threads of a
+// channel group), then added across tr and written as one partial per channel and
+// block, at `channel * blocks + block`. Indices count vec4s.
+
+// Mirrors `ClParams` in src/ops/channel_stats.rs.
+struct ClParams {
+    c4: u32,             // channels / 4
+    rows: u32,           // rows of the whole tensor
+    rows_per_block: u32,
+    group: u32,          // channel groups per workgroup
+    tr: u32,             // threads along the rows
+    ngroups: u32,        // workgroups across the channel groups
+    block0: u32,         // the box's first block
+    nblocks: u32,        // blocks in the box
+    base_delta: u32,     // the box's first vec4, window-relative
+    blocks: u32,         // blocks in all: partials per channel
+    _pad0: u32,
+    _pad1: u32,
+}
+
+struct ClThread {
+    block: u32,
+    g4: u32,       // the thread's group of 4 channels
+    tr: u32,
+    live: bool,
+    first: u32,    // window-relative vec4 of the block's first row, channel group g4
+    r0: u32,
+    r1: u32,
+}
+
+fn cl_thread(p: ClParams, linear: u32, lid: u32) -> ClThread {
+    var t: ClThread;
+    t.block = p.block0 + linear / p.ngroups;
+    let tg = lid % p.group;
+    t.tr = lid / p.group;
+    t.g4 = (linear % p.ngroups) * p.group + tg;
+    t.live = t.tr < p.tr && t.g4 < p.c4;
+    t.r0 = t.block * p.rows_per_block;
+    t.r1 = min(t.r0 + p.rows_per_block, p.rows);
+    t.first = p.base_delta + (t.r0 - p.block0 * p.rows_per_block) * p.c4 + t.g4;
+    return t;
+}
+
+var<workgroup> cl_a: array<vec4<f32>, WG>;
+var<workgroup> cl_b: array<vec4<f32>, WG>;
+var<workgroup> cl_c: array<vec4<f32>, WG>;
+
+@group(0) @binding(0) var<uniform> wcl: ClParams;
+@group(0) @binding(1) var<storage, read> wcl_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> wcl_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn welford_partials_cl(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= wcl.nblocks * wcl.ngroups) {
+        return;
+    }
+    let t = cl_thread(wcl, linear, lid);
+    var shift = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var n = 0.0;
+    if (t.live) {
+        shift = wcl_x[t.first];
+        for (var r = t.r0 + t.tr; r < t.r1; r += wcl.tr) {
+            let d = wcl_x[t.first + (r - t.r0) * wcl.c4] - shift;
+            s1 += d;
+            s2 = fma(d, d, s2);
+            n += 1.0;
+        }
+    }
+    cl_a[lid] = s1;
+    cl_b[lid] = s2;
+    cl_c[lid] = vec4<f32>(n);
+    workgroupBarrier();
+    if (t.live && t.tr == 0u) {
+        for (var k = 1u; k < wcl.tr; k += 1u) {
+            s1 += cl_a[lid + k * wcl.group];
+            s2 += cl_b[lid + k * wcl.group];
+            n += cl_c[lid + k * wcl.group].x;
+        }
+        let dm = s1 / n;
+        let mean = shift + dm;
+        let m2 = max(s2 - s1 * dm, vec4<f32>(0.0));
+        for (var i = 0u; i < 4u; i += 1u) {
+            wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(mean[i], m2[i], n, 0.0);
+        }
+    }
+}
+
+@group(0) @binding(0) var<uniform> scl: ClParams;
+@group(0) @binding(1) var<storage, read> scl_a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> scl_b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> scl_centre: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> scl_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn sum_partials_cl(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= scl.nblocks * scl.ngroups) {
+        return;
+    }
+    let t = cl_thread(scl, linear, lid);
+    var sa = vec4<f32>(0.0);
+    var sab = vec4<f32>(0.0);
+    var sbb = vec4<f32>(0.0);
+    if (t.live) {
+        var centre = vec4<f32>(0.0);
+        if (CENTERED) {
+            let c = t.g4 * 4u;
+            centre = vec4<f32>(scl_centre[c].x, scl_centre[c + 1u].x, scl_centre[c + 2u].x, scl_centre[c + 3u].x);
+        }
+        for (var r = t.r0 + t.tr; r < t.r1; r += scl.tr) {
+            let e = t.first + (r - t.r0) * scl.c4;
+            let a = scl_a[e];
+            let b = scl_b[e] - centre;
+            sa += a;
+            sab = fma(a, b, sab);
+            sbb = fma(b, b, sbb);
+        }
+    }
+    cl_a[lid] = sa;
+    cl_b[lid] = sab;
+    cl_c[lid] = sbb;
+    workgroupBarrier();
+    if (t.live && t.tr == 0u) {
+        for (var k = 1u; k < scl.tr; k += 1u) {
+            sa += cl_a[lid + k * scl.group];
+            sab += cl_b[lid + k * scl.group];
+            sbb += cl_c[lid + k * scl.group];
+        }
+        for (var i = 0u; i < 4u; i += 1u) {
+            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(sa[i], sab[i], sbb[i], 0.0);
+        }
+    }
+}

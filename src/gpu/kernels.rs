@@ -127,6 +127,12 @@ kernels! {
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
     DotPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.dot_partials_vec4", "dot_partials_vec4",
         [Uniform, Read, Read, ReadWrite], []);
+    WelfordPartialsCl => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials_cl", "welford_partials_cl",
+        [Uniform, Read, ReadWrite], []);
+    SumPartialsCl => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials_cl", "sum_partials_cl",
+        [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 0.0)]);
+    SumPartialsCenteredCl => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials_cl.centered", "sum_partials_cl",
+        [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
     SumCombine => (CHANNEL_STATS, "wgnorm.channel_stats.sum_combine", "sum_combine",
         [Uniform, Read, ReadWrite], []);
     WsFinalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.finalize", "finalize",
@@ -219,12 +225,16 @@ impl Kernel {
 }
 
 impl Kernel {
-    /// The channels-last twin of an elementwise kernel: for layouts whose channels are
-    /// the last axis and a multiple of 4, one group of 4 channels per thread.
+    /// The channels-last twin of an elementwise or partial-reduction kernel: for
+    /// layouts whose channels are the last axis and a multiple of 4, one group of 4
+    /// channels per thread.
     pub(crate) fn channels_last_twin(self) -> Option<Kernel> {
         match self {
             Kernel::BnNormalize => Some(Kernel::BnNormalizeCl),
             Kernel::BnGradInput => Some(Kernel::BnGradInputCl),
+            Kernel::WelfordPartials => Some(Kernel::WelfordPartialsCl),
+            Kernel::SumPartials => Some(Kernel::SumPartialsCl),
+            Kernel::SumPartialsCentered => Some(Kernel::SumPartialsCenteredCl),
             _ => None,
         }
     }

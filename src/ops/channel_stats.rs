@@ -165,6 +165,134 @@ pub(crate) struct ReducePlan {
     /// Item blocks along `outer` in one batch entry.
     pub blocks_per_batch: u64,
     pub boxes: Vec<ReduceBox>,
+    /// The channels-last split, when the layout has one (see [`ChannelsLastPlan`]).
+    pub channels_last: Option<ChannelsLastPlan>,
+}
+
+/// Channels-last reductions (`batch == 1`, `inner == 1`, channels a multiple of 4,
+/// e.g. NHWC batch norm): a workgroup reduces a block of rows for up to 64 groups of
+/// 4 channels, each thread accumulating a vec4 (4 channels) over every `tr`-th row of
+/// the block, so the reads are whole contiguous rows rather than one strided column
+/// per item. Partial slot: `channel * blocks + block`.
+#[derive(Clone, Debug)]
+pub(crate) struct ChannelsLastPlan {
+    /// Channels / 4.
+    c4: u64,
+    /// Groups of 4 channels per workgroup (`min(c4, 64)`).
+    group: u64,
+    /// Threads along the rows (`64 / group`).
+    tr: u64,
+    /// Workgroups across the channels (`c4 / group`, rounded up).
+    ngroups: u64,
+    rows_per_block: u64,
+    /// Blocks of rows: the partials per channel.
+    pub blocks: u64,
+    boxes: Vec<ClBox>,
+}
+
+/// A run of blocks in one binding window.
+#[derive(Clone, Copy, Debug)]
+struct ClBox {
+    block0: u64,
+    nblocks: u64,
+    bind_start: u64,
+    bind_len: u64,
+    base_delta: u64,
+}
+
+// Mirrors `ClParams` in shaders/channel_stats.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct ClParams {
+    c4: u32,
+    rows: u32,
+    rows_per_block: u32,
+    group: u32,
+    tr: u32,
+    ngroups: u32,
+    block0: u32,
+    nblocks: u32,
+    base_delta: u32,
+    blocks: u32,
+    _pad: [u32; 2],
+}
+
+/// Elements a channels-last block aims at: enough work per workgroup, and shifted
+/// sums over few enough rows per thread to stay accurate.
+const CL_BLOCK_ELEMS: u64 = 16 * 1024;
+
+impl ChannelsLastPlan {
+    fn new(layout: ChannelLayout, limits: &PlanLimits) -> Option<Self> {
+        let ChannelLayout {
+            batch,
+            outer,
+            channels,
+            inner,
+        } = layout;
+        let align = limits.align_elems.max(1);
+        if batch != 1
+            || inner != 1
+            || channels == 0
+            || !channels.is_multiple_of(4)
+            || outer == 0
+            || !align.is_multiple_of(4)
+            || outer > u64::from(u32::MAX)
+        {
+            return None;
+        }
+        let window = limits.max_binding_elems.saturating_sub(align);
+        let window_rows = window / channels;
+        if window_rows == 0 {
+            return None;
+        }
+        let c4 = channels / 4;
+        let group = c4.min(64);
+        let tr = 64 / group;
+        let rows_per_block = (CL_BLOCK_ELEMS / channels).clamp(tr, 1024).min(window_rows);
+        let blocks = outer.div_ceil(rows_per_block);
+        let per_box = (window_rows / rows_per_block).max(1);
+        let mut boxes = Vec::new();
+        let mut b = 0;
+        while b < blocks {
+            let nblocks = per_box.min(blocks - b);
+            let start = b * rows_per_block * channels;
+            let end = ((b + nblocks) * rows_per_block).min(outer) * channels;
+            let bind_start = start / align * align;
+            boxes.push(ClBox {
+                block0: b,
+                nblocks,
+                bind_start,
+                bind_len: end - bind_start,
+                base_delta: start - bind_start,
+            });
+            b += nblocks;
+        }
+        Some(ChannelsLastPlan {
+            c4,
+            group,
+            tr,
+            ngroups: c4.div_ceil(group),
+            rows_per_block,
+            blocks,
+            boxes,
+        })
+    }
+
+    fn params(&self, rows: u64, bx: &ClBox) -> ClParams {
+        ClParams {
+            c4: self.c4 as u32,
+            rows: rows as u32,
+            rows_per_block: self.rows_per_block as u32,
+            group: self.group as u32,
+            tr: self.tr as u32,
+            ngroups: self.ngroups as u32,
+            block0: bx.block0 as u32,
+            nblocks: bx.nblocks as u32,
+            base_delta: (bx.base_delta / 4) as u32,
+            blocks: self.blocks as u32,
+            _pad: [0; 2],
+        }
+    }
 }
 
 impl ReducePlan {
@@ -278,6 +406,7 @@ impl ReducePlan {
             chunks_per_row,
             blocks_per_batch,
             boxes,
+            channels_last: ChannelsLastPlan::new(layout, limits),
         })
     }
 
@@ -348,29 +477,14 @@ pub(crate) fn record_welford(
     plan: &ReducePlan,
     x: &wgpu::Buffer,
 ) -> Result<wgpu::Buffer> {
-    let ctx = rec.context();
-    let channels = plan.layout.slices();
-    let ppc = plan.partials_per_channel();
-    let partials = vec4_buffer(ctx, op, channels * ppc)?;
-    for bx in &plan.boxes {
-        let (kernel, params) = plan.partials(Kernel::WelfordPartials, bx);
-        rec.dispatch(
-            kernel,
-            &params,
-            &[
-                Bind::window(x, bx.bind_start, bx.bind_len),
-                Bind::elems(&partials, channels * ppc * 4),
-            ],
-            bx.nb * bx.nc * bx.njc,
-        )?;
-    }
-    if ppc == 1 && !plan.boxes.is_empty() {
-        // One partial per channel, at slot c: it is already the result.
-        return Ok(partials);
-    }
-    let out = vec4_buffer(ctx, op, channels)?;
-    record_combine(rec, Kernel::WelfordCombine, plan, &partials, &out)?;
-    Ok(out)
+    record_partials(
+        rec,
+        op,
+        plan,
+        Kernel::WelfordPartials,
+        Kernel::WelfordCombine,
+        |start, len| vec![Bind::window(x, start, len)],
+    )
 }
 
 /// Records per-channel `(sum a, sum a (b - centre[c]), sum (b - centre[c])^2, 0)`; `centre` is a vec4 per
@@ -389,10 +503,10 @@ pub(crate) fn record_sums(
         Some(c) => (Kernel::SumPartialsCentered, c, channels * 4),
         None => (Kernel::SumPartials, &*dummy, 4),
     };
-    record_vec4_sums(rec, op, plan, kernel, |bx| {
+    record_vec4_sums(rec, op, plan, kernel, |start, len| {
         vec![
-            Bind::window(a, bx.bind_start, bx.bind_len),
-            Bind::window(b, bx.bind_start, bx.bind_len),
+            Bind::window(a, start, len),
+            Bind::window(b, start, len),
             Bind::elems(centre, centre_len),
         ]
     })
@@ -409,70 +523,77 @@ pub(crate) fn record_dot(
 ) -> Result<wgpu::Buffer> {
     debug_assert_eq!(plan.layout.batch, 1);
     let vector_len = plan.layout.outer * plan.layout.inner;
-    record_vec4_sums(rec, op, plan, Kernel::DotPartials, |bx| {
-        vec![
-            Bind::window(x, bx.bind_start, bx.bind_len),
-            Bind::elems(vector, vector_len),
-        ]
+    record_vec4_sums(rec, op, plan, Kernel::DotPartials, |start, len| {
+        vec![Bind::window(x, start, len), Bind::elems(vector, vector_len)]
     })
 }
 
-/// The partials-then-`sum_combine` scaffolding of a vec4 sum per channel: one
-/// dispatch of `kernel` per box with `binds(box, partials binding)`, then the combine
-/// (skipped when each channel has one partial).
+/// The partials-then-`sum_combine` scaffolding of a vec4 sum per channel.
 fn record_vec4_sums<'x>(
     rec: &mut Recording<'_>,
     op: &'static str,
     plan: &ReducePlan,
     kernel: Kernel,
-    binds: impl Fn(&ReduceBox) -> Vec<Bind<'x>>,
+    binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
+) -> Result<wgpu::Buffer> {
+    record_partials(rec, op, plan, kernel, Kernel::SumCombine, binds)
+}
+
+/// The partials-then-combine scaffolding: one dispatch of `kernel` (or its vec4 or
+/// channels-last twin) per box, with `binds(window start, window length)` then the
+/// partials binding; then `combine` (skipped when each channel has one partial).
+fn record_partials<'x>(
+    rec: &mut Recording<'_>,
+    op: &'static str,
+    plan: &ReducePlan,
+    kernel: Kernel,
+    combine: Kernel,
+    binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
 ) -> Result<wgpu::Buffer> {
     let ctx = rec.context();
     let channels = plan.layout.slices();
-    let ppc = plan.partials_per_channel();
+    let channels_last = plan.channels_last.as_ref().zip(kernel.channels_last_twin());
+    let (ppc, empty) = match channels_last {
+        Some((cl, _)) => (cl.blocks, cl.boxes.is_empty()),
+        None => (plan.partials_per_channel(), plan.boxes.is_empty()),
+    };
     let partials = vec4_buffer(ctx, op, channels * ppc)?;
-    for bx in &plan.boxes {
-        let mut all: Vec<Bind<'_>> = binds(bx).into_iter().collect();
-        all.push(Bind::elems(&partials, channels * ppc * 4));
-        let (kernel, params) = plan.partials(kernel, bx);
-        rec.dispatch(kernel, &params, &all, bx.nb * bx.nc * bx.njc)?;
+    let partials_bind = Bind::elems(&partials, channels * ppc * 4);
+    if let Some((cl, kcl)) = channels_last {
+        for bx in &cl.boxes {
+            let mut all = binds(bx.bind_start, bx.bind_len);
+            all.push(partials_bind);
+            let params = cl.params(plan.layout.outer, bx);
+            rec.dispatch(kcl, &params, &all, bx.nblocks * cl.ngroups)?;
+        }
+    } else {
+        for bx in &plan.boxes {
+            let mut all = binds(bx.bind_start, bx.bind_len);
+            all.push(partials_bind);
+            let (kernel, params) = plan.partials(kernel, bx);
+            rec.dispatch(kernel, &params, &all, bx.nb * bx.nc * bx.njc)?;
+        }
     }
-    if ppc == 1 && !plan.boxes.is_empty() {
+    if ppc == 1 && !empty {
         // One partial per channel, at slot c: it is already the result.
         return Ok(partials);
     }
     let out = vec4_buffer(ctx, op, channels)?;
-    record_combine(rec, Kernel::SumCombine, plan, &partials, &out)?;
-    Ok(out)
-}
-
-fn record_combine(
-    rec: &mut Recording<'_>,
-    kernel: Kernel,
-    plan: &ReducePlan,
-    partials: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-) -> Result<()> {
-    let channels = plan.layout.slices();
-    let ppc = if plan.boxes.is_empty() {
-        0
-    } else {
-        plan.partials_per_channel()
-    };
     let params = CombineParams {
         channels: channels as u32,
-        partials_per_channel: ppc as u32,
+        partials_per_channel: if empty { 0 } else { ppc as u32 },
         _pad: [0; 2],
     };
     rec.dispatch(
-        kernel,
+        combine,
         &params,
         &[
-            Bind::elems(partials, channels * ppc.max(1) * 4),
-            Bind::elems(out, channels * 4),
+            Bind::elems(&partials, channels * ppc.max(1) * 4),
+            Bind::elems(&out, channels * 4),
         ],
         channels,
-    )
+    )?;
+    Ok(out)
 }
 
 /// A window of a flat elementwise pass: elements `[start, start + len)`, whose first
