@@ -272,3 +272,177 @@ fn grad_v_vec4(
         }
     }
 }
+
+// ---- row kernels ----------------------------------------------------------------
+//
+// When each slice is one contiguous row (PyTorch's dim 0) short enough to stay in
+// cache, one workgroup handles a whole row: the squared norm (and <G, v>) in one pass,
+// then the output, whose read of v hits the cache: forward moves 8 bytes per element
+// from memory instead of 12, backward 12 instead of 16, in one dispatch per window.
+// The `_vec4` versions, for rows a multiple of 4 long, count `len` and `skip` in vec4s.
+
+const RWG: u32 = 64u;
+
+// Mirrors `RowParams` in src/ops/weight_norm.rs.
+struct RowParams {
+    rows: u32,      // rows in this window
+    len: u32,       // elements (or vec4s) per row
+    skip: u32,      // elements (or vec4s) of the window before its first row
+    first_row: u32, // the window's first row: index into g and grad_g
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+var<workgroup> row_red: array<vec2<f32>, RWG>;
+
+fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    row_red[lid] = v;
+    workgroupBarrier();
+    for (var s = RWG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            row_red[lid] += row_red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = row_red[0];
+    workgroupBarrier();
+    return total;
+}
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@group(0) @binding(0) var<uniform> rf: RowParams;
+@group(0) @binding(1) var<storage, read> rf_g: array<f32>;
+@group(0) @binding(2) var<storage, read> rf_v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rf_w: array<f32>;
+
+@compute @workgroup_size(RWG)
+fn rows_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rf.rows) {
+        return;
+    }
+    let base = rf.skip + row * rf.len;
+    var sq = 0.0;
+    for (var i = lid; i < rf.len; i += RWG) {
+        let v = rf_v[base + i];
+        sq = fma(v, v, sq);
+    }
+    let f = rf_g[rf.first_row + row] / clamped_norm(row_sum(lid, vec2<f32>(sq, 0.0)).x, rf.eps);
+    for (var i = lid; i < rf.len; i += RWG) {
+        rf_w[base + i] = f * rf_v[base + i];
+    }
+}
+
+@group(0) @binding(0) var<uniform> rf4: RowParams;
+@group(0) @binding(1) var<storage, read> rf4_g: array<f32>;
+@group(0) @binding(2) var<storage, read> rf4_v: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> rf4_w: array<vec4<f32>>;
+
+@compute @workgroup_size(RWG)
+fn rows_forward_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rf4.rows) {
+        return;
+    }
+    let base = rf4.skip + row * rf4.len;
+    var sq = vec4<f32>(0.0);
+    for (var i = lid; i < rf4.len; i += RWG) {
+        let v = rf4_v[base + i];
+        sq = fma(v, v, sq);
+    }
+    let total = row_sum(lid, vec2<f32>(hsum(sq), 0.0)).x;
+    let f = rf4_g[rf4.first_row + row] / clamped_norm(total, rf4.eps);
+    for (var i = lid; i < rf4.len; i += RWG) {
+        rf4_w[base + i] = f * rf4_v[base + i];
+    }
+}
+
+// grad_g = s / n, grad_v = (g / n) G - (g s / n^3) v (second term 0 when clamped).
+fn row_grad_coef(g: f32, sums: vec2<f32>, eps: f32) -> vec3<f32> {
+    let inv = 1.0 / clamped_norm(sums.y, eps);
+    var second = 0.0;
+    if (sums.y >= eps) {
+        second = g * sums.x * inv * inv * inv;
+    }
+    return vec3<f32>(sums.x * inv, g * inv, second);
+}
+
+@group(0) @binding(0) var<uniform> rb: RowParams;
+@group(0) @binding(1) var<storage, read> rb_g: array<f32>;
+@group(0) @binding(2) var<storage, read> rb_v: array<f32>;
+@group(0) @binding(3) var<storage, read> rb_grad: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rb_grad_g: array<f32>;
+@group(0) @binding(5) var<storage, read_write> rb_grad_v: array<f32>;
+
+@compute @workgroup_size(RWG)
+fn rows_grad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rb.rows) {
+        return;
+    }
+    let base = rb.skip + row * rb.len;
+    var s = vec2<f32>(0.0); // <G, v>, |v|^2
+    for (var i = lid; i < rb.len; i += RWG) {
+        let v = rb_v[base + i];
+        s = fma(vec2<f32>(rb_grad[base + i], v), vec2<f32>(v), s);
+    }
+    let k = row_grad_coef(rb_g[rb.first_row + row], row_sum(lid, s), rb.eps);
+    if (lid == 0u) {
+        rb_grad_g[rb.first_row + row] = k.x;
+    }
+    for (var i = lid; i < rb.len; i += RWG) {
+        rb_grad_v[base + i] = k.y * rb_grad[base + i] - k.z * rb_v[base + i];
+    }
+}
+
+@group(0) @binding(0) var<uniform> rb4: RowParams;
+@group(0) @binding(1) var<storage, read> rb4_g: array<f32>;
+@group(0) @binding(2) var<storage, read> rb4_v: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> rb4_grad: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> rb4_grad_g: array<f32>;
+@group(0) @binding(5) var<storage, read_write> rb4_grad_v: array<vec4<f32>>;
+
+@compute @workgroup_size(RWG)
+fn rows_grad_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rb4.rows) {
+        return;
+    }
+    let base = rb4.skip + row * rb4.len;
+    var sgv = vec4<f32>(0.0);
+    var svv = vec4<f32>(0.0);
+    for (var i = lid; i < rb4.len; i += RWG) {
+        let v = rb4_v[base + i];
+        sgv = fma(rb4_grad[base + i], v, sgv);
+        svv = fma(v, v, svv);
+    }
+    let sums = row_sum(lid, vec2<f32>(hsum(sgv), hsum(svv)));
+    let k = row_grad_coef(rb4_g[rb4.first_row + row], sums, rb4.eps);
+    if (lid == 0u) {
+        rb4_grad_g[rb4.first_row + row] = k.x;
+    }
+    for (var i = lid; i < rb4.len; i += RWG) {
+        rb4_grad_v[base + i] = k.y * rb4_grad[base + i] - k.z * rb4_v[base + i];
+    }
+}

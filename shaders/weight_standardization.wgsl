@@ -206,19 +206,24 @@ fn grad_vec4(
 
 // ---------------------------------------------------------------------------------
 // Row kernels: when each output channel is one contiguous row (axis 0) short enough
-// to stay in cache, one workgroup standardizes a whole row. The row is read from
-// memory once; the later passes over it hit the cache, so forward moves 8 bytes per
-// element (read, write) instead of 12, and backward 12 instead of 20. Statistics are
-// two-pass (mean, then centred sums) within the workgroup; the mean is summed shifted
-// by the row's first element, so a large common offset costs no precision.
+// to stay in cache, one workgroup standardizes a whole row: one pass for the
+// statistics, one for the output (whose read hits the cache). Forward moves 8 bytes
+// per element from memory (read, write) instead of 12, backward 12 instead of 20, in
+// one dispatch per window instead of four.
+//
+// Numerics: the sums are shifted by the row's first element, s1 = sum (x - x0) and
+// s2 = sum (x - x0)^2, so they are of the order of the spread and not of a common
+// offset; then mean = x0 + s1 / n and sum (x - mean)^2 = s2 - s1^2 / n (the shifted-
+// data algorithm, as the per-thread sums of channel_stats.wgsl). Backward also needs
+// sum g (x - mean) = sum g (x - x0) - (mean - x0) sum g.
 
 const RWG: u32 = 64u;
 
 // Mirrors `RowParams` in src/ops/weight_standardization.rs.
 struct RowParams {
     rows: u32,  // rows in this window
-    len: u32,   // elements per row
-    skip: u32,  // elements of the window before its first row (alignment)
+    len: u32,   // elements (or vec4s) per row
+    skip: u32,  // elements (or vec4s) of the window before its first row (alignment)
     _pad: u32,
     eps: f32,
     inv_n: f32,
@@ -226,10 +231,10 @@ struct RowParams {
     _pad1: u32,
 }
 
-var<workgroup> row_red: array<vec2<f32>, RWG>;
+var<workgroup> row_red: array<vec4<f32>, RWG>;
 
 // Sum over the workgroup; every invocation gets the total.
-fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+fn row_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
     row_red[lid] = v;
     workgroupBarrier();
     for (var s = RWG / 2u; s > 0u; s >>= 1u) {
@@ -243,6 +248,21 @@ fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     return total;
 }
 
+fn row_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// (mean, 1 / sqrt(var + eps)) from the shifted sums (s1, s2).
+fn row_norm(p: RowParams, shift: f32, s1: f32, s2: f32) -> vec2<f32> {
+    let dm = s1 * p.inv_n;
+    let var_ = max(s2 - s1 * dm, 0.0) * p.inv_divisor;
+    return vec2<f32>(shift + dm, 1.0 / sqrt(var_ + p.eps));
+}
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
 @group(0) @binding(0) var<uniform> rp: RowParams;
 @group(0) @binding(1) var<storage, read> rp_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> rp_y: array<f32>;
@@ -253,26 +273,22 @@ fn rows_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
+    let row = row_id(wid, nwg);
     if (row >= rp.rows) {
         return;
     }
     let base = rp.skip + row * rp.len;
     let shift = rp_x[base];
-    var s = 0.0;
+    var s = vec4<f32>(0.0);
     for (var i = lid; i < rp.len; i += RWG) {
-        s += rp_x[base + i] - shift;
+        let d = rp_x[base + i] - shift;
+        s.x += d;
+        s.y = fma(d, d, s.y);
     }
-    let mean = shift + row_sum(lid, vec2<f32>(s, 0.0)).x * rp.inv_n;
-    var q = 0.0;
+    let t = row_sum(lid, s);
+    let m = row_norm(rp, shift, t.x, t.y);
     for (var i = lid; i < rp.len; i += RWG) {
-        let d = rp_x[base + i] - mean;
-        q += d * d;
-    }
-    let var_ = max(row_sum(lid, vec2<f32>(q, 0.0)).x * rp.inv_divisor, 0.0);
-    let r = 1.0 / sqrt(var_ + rp.eps);
-    for (var i = lid; i < rp.len; i += RWG) {
-        rp_y[base + i] = (rp_x[base + i] - mean) * r;
+        rp_y[base + i] = (rp_x[base + i] - m.x) * m.y;
     }
 }
 
@@ -281,48 +297,37 @@ fn rows_forward(
 @group(0) @binding(2) var<storage, read> rg_g: array<f32>;
 @group(0) @binding(3) var<storage, read_write> rg_dx: array<f32>;
 
+// dx = r * (g - sum(g) / n - y * r * sum(g (x - mean)) / d), y = (x - mean) * r.
 @compute @workgroup_size(RWG)
 fn rows_grad(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
+    let row = row_id(wid, nwg);
     if (row >= rg.rows) {
         return;
     }
     let base = rg.skip + row * rg.len;
-    // sum x, sum g
     let shift = rg_x[base];
-    var s = vec2<f32>(0.0);
+    var s = vec4<f32>(0.0); // sum d, sum d^2, sum g, sum g d (d = x - shift)
     for (var i = lid; i < rg.len; i += RWG) {
-        s += vec2<f32>(rg_x[base + i] - shift, rg_g[base + i]);
+        let d = rg_x[base + i] - shift;
+        let g = rg_g[base + i];
+        s += vec4<f32>(d, d * d, g, g * d);
     }
-    let sums = row_sum(lid, s);
-    let mean = shift + sums.x * rg.inv_n;
-    // sum (x - mean)^2, sum g (x - mean)
-    var q = vec2<f32>(0.0);
+    let t = row_sum(lid, s);
+    let m = row_norm(rg, shift, t.x, t.y);
+    let a = t.z * rg.inv_n;
+    let b = m.y * (t.w - (m.x - shift) * t.z) * rg.inv_divisor;
     for (var i = lid; i < rg.len; i += RWG) {
-        let d = rg_x[base + i] - mean;
-        q += vec2<f32>(d * d, rg_g[base + i] * d);
-    }
-    let centred = row_sum(lid, q);
-    let var_ = max(centred.x * rg.inv_divisor, 0.0);
-    let r = 1.0 / sqrt(var_ + rg.eps);
-    let a = sums.y * rg.inv_n;
-    let b = r * centred.y * rg.inv_divisor;
-    for (var i = lid; i < rg.len; i += RWG) {
-        let y = (rg_x[base + i] - mean) * r;
-        rg_dx[base + i] = r * (rg_g[base + i] - a - y * b);
+        let y = (rg_x[base + i] - m.x) * m.y;
+        rg_dx[base + i] = m.y * (rg_g[base + i] - a - y * b);
     }
 }
 
 // The same two kernels on rows whose length is a multiple of 4, four elements per
 // load (`len` and `skip` then count vec4s): a quarter of the loop iterations.
-
-fn hsum(v: vec4<f32>) -> f32 {
-    return (v.x + v.y) + (v.z + v.w);
-}
 
 @group(0) @binding(0) var<uniform> r4p: RowParams;
 @group(0) @binding(1) var<storage, read> r4p_x: array<vec4<f32>>;
@@ -334,26 +339,23 @@ fn rows_forward_vec4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
+    let row = row_id(wid, nwg);
     if (row >= r4p.rows) {
         return;
     }
     let base = r4p.skip + row * r4p.len;
     let shift = r4p_x[base].x;
-    var s = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
     for (var i = lid; i < r4p.len; i += RWG) {
-        s += r4p_x[base + i] - shift;
+        let d = r4p_x[base + i] - shift;
+        s1 += d;
+        s2 = fma(d, d, s2);
     }
-    let mean = shift + row_sum(lid, vec2<f32>(hsum(s), 0.0)).x * r4p.inv_n;
-    var q = vec4<f32>(0.0);
+    let t = row_sum(lid, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
+    let m = row_norm(r4p, shift, t.x, t.y);
     for (var i = lid; i < r4p.len; i += RWG) {
-        let d = r4p_x[base + i] - mean;
-        q += d * d;
-    }
-    let var_ = max(row_sum(lid, vec2<f32>(hsum(q), 0.0)).x * r4p.inv_divisor, 0.0);
-    let r = 1.0 / sqrt(var_ + r4p.eps);
-    for (var i = lid; i < r4p.len; i += RWG) {
-        r4p_y[base + i] = (r4p_x[base + i] - mean) * r;
+        r4p_y[base + i] = (r4p_x[base + i] - m.x) * m.y;
     }
 }
 
@@ -368,34 +370,30 @@ fn rows_grad_vec4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
+    let row = row_id(wid, nwg);
     if (row >= r4g.rows) {
         return;
     }
     let base = r4g.skip + row * r4g.len;
     let shift = r4g_x[base].x;
-    var sx = vec4<f32>(0.0);
+    var sd = vec4<f32>(0.0);
+    var sdd = vec4<f32>(0.0);
     var sg = vec4<f32>(0.0);
+    var sgd = vec4<f32>(0.0);
     for (var i = lid; i < r4g.len; i += RWG) {
-        sx += r4g_x[base + i] - shift;
-        sg += r4g_g[base + i];
+        let d = r4g_x[base + i] - shift;
+        let g = r4g_g[base + i];
+        sd += d;
+        sdd = fma(d, d, sdd);
+        sg += g;
+        sgd = fma(g, d, sgd);
     }
-    let sums = row_sum(lid, vec2<f32>(hsum(sx), hsum(sg)));
-    let mean = shift + sums.x * r4g.inv_n;
-    var qx = vec4<f32>(0.0);
-    var qg = vec4<f32>(0.0);
+    let t = row_sum(lid, vec4<f32>(hsum(sd), hsum(sdd), hsum(sg), hsum(sgd)));
+    let m = row_norm(r4g, shift, t.x, t.y);
+    let a = t.z * r4g.inv_n;
+    let b = m.y * (t.w - (m.x - shift) * t.z) * r4g.inv_divisor;
     for (var i = lid; i < r4g.len; i += RWG) {
-        let d = r4g_x[base + i] - mean;
-        qx += d * d;
-        qg += r4g_g[base + i] * d;
-    }
-    let centred = row_sum(lid, vec2<f32>(hsum(qx), hsum(qg)));
-    let var_ = max(centred.x * r4g.inv_divisor, 0.0);
-    let r = 1.0 / sqrt(var_ + r4g.eps);
-    let a = sums.y * r4g.inv_n;
-    let b = r * centred.y * r4g.inv_divisor;
-    for (var i = lid; i < r4g.len; i += RWG) {
-        let y = (r4g_x[base + i] - mean) * r;
-        r4g_dx[base + i] = r * (r4g_g[base + i] - a - y * b);
+        let y = (r4g_x[base + i] - m.x) * m.y;
+        r4g_dx[base + i] = m.y * (r4g_g[base + i] - a - y * b);
     }
 }

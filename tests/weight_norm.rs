@@ -108,6 +108,9 @@ fn split_bindings_match_the_reference() {
     let mut rng = Rng::new(8);
     for (shape, dim) in [
         (vec![3, 20000], 0),
+        // Row kernels over several windows, rows a multiple of 4 long and not.
+        (vec![300, 64], 0),
+        (vec![200, 37], 0),
         (vec![7, 3000, 2], 1),
         (vec![9000, 3], 1),
     ] {

@@ -153,6 +153,14 @@ kernels! {
         [Uniform, Read, ReadWrite], []);
     WsRowsGradVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_grad_vec4", "rows_grad_vec4",
         [Uniform, Read, Read, ReadWrite], []);
+    WnRowsForward => (WEIGHT_NORM, "wgnorm.weight_norm.rows_forward", "rows_forward",
+        [Uniform, Read, Read, ReadWrite], []);
+    WnRowsForwardVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.rows_forward_vec4", "rows_forward_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
+    WnRowsGrad => (WEIGHT_NORM, "wgnorm.weight_norm.rows_grad", "rows_grad",
+        [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
+    WnRowsGradVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.rows_grad_vec4", "rows_grad_vec4",
+        [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
     WnNorms => (WEIGHT_NORM, "wgnorm.weight_norm.norms", "norms",
         [Uniform, Read, ReadWrite], []);
     WnFactors => (WEIGHT_NORM, "wgnorm.weight_norm.factors", "factors",

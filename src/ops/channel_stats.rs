@@ -10,7 +10,7 @@ use crate::gpu::{
 };
 
 /// Elements one workgroup reduces, at most (16 per thread).
-const ITEM_ELEMS: u64 = 4096;
+const ITEM_ELEMS: u64 = 16384;
 
 /// A tensor seen as `[batch, outer, channels, inner]`: slice `a * channels + c` owns
 /// `x[a, o, c, j]` for every `o` and `j`. `batch` is 1 except when a middle axis alone

@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    record_elementwise, record_sums, vec4_buffer, ChannelLayout, ReducePlan,
+    record_elementwise, record_sums, row_windows, vec4_buffer, ChannelLayout, ReducePlan, RowWindow,
 };
 use super::copy::record_copy;
 use crate::error::{Error, Result};
@@ -70,6 +70,18 @@ impl Default for WeightNorm {
     fn default() -> Self {
         Self::pytorch(Some(0))
     }
+}
+
+// Mirrors `RowParams` in shaders/weight_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct RowParams {
+    rows: u32,
+    len: u32,
+    skip: u32,
+    first_row: u32,
+    eps: f32,
+    _pad: [u32; 3],
 }
 
 // Mirrors `SliceParams` in shaders/weight_norm.wgsl.
@@ -232,6 +244,11 @@ impl WeightNorm {
     ) -> Result<Tensor> {
         let layout = self.check_g(g.shape(), v.shape())?;
         let ctx = rec.context();
+        if let Some(windows) = row_windows(layout, &ctx.limits) {
+            let out = Tensor::zeros(ctx, v.shape())?;
+            self.record_rows(rec, &layout, &windows, g, v, None, &out)?;
+            return Ok(out);
+        }
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         let sums = record_sums(rec, OP, &plan, v.buffer(), v.buffer(), None)?;
         let factors = vec4_buffer(ctx, OP, layout.slices())?;
@@ -261,6 +278,20 @@ impl WeightNorm {
         let layout = self.check_g(g.shape(), v.shape())?;
         self.check_same("grad_w", grad_w.shape(), v.shape())?;
         let ctx = rec.context();
+        if let Some(windows) = row_windows(layout, &ctx.limits) {
+            let grad_g = Tensor::zeros(ctx, g.shape())?;
+            let grad_v = Tensor::zeros(ctx, v.shape())?;
+            self.record_rows(
+                rec,
+                &layout,
+                &windows,
+                g,
+                v,
+                Some((grad_w, &grad_g)),
+                &grad_v,
+            )?;
+            return Ok((grad_g, grad_v));
+        }
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         // One pass over v and grad_w: <grad_w, v> and |v|^2 per slice.
         let sums = record_sums(rec, OP, &plan, grad_w.buffer(), v.buffer(), None)?;
@@ -280,6 +311,65 @@ impl WeightNorm {
         let grad_v = Tensor::zeros(ctx, v.shape())?;
         record_elementwise(rec, Kernel::WnGradV, &layout, &[v, grad_w], &coef, &grad_v)?;
         Ok((grad_g, grad_v))
+    }
+
+    /// One workgroup per row (see `row_windows`): `out = W`, or with
+    /// `grad = Some((grad_w, grad_g))` `out = grad_v` and `grad_g` filled.
+    #[allow(clippy::too_many_arguments)]
+    fn record_rows(
+        &self,
+        rec: &mut Recording<'_>,
+        layout: &ChannelLayout,
+        windows: &[RowWindow],
+        g: &Tensor,
+        v: &Tensor,
+        grad: Option<(&Tensor, &Tensor)>,
+        out: &Tensor,
+    ) -> Result<()> {
+        // Rows a multiple of 4 long start at multiples of 4: four elements per load.
+        let unit = if layout.inner.is_multiple_of(4) { 4 } else { 1 };
+        let rows = layout.channels;
+        let mut first_row = 0;
+        for w in windows {
+            let params = RowParams {
+                rows: w.rows as u32,
+                len: (layout.inner / unit) as u32,
+                skip: (w.skip / unit) as u32,
+                first_row: first_row as u32,
+                eps: self.eps,
+                _pad: [0; 3],
+            };
+            let gb = Bind::elems(g.buffer(), rows);
+            let vb = Bind::window(v.buffer(), w.start, w.len);
+            let ob = Bind::window(out.buffer(), w.start, w.len);
+            match grad {
+                None => {
+                    let kernel = if unit == 4 {
+                        Kernel::WnRowsForwardVec4
+                    } else {
+                        Kernel::WnRowsForward
+                    };
+                    rec.dispatch(kernel, &params, &[gb, vb, ob], w.rows)?;
+                }
+                Some((grad_w, grad_g)) => {
+                    let kernel = if unit == 4 {
+                        Kernel::WnRowsGradVec4
+                    } else {
+                        Kernel::WnRowsGrad
+                    };
+                    let binds = [
+                        gb,
+                        vb,
+                        Bind::window(grad_w.buffer(), w.start, w.len),
+                        Bind::elems(grad_g.buffer(), rows),
+                        ob,
+                    ];
+                    rec.dispatch(kernel, &params, &binds, w.rows)?;
+                }
+            }
+            first_row += w.rows;
+        }
+        Ok(())
     }
 
     /// Records [`Self::decompose`].
