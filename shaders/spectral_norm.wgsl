@@ -262,6 +262,34 @@ fn scale(
     }
 }
 
+// `scale` on vec4s, for tensors a multiple of 4 long (`count` counts vec4s).
+@group(0) @binding(0) var<uniform> sc4: ScaleParams;
+@group(0) @binding(1) var<storage, read> sc4_w: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> sc4_sigma: array<f32>;
+@group(0) @binding(3) var<storage, read> sc4_gamma: array<f32>;
+@group(0) @binding(4) var<storage, read_write> sc4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn scale_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let first = linear_id(wid, nwg, lid) * PER_THREAD;
+    if (first >= sc4.count) {
+        return;
+    }
+    var s = 1.0;
+    if (sc4.use_gamma == 1u) {
+        s = sc4_gamma[0];
+    }
+    let k = s / usable_sigma(sc4_sigma[0]);
+    let end = min(first + PER_THREAD, sc4.count);
+    for (var e = first; e < end; e += 1u) {
+        sc4_out[e] = sc4_w[e] * k;
+    }
+}
+
 // ---- grad_coef: the two coefficients of grad_W, and grad_gamma --------------------
 
 // Mirrors `GradCoefParams` in src/ops/spectral_norm.rs.
@@ -354,6 +382,49 @@ fn grad(
                 a += 1u;
             }
             ku = k.y * gr_u[min(r, gr.channels - 1u)];
+        }
+    }
+}
+
+// `grad` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
+// and `j_start` count vec4s; a vec4 has one r, and v is read as vec4s).
+@group(0) @binding(0) var<uniform> gr4: ElementParams;
+@group(0) @binding(1) var<storage, read> gr4_g: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gr4_u: array<f32>;
+@group(0) @binding(3) var<storage, read> gr4_v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> gr4_coef: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> gr4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn grad_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let first = linear_id(wid, nwg, lid) * PER_THREAD;
+    if (first >= gr4.count) {
+        return;
+    }
+    // The run's first element (a, r, j), then stepped without divisions.
+    let t = gr4.j_start + first;
+    var j = t % gr4.inner;
+    let tr = gr4.c_start + t / gr4.inner;
+    var r = tr % gr4.channels;
+    var a = gr4.o_start + tr / gr4.channels;
+    let k = gr4_coef[0];
+    var ku = k.y * gr4_u[r];
+    let end = min(first + PER_THREAD, gr4.count);
+    for (var e = first; e < end; e += 1u) {
+        gr4_out[e] = k.x * gr4_g[e] - ku * gr4_v[a * gr4.inner + j];
+        j += 1u;
+        if (j == gr4.inner) {
+            j = 0u;
+            r += 1u;
+            if (r == gr4.channels) {
+                r = 0u;
+                a += 1u;
+            }
+            ku = k.y * gr4_u[min(r, gr4.channels - 1u)];
         }
     }
 }

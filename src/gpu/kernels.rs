@@ -185,9 +185,13 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     SnScale => (SPECTRAL_NORM, "wgnorm.spectral_norm.scale", "scale",
         [Uniform, Read, Read, Read, ReadWrite], []);
+    SnScaleVec4 => (SPECTRAL_NORM, "wgnorm.spectral_norm.scale_vec4", "scale_vec4",
+        [Uniform, Read, Read, Read, ReadWrite], []);
     SnGradCoef => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad_coef", "grad_coef",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
     SnGrad => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad", "grad",
+        [Uniform, Read, Read, Read, Read, ReadWrite], []);
+    SnGradVec4 => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad_vec4", "grad_vec4",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
     BnFinalize => (BATCH_NORM, "wgnorm.batch_norm.finalize", "finalize",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);

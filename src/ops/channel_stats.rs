@@ -696,6 +696,14 @@ pub(crate) struct ElementParams {
 }
 
 impl ElementParams {
+    /// Counts positions in vec4s instead of elements (layouts whose rows are a
+    /// multiple of 4 long, windows starting at multiples of 4).
+    pub(crate) fn scale_to_vec4(&mut self) {
+        self.count /= 4;
+        self.inner /= 4;
+        self.j_start /= 4;
+    }
+
     /// The params of window `w` of an elementwise pass over `layout`.
     pub(crate) fn new(layout: &ChannelLayout, w: &ElementWindow) -> Self {
         ElementParams {
@@ -748,9 +756,7 @@ pub(crate) fn record_elementwise(
             let threads = (w.len / 4).div_ceil(c4 * per_thread) * c4;
             (kcl, threads * per_thread)
         } else if let Some(k4) = twin {
-            params.count /= 4;
-            params.inner /= 4;
-            params.j_start /= 4;
+            params.scale_to_vec4();
             (k4, w.len / 4)
         } else {
             (kernel, w.len)

@@ -540,11 +540,22 @@ impl SpectralNorm {
         let out = Tensor::zeros(ctx, weight.shape())?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         let full = ChannelLayout::new(weight.shape(), None);
+        // Windows start at multiples of 4: with a length a multiple of 4, vec4s.
+        let unit = if full.len().is_multiple_of(4) && ctx.limits.align_elems.is_multiple_of(4) {
+            4
+        } else {
+            1
+        };
+        let kernel = if unit == 4 {
+            Kernel::SnScaleVec4
+        } else {
+            Kernel::SnScale
+        };
         for w in element_windows(full, &ctx.limits) {
             rec.dispatch(
-                Kernel::SnScale,
+                kernel,
                 &ScaleParams {
-                    count: w.len as u32,
+                    count: (w.len / unit) as u32,
                     use_gamma: u32::from(gamma.is_some()),
                     _pad: [0; 2],
                 },
@@ -554,7 +565,7 @@ impl SpectralNorm {
                     Bind::elems(gamma.unwrap_or(&sigma).buffer(), 1),
                     Bind::window(out.buffer(), w.start, w.len),
                 ],
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+                (w.len / unit).div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
         }
         state.sigma = Some(sigma.clone());
@@ -622,10 +633,19 @@ impl SpectralNorm {
             1,
         )?;
         let grad = Tensor::zeros(ctx, weight.shape())?;
+        // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
+        let by4 = m.layout.inner.is_multiple_of(4) && ctx.limits.align_elems.is_multiple_of(4);
         for w in element_windows(m.layout, &ctx.limits) {
+            let mut params = ElementParams::new(&m.layout, &w);
+            let (kernel, units) = if by4 {
+                params.scale_to_vec4();
+                (Kernel::SnGradVec4, w.len / 4)
+            } else {
+                (Kernel::SnGrad, w.len)
+            };
             rec.dispatch(
-                Kernel::SnGrad,
-                &ElementParams::new(&m.layout, &w),
+                kernel,
+                &params,
                 &[
                     Bind::window(grad_output.buffer(), w.start, w.len),
                     Bind::elems(forward.u.buffer(), m.rows()),
@@ -633,7 +653,7 @@ impl SpectralNorm {
                     Bind::elems(&coef, 4),
                     Bind::window(grad.buffer(), w.start, w.len),
                 ],
-                w.len.div_ceil(ELEMENTS_PER_WORKGROUP),
+                units.div_ceil(ELEMENTS_PER_WORKGROUP),
             )?;
         }
         Ok((grad, grad_gamma))
