@@ -129,6 +129,72 @@ fn mtv_partials(
     }
 }
 
+// `mtv_partials` on vec4s, when M's rows are a multiple of 4 long and every box starts
+// at a multiple of 4 (column, binding): the 64 columns of a tile are 16 quads, each
+// thread sums one quad over every 16th row of the block, and 16 row lanes are added
+// in shared memory. Same partial slots as the scalar kernel.
+const QUADS: u32 = 16u;      // TILE / 4
+const LANES4: u32 = 16u;     // WG / QUADS
+
+var<workgroup> red4: array<vec4<f32>, WG>;
+
+@group(0) @binding(0) var<uniform> cp4: ColumnParams;
+@group(0) @binding(1) var<storage, read> cp4_m: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cp4_u: array<f32>;
+@group(0) @binding(3) var<storage, read_write> cp4_out: array<f32>; // [blocks, cols]
+
+@compute @workgroup_size(WG)
+fn mtv_partials_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let linear = wid.x + wid.y * nwg.x;
+    let first_block = cp4.r0 / cp4.row_block;
+    let box_end = cp4.r0 + cp4.nr;
+    let blocks = (box_end + cp4.row_block - 1u) / cp4.row_block - first_block;
+    if (linear >= cp4.tiles * blocks) {
+        return;
+    }
+    let tile = linear % cp4.tiles;
+    let rb = first_block + linear / cp4.tiles;
+    let quad = lid % QUADS;
+    let lane = lid / QUADS;
+    let cl = tile * TILE + quad * 4u; // the quad's first column, box-relative
+    let block_start = rb * cp4.row_block;
+    let r_begin = max(block_start, cp4.r0);
+    let r_end = min(block_start + cp4.row_block, box_end);
+    var acc = vec4<f32>(0.0);
+    if (cl < cp4.nc) {
+        let c = cp4.c0 + cl;
+        let a = c / cp4.inner;
+        let j = c - a * cp4.inner;
+        let step = LANES4 * cp4.inner / 4u;
+        var r = r_begin + lane;
+        var e = (a * cp4.rj + r * cp4.inner + j - cp4.bind_start) / 4u;
+        for (; r < r_end; r += LANES4) {
+            acc = fma(cp4_m[e], vec4<f32>(cp4_u[r]), acc);
+            e += step;
+        }
+    }
+    red4[lid] = acc;
+    workgroupBarrier();
+    if (lane == 0u && cl < cp4.nc) {
+        var total = vec4<f32>(0.0);
+        for (var k = 0u; k < LANES4; k += 1u) {
+            total += red4[quad + k * QUADS];
+        }
+        for (var i = 0u; i < 4u; i += 1u) {
+            let slot = rb * cp4.cols + cp4.c0 + cl + i;
+            var t = total[i];
+            if (r_begin != block_start) {
+                t += cp4_out[slot];
+            }
+            cp4_out[slot] = t;
+        }
+    }
+}
+
 // ---- mtv_combine: the column sums, one thread per column -------------------------
 
 // Mirrors `CombineParams` in src/ops/spectral_norm.rs.

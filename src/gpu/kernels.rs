@@ -177,6 +177,8 @@ kernels! {
         [Uniform, Read, Read, Read, ReadWrite], []);
     SnMtvPartials => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_partials", "mtv_partials",
         [Uniform, Read, Read, ReadWrite], []);
+    SnMtvPartialsVec4 => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_partials_vec4", "mtv_partials_vec4",
+        [Uniform, Read, Read, ReadWrite], []);
     SnMtvCombine => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_combine", "mtv_combine",
         [Uniform, Read, ReadWrite], []);
     SnNormalize => (SPECTRAL_NORM, "wgnorm.spectral_norm.normalize", "normalize",

@@ -835,10 +835,21 @@ impl SpectralNorm {
         let l = m.layout;
         let cols = m.cols();
         let partials = ctx.storage_buffer(OP, m.blocks * cols, false)?;
+        // Rows a multiple of 4 long and boxes starting at multiples of 4 columns and
+        // elements: the vec4 kernel (quads of columns never straddle an `a`).
+        let by4 = l.inner.is_multiple_of(4)
+            && m.boxes.iter().all(|b| {
+                b.c0.is_multiple_of(4) && b.nc.is_multiple_of(4) && b.bind_start.is_multiple_of(4)
+            });
+        let kernel = if by4 {
+            Kernel::SnMtvPartialsVec4
+        } else {
+            Kernel::SnMtvPartials
+        };
         for bx in &m.boxes {
             let tiles = bx.nc.div_ceil(COLUMN_TILE);
             rec.dispatch(
-                Kernel::SnMtvPartials,
+                kernel,
                 &ColumnParams {
                     rows: l.channels as u32,
                     inner: l.inner as u32,
