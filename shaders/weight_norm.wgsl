@@ -290,23 +290,44 @@ struct RowParams {
     skip: u32,      // elements (or vec4s) of the window before its first row
     first_row: u32, // the window's first row: index into g and grad_g
     eps: f32,
-    _pad0: u32,
+    tpr: u32,       // threads per row, a power of two dividing RWG: RWG / tpr rows per workgroup
     _pad1: u32,
     _pad2: u32,
 }
 
 var<workgroup> row_red: array<vec2<f32>, RWG>;
 
-fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+// A thread's row and its index among the row's `tpr` threads (short rows share a
+// workgroup).
+struct RowSlot {
+    row: u32,
+    tl: u32,
+    live: bool,
+}
+
+fn row_slot(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowSlot {
+    var r: RowSlot;
+    r.row = (wid.x + wid.y * nwg.x) * (RWG / p.tpr) + lid / p.tpr;
+    r.tl = lid % p.tpr;
+    r.live = r.row < p.rows;
+    return r;
+}
+
+fn rows_left(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>) -> bool {
+    return (wid.x + wid.y * nwg.x) * (RWG / p.tpr) < p.rows;
+}
+
+// Sum over the `tpr` threads of each row; each of them gets its row's total.
+fn row_sum(lid: u32, tl: u32, tpr: u32, v: vec2<f32>) -> vec2<f32> {
     row_red[lid] = v;
     workgroupBarrier();
-    for (var s = RWG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
+    for (var s = tpr / 2u; s > 0u; s >>= 1u) {
+        if (tl < s) {
             row_red[lid] += row_red[lid + s];
         }
         workgroupBarrier();
     }
-    let total = row_red[0];
+    let total = row_red[lid - tl];
     workgroupBarrier();
     return total;
 }
@@ -326,18 +347,19 @@ fn rows_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= rf.rows) {
+    if (!rows_left(rf, wid, nwg)) {
         return;
     }
+    let slot = row_slot(rf, wid, nwg, lid);
+    let row = min(slot.row, rf.rows - 1u);
     let base = rf.skip + row * rf.len;
     var sq = 0.0;
-    for (var i = lid; i < rf.len; i += RWG) {
+    for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
         let v = rf_v[base + i];
         sq = fma(v, v, sq);
     }
-    let f = rf_g[rf.first_row + row] / clamped_norm(row_sum(lid, vec2<f32>(sq, 0.0)).x, rf.eps);
-    for (var i = lid; i < rf.len; i += RWG) {
+    let f = rf_g[rf.first_row + row] / clamped_norm(row_sum(lid, slot.tl, rf.tpr, vec2<f32>(sq, 0.0)).x, rf.eps);
+    for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
         rf_w[base + i] = f * rf_v[base + i];
     }
 }
@@ -353,19 +375,20 @@ fn rows_forward_vec4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= rf4.rows) {
+    if (!rows_left(rf4, wid, nwg)) {
         return;
     }
+    let slot = row_slot(rf4, wid, nwg, lid);
+    let row = min(slot.row, rf4.rows - 1u);
     let base = rf4.skip + row * rf4.len;
     var sq = vec4<f32>(0.0);
-    for (var i = lid; i < rf4.len; i += RWG) {
+    for (var i = slot.tl; i < rf4.len && slot.live; i += rf4.tpr) {
         let v = rf4_v[base + i];
         sq = fma(v, v, sq);
     }
-    let total = row_sum(lid, vec2<f32>(hsum(sq), 0.0)).x;
+    let total = row_sum(lid, slot.tl, rf4.tpr, vec2<f32>(hsum(sq), 0.0)).x;
     let f = rf4_g[rf4.first_row + row] / clamped_norm(total, rf4.eps);
-    for (var i = lid; i < rf4.len; i += RWG) {
+    for (var i = slot.tl; i < rf4.len && slot.live; i += rf4.tpr) {
         rf4_w[base + i] = f * rf4_v[base + i];
     }
 }
@@ -393,21 +416,22 @@ fn rows_grad(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= rb.rows) {
+    if (!rows_left(rb, wid, nwg)) {
         return;
     }
+    let slot = row_slot(rb, wid, nwg, lid);
+    let row = min(slot.row, rb.rows - 1u);
     let base = rb.skip + row * rb.len;
     var s = vec2<f32>(0.0); // <G, v>, |v|^2
-    for (var i = lid; i < rb.len; i += RWG) {
+    for (var i = slot.tl; i < rb.len && slot.live; i += rb.tpr) {
         let v = rb_v[base + i];
         s = fma(vec2<f32>(rb_grad[base + i], v), vec2<f32>(v), s);
     }
-    let k = row_grad_coef(rb_g[rb.first_row + row], row_sum(lid, s), rb.eps);
-    if (lid == 0u) {
+    let k = row_grad_coef(rb_g[rb.first_row + row], row_sum(lid, slot.tl, rb.tpr, s), rb.eps);
+    if (slot.tl == 0u && slot.live) {
         rb_grad_g[rb.first_row + row] = k.x;
     }
-    for (var i = lid; i < rb.len; i += RWG) {
+    for (var i = slot.tl; i < rb.len && slot.live; i += rb.tpr) {
         rb_grad_v[base + i] = k.y * rb_grad[base + i] - k.z * rb_v[base + i];
     }
 }
@@ -425,24 +449,25 @@ fn rows_grad_vec4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= rb4.rows) {
+    if (!rows_left(rb4, wid, nwg)) {
         return;
     }
+    let slot = row_slot(rb4, wid, nwg, lid);
+    let row = min(slot.row, rb4.rows - 1u);
     let base = rb4.skip + row * rb4.len;
     var sgv = vec4<f32>(0.0);
     var svv = vec4<f32>(0.0);
-    for (var i = lid; i < rb4.len; i += RWG) {
+    for (var i = slot.tl; i < rb4.len && slot.live; i += rb4.tpr) {
         let v = rb4_v[base + i];
         sgv = fma(rb4_grad[base + i], v, sgv);
         svv = fma(v, v, svv);
     }
-    let sums = row_sum(lid, vec2<f32>(hsum(sgv), hsum(svv)));
+    let sums = row_sum(lid, slot.tl, rb4.tpr, vec2<f32>(hsum(sgv), hsum(svv)));
     let k = row_grad_coef(rb4_g[rb4.first_row + row], sums, rb4.eps);
-    if (lid == 0u) {
+    if (slot.tl == 0u && slot.live) {
         rb4_grad_g[rb4.first_row + row] = k.x;
     }
-    for (var i = lid; i < rb4.len; i += RWG) {
+    for (var i = slot.tl; i < rb4.len && slot.live; i += rb4.tpr) {
         rb4_grad_v[base + i] = k.y * rb4_grad[base + i] - k.z * rb4_v[base + i];
     }
 }

@@ -224,7 +224,7 @@ struct RowParams {
     rows: u32,  // rows in this window
     len: u32,   // elements (or vec4s) per row
     skip: u32,  // elements (or vec4s) of the window before its first row (alignment)
-    _pad: u32,
+    tpr: u32,   // threads per row, a power of two dividing RWG: RWG / tpr rows per workgroup
     eps: f32,
     inv_n: f32,
     inv_divisor: f32,
@@ -233,23 +233,40 @@ struct RowParams {
 
 var<workgroup> row_red: array<vec4<f32>, RWG>;
 
-// Sum over the workgroup; every invocation gets the total.
-fn row_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
+// A thread's row and its index among the row's `tpr` threads. Short rows share a
+// workgroup, so no thread idles on a row of 64 elements.
+struct RowSlot {
+    row: u32,
+    tl: u32,
+    live: bool,
+}
+
+fn row_slot(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowSlot {
+    var r: RowSlot;
+    r.row = (wid.x + wid.y * nwg.x) * (RWG / p.tpr) + lid / p.tpr;
+    r.tl = lid % p.tpr;
+    r.live = r.row < p.rows;
+    return r;
+}
+
+// Whether the workgroup has any row (uniform: an early return before the barriers).
+fn rows_left(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>) -> bool {
+    return (wid.x + wid.y * nwg.x) * (RWG / p.tpr) < p.rows;
+}
+
+// Sum over the `tpr` threads of each row; each of them gets its row's total.
+fn row_sum(lid: u32, tl: u32, tpr: u32, v: vec4<f32>) -> vec4<f32> {
     row_red[lid] = v;
     workgroupBarrier();
-    for (var s = RWG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
+    for (var s = tpr / 2u; s > 0u; s >>= 1u) {
+        if (tl < s) {
             row_red[lid] += row_red[lid + s];
         }
         workgroupBarrier();
     }
-    let total = row_red[0];
+    let total = row_red[lid - tl];
     workgroupBarrier();
     return total;
-}
-
-fn row_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
 }
 
 // (mean, 1 / sqrt(var + eps)) from the shifted sums (s1, s2).
@@ -273,21 +290,22 @@ fn rows_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_id(wid, nwg);
-    if (row >= rp.rows) {
+    if (!rows_left(rp, wid, nwg)) {
         return;
     }
+    let slot = row_slot(rp, wid, nwg, lid);
+    let row = min(slot.row, rp.rows - 1u);
     let base = rp.skip + row * rp.len;
     let shift = rp_x[base];
     var s = vec4<f32>(0.0);
-    for (var i = lid; i < rp.len; i += RWG) {
+    for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
         let d = rp_x[base + i] - shift;
         s.x += d;
         s.y = fma(d, d, s.y);
     }
-    let t = row_sum(lid, s);
+    let t = row_sum(lid, slot.tl, rp.tpr, s);
     let m = row_norm(rp, shift, t.x, t.y);
-    for (var i = lid; i < rp.len; i += RWG) {
+    for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
         rp_y[base + i] = (rp_x[base + i] - m.x) * m.y;
     }
 }
@@ -304,23 +322,24 @@ fn rows_grad(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_id(wid, nwg);
-    if (row >= rg.rows) {
+    if (!rows_left(rg, wid, nwg)) {
         return;
     }
+    let slot = row_slot(rg, wid, nwg, lid);
+    let row = min(slot.row, rg.rows - 1u);
     let base = rg.skip + row * rg.len;
     let shift = rg_x[base];
     var s = vec4<f32>(0.0); // sum d, sum d^2, sum g, sum g d (d = x - shift)
-    for (var i = lid; i < rg.len; i += RWG) {
+    for (var i = slot.tl; i < rg.len && slot.live; i += rg.tpr) {
         let d = rg_x[base + i] - shift;
         let g = rg_g[base + i];
         s += vec4<f32>(d, d * d, g, g * d);
     }
-    let t = row_sum(lid, s);
+    let t = row_sum(lid, slot.tl, rg.tpr, s);
     let m = row_norm(rg, shift, t.x, t.y);
     let a = t.z * rg.inv_n;
     let b = m.y * (t.w - (m.x - shift) * t.z) * rg.inv_divisor;
-    for (var i = lid; i < rg.len; i += RWG) {
+    for (var i = slot.tl; i < rg.len && slot.live; i += rg.tpr) {
         let y = (rg_x[base + i] - m.x) * m.y;
         rg_dx[base + i] = m.y * (rg_g[base + i] - a - y * b);
     }
@@ -339,22 +358,23 @@ fn rows_forward_vec4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_id(wid, nwg);
-    if (row >= r4p.rows) {
+    if (!rows_left(r4p, wid, nwg)) {
         return;
     }
+    let slot = row_slot(r4p, wid, nwg, lid);
+    let row = min(slot.row, r4p.rows - 1u);
     let base = r4p.skip + row * r4p.len;
     let shift = r4p_x[base].x;
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
-    for (var i = lid; i < r4p.len; i += RWG) {
+    for (var i = slot.tl; i < r4p.len && slot.live; i += r4p.tpr) {
         let d = r4p_x[base + i] - shift;
         s1 += d;
         s2 = fma(d, d, s2);
     }
-    let t = row_sum(lid, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
+    let t = row_sum(lid, slot.tl, r4p.tpr, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
     let m = row_norm(r4p, shift, t.x, t.y);
-    for (var i = lid; i < r4p.len; i += RWG) {
+    for (var i = slot.tl; i < r4p.len && slot.live; i += r4p.tpr) {
         r4p_y[base + i] = (r4p_x[base + i] - m.x) * m.y;
     }
 }
@@ -370,17 +390,18 @@ fn rows_grad_vec4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_id(wid, nwg);
-    if (row >= r4g.rows) {
+    if (!rows_left(r4g, wid, nwg)) {
         return;
     }
+    let slot = row_slot(r4g, wid, nwg, lid);
+    let row = min(slot.row, r4g.rows - 1u);
     let base = r4g.skip + row * r4g.len;
     let shift = r4g_x[base].x;
     var sd = vec4<f32>(0.0);
     var sdd = vec4<f32>(0.0);
     var sg = vec4<f32>(0.0);
     var sgd = vec4<f32>(0.0);
-    for (var i = lid; i < r4g.len; i += RWG) {
+    for (var i = slot.tl; i < r4g.len && slot.live; i += r4g.tpr) {
         let d = r4g_x[base + i] - shift;
         let g = r4g_g[base + i];
         sd += d;
@@ -388,11 +409,11 @@ fn rows_grad_vec4(
         sg += g;
         sgd = fma(g, d, sgd);
     }
-    let t = row_sum(lid, vec4<f32>(hsum(sd), hsum(sdd), hsum(sg), hsum(sgd)));
+    let t = row_sum(lid, slot.tl, r4g.tpr, vec4<f32>(hsum(sd), hsum(sdd), hsum(sg), hsum(sgd)));
     let m = row_norm(r4g, shift, t.x, t.y);
     let a = t.z * r4g.inv_n;
     let b = m.y * (t.w - (m.x - shift) * t.z) * r4g.inv_divisor;
-    for (var i = lid; i < r4g.len; i += RWG) {
+    for (var i = slot.tl; i < r4g.len && slot.live; i += r4g.tpr) {
         let y = (r4g_x[base + i] - m.x) * m.y;
         r4g_dx[base + i] = m.y * (r4g_g[base + i] - a - y * b);
     }

@@ -612,6 +612,20 @@ pub(crate) struct ElementWindow {
 /// 16 Ki f32 (64 KiB) stays in a GPU's L2 and a CPU's L2 between the passes over it.
 pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
 
+/// Threads per workgroup of the row kernels (their shaders' `RWG`).
+pub(crate) const ROW_WORKGROUP: u64 = 64;
+
+/// Threads per row for rows of `units` loads: about 8 loads per thread, a power of
+/// two up to a whole workgroup, so short rows share a workgroup. Returns the threads
+/// per row and the rows per workgroup.
+pub(crate) fn row_threads(units: u64) -> (u64, u64) {
+    let tpr = units
+        .div_ceil(8)
+        .next_power_of_two()
+        .clamp(1, ROW_WORKGROUP);
+    (tpr, ROW_WORKGROUP / tpr)
+}
+
 /// A run of whole rows that fits one binding: bind `len` elements from `start`
 /// (aligned); the first row begins `skip` elements in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    record_elementwise, record_sums, row_windows, vec4_buffer, ChannelLayout, ReducePlan, RowWindow,
+    record_elementwise, record_sums, row_threads, row_windows, vec4_buffer, ChannelLayout,
+    ReducePlan, RowWindow,
 };
 use super::copy::record_copy;
 use crate::error::{Error, Result};
@@ -81,7 +82,8 @@ struct RowParams {
     skip: u32,
     first_row: u32,
     eps: f32,
-    _pad: [u32; 3],
+    tpr: u32,
+    _pad: [u32; 2],
 }
 
 // Mirrors `SliceParams` in shaders/weight_norm.wgsl.
@@ -329,15 +331,18 @@ impl WeightNorm {
         // Rows a multiple of 4 long start at multiples of 4: four elements per load.
         let unit = if layout.inner.is_multiple_of(4) { 4 } else { 1 };
         let rows = layout.channels;
+        let (tpr, rows_per_group) = row_threads(layout.inner / unit);
         let mut first_row = 0;
         for w in windows {
+            let groups = w.rows.div_ceil(rows_per_group);
             let params = RowParams {
                 rows: w.rows as u32,
                 len: (layout.inner / unit) as u32,
                 skip: (w.skip / unit) as u32,
                 first_row: first_row as u32,
                 eps: self.eps,
-                _pad: [0; 3],
+                tpr: tpr as u32,
+                _pad: [0; 2],
             };
             let gb = Bind::elems(g.buffer(), rows);
             let vb = Bind::window(v.buffer(), w.start, w.len);
@@ -349,7 +354,7 @@ impl WeightNorm {
                     } else {
                         Kernel::WnRowsForward
                     };
-                    rec.dispatch(kernel, &params, &[gb, vb, ob], w.rows)?;
+                    rec.dispatch(kernel, &params, &[gb, vb, ob], groups)?;
                 }
                 Some((grad_w, grad_g)) => {
                     let kernel = if unit == 4 {
@@ -364,7 +369,7 @@ impl WeightNorm {
                         Bind::elems(grad_g.buffer(), rows),
                         ob,
                     ];
-                    rec.dispatch(kernel, &params, &binds, w.rows)?;
+                    rec.dispatch(kernel, &params, &binds, groups)?;
                 }
             }
             first_row += w.rows;

@@ -3,8 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    check_channel_input, element_windows, record_sums, record_welford, row_windows, vec4_buffer,
-    ChannelLayout, ElementWindow, ReducePlan, RowWindow,
+    check_channel_input, element_windows, record_sums, record_welford, row_threads, row_windows,
+    vec4_buffer, ChannelLayout, ElementWindow, ReducePlan, RowWindow,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -74,7 +74,7 @@ struct RowParams {
     rows: u32,
     len: u32,
     skip: u32,
-    _pad: u32,
+    tpr: u32,
     eps: f32,
     inv_n: f32,
     inv_divisor: f32,
@@ -334,12 +334,14 @@ impl WeightStandardization {
         } else {
             (1, Kernel::WsRowsForward, Kernel::WsRowsGrad)
         };
+        let (tpr, rows_per_group) = row_threads(layout.inner / unit);
         for w in windows {
+            let groups = w.rows.div_ceil(rows_per_group);
             let params = RowParams {
                 rows: w.rows as u32,
                 len: (layout.inner / unit) as u32,
                 skip: (w.skip / unit) as u32,
-                _pad: 0,
+                tpr: tpr as u32,
                 eps: self.eps,
                 inv_n: (1.0 / layout.per_channel() as f64) as f32,
                 inv_divisor: (1.0 / self.divisor(layout)) as f32,
@@ -348,12 +350,12 @@ impl WeightStandardization {
             let x = Bind::window(weight.buffer(), w.start, w.len);
             let y = Bind::window(out.buffer(), w.start, w.len);
             match grad_output {
-                None => rec.dispatch(forward, &params, &[x, y], w.rows)?,
+                None => rec.dispatch(forward, &params, &[x, y], groups)?,
                 Some(g) => rec.dispatch(
                     grad,
                     &params,
                     &[x, Bind::window(g.buffer(), w.start, w.len), y],
-                    w.rows,
+                    groups,
                 )?,
             }
         }
