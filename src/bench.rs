@@ -638,15 +638,6 @@ impl<'c> Prepared<'c> {
         }
         Ok(())
     }
-
-    /// The host copy of the first tensor of the workload and its shape, for peers.
-    pub fn host_input(&self, index: usize) -> Option<&ArrayD<f32>> {
-        match self.items.get(index)? {
-            Item::Copy { .. } => None,
-            Item::Ws { host, .. } | Item::Sn { host, .. } | Item::Bn { host, .. } => Some(host),
-            Item::Wn { host_v, .. } => Some(host_v),
-        }
-    }
 }
 
 /// The median of `xs` (`NaN` when empty).
@@ -767,6 +758,8 @@ impl Row {
 pub struct Report {
     /// The adapter, as [`Context::info`] prints it.
     pub adapter: String,
+    /// Its name and backend, for plot titles.
+    pub adapter_name: String,
     /// Whether kernel times come from GPU timestamps.
     pub timestamps: bool,
     /// The peer's name, if one was measured.
@@ -823,6 +816,7 @@ pub fn run(
     }
     Ok(Report {
         adapter: ctx.info().to_string(),
+        adapter_name: format!("{}, {:?}", ctx.info().name, ctx.info().backend),
         timestamps: Recording::new(ctx).gpu_timed(),
         peer: peer.map(|p| p.name()),
         rows,
@@ -962,7 +956,14 @@ impl Report {
             .collect();
         let max = rows.iter().map(|r| r.1).fold(1.0, f64::max);
         bars(
-            &format!("Fraction of copy bandwidth: {}", self.adapter_short()),
+            &[
+                if self.timestamps {
+                    "Fraction of the copy kernel's bandwidth (kernel times, GPU timestamps)"
+                } else {
+                    "Fraction of the copy kernel's bandwidth (end-to-end times)"
+                },
+                &self.adapter_name,
+            ],
             &rows,
             max,
             Some((0.7, "target 0.7")),
@@ -990,23 +991,15 @@ impl Report {
             .map(|(l, v)| (format!("{l}: {v:.2}x"), log(*v) - log(0.1)))
             .collect();
         bars(
-            &format!(
-                "Speed-up, end to end (log scale, line at 1x): {}",
-                self.adapter_short()
-            ),
+            &[
+                "Speed-up, end to end (log scale, line at 1x)",
+                &self.adapter_name,
+            ],
             &shifted,
             log(max) - log(0.1),
             Some((-log(0.1), "1x")),
             |_| String::new(),
         )
-    }
-
-    fn adapter_short(&self) -> String {
-        self.adapter
-            .split(", subgroups")
-            .next()
-            .unwrap_or(&self.adapter)
-            .to_string()
     }
 }
 
@@ -1022,13 +1015,15 @@ fn xml(s: &str) -> String {
 
 /// A horizontal bar chart: one bar per row, scaled to `max`, an optional marker line.
 fn bars(
-    title: &str,
+    title: &[&str],
     rows: &[(String, f64)],
     max: f64,
     marker: Option<(f64, &str)>,
     value: impl Fn(f64) -> String,
 ) -> String {
-    let (left, width, bar_h, top) = (330.0, 420.0, 16.0, 40.0);
+    // Room on the left for the longest label (about 6 px per character at 11 px).
+    let longest = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let (left, width, bar_h, top) = (20.0 + 6.2 * longest as f64, 420.0, 16.0, 56.0);
     let height = top + rows.len() as f64 * (bar_h + 4.0) + 30.0;
     let x = |v: f64| left + width * (v / max).clamp(0.0, 1.0);
     let mut s = String::new();
@@ -1038,11 +1033,15 @@ fn bars(
         left + width + 60.0
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="10" y="20" font-size="13" font-weight="bold">{}</text>"#,
-        xml(title)
-    );
+    for (i, line) in title.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{}" font-size="13"{}>{}</text>"#,
+            20 + 16 * i,
+            if i == 0 { r#" font-weight="bold""# } else { "" },
+            xml(line)
+        );
+    }
     for (i, (name, v)) in rows.iter().enumerate() {
         let y = top + i as f64 * (bar_h + 4.0);
         let color = match marker {

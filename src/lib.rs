@@ -19,10 +19,15 @@
 //! through the chain, a timer hook); [`state`] saves and loads their state under
 //! PyTorch's names with safetensors.
 //!
+//! [`bench`](mod@bench) is the benchmark suite (every op at realistic sizes, the bytes each must
+//! move, kernel and end-to-end time against a copy kernel, the CPU reference and a
+//! peer, a report with SVG plots) behind `cargo bench`, the `report` example and the
+//! burn peer crate in `benches/peer`.
+//!
 //! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
 //! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
 //! Welford and Chan's combine; tensors larger than one storage binding are split, not
-//! refused. A CPU reference in f64 ([`reference`]) validates every kernel.
+//! refused. A CPU reference in f64 ([`reference`](mod@reference)) validates every kernel.
 //!
 //! ```no_run
 //! use ndarray::Array4;
