@@ -615,15 +615,46 @@ pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
 /// Threads per workgroup of the row kernels (their shaders' `RWG`).
 pub(crate) const ROW_WORKGROUP: u64 = 64;
 
-/// Threads per row for rows of `units` loads: about 8 loads per thread, a power of
-/// two up to a whole workgroup, so short rows share a workgroup. Returns the threads
-/// per row and the rows per workgroup.
-pub(crate) fn row_threads(units: u64) -> (u64, u64) {
-    let tpr = units
-        .div_ceil(8)
-        .next_power_of_two()
-        .clamp(1, ROW_WORKGROUP);
-    (tpr, ROW_WORKGROUP / tpr)
+/// How a row kernel covers rows of `layout.inner` elements: by vec4 when rows are a
+/// multiple of 4 long (windows then start at multiples of 4 too), with `tpr` threads
+/// per row (about 8 loads each, a power of two up to a whole workgroup), so short rows
+/// share a workgroup.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowGeometry {
+    /// Four elements per load.
+    pub vec4: bool,
+    /// Loads per row.
+    pub len: u32,
+    /// Threads per row.
+    pub tpr: u32,
+    unit: u64,
+    rows_per_group: u64,
+}
+
+impl RowGeometry {
+    pub fn new(layout: &ChannelLayout) -> Self {
+        let vec4 = layout.inner.is_multiple_of(4);
+        let unit = if vec4 { 4 } else { 1 };
+        let len = layout.inner / unit;
+        let tpr = len.div_ceil(8).next_power_of_two().clamp(1, ROW_WORKGROUP);
+        RowGeometry {
+            vec4,
+            len: len as u32,
+            tpr: tpr as u32,
+            unit,
+            rows_per_group: ROW_WORKGROUP / tpr,
+        }
+    }
+
+    /// Loads of window `w` before its first row.
+    pub fn skip(&self, w: &RowWindow) -> u32 {
+        (w.skip / self.unit) as u32
+    }
+
+    /// Workgroups for window `w`.
+    pub fn groups(&self, w: &RowWindow) -> u64 {
+        w.rows.div_ceil(self.rows_per_group)
+    }
 }
 
 /// A run of whole rows that fits one binding: bind `len` elements from `start`

@@ -3,8 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    record_elementwise, record_sums, row_threads, row_windows, vec4_buffer, ChannelLayout,
-    ReducePlan, RowWindow,
+    record_elementwise, record_sums, row_windows, vec4_buffer, ChannelLayout, ReducePlan,
+    RowGeometry, RowWindow,
 };
 use super::copy::record_copy;
 use crate::error::{Error, Result};
@@ -328,20 +328,18 @@ impl WeightNorm {
         grad: Option<(&Tensor, &Tensor)>,
         out: &Tensor,
     ) -> Result<()> {
-        // Rows a multiple of 4 long start at multiples of 4: four elements per load.
-        let unit = if layout.inner.is_multiple_of(4) { 4 } else { 1 };
+        let geo = RowGeometry::new(layout);
         let rows = layout.channels;
-        let (tpr, rows_per_group) = row_threads(layout.inner / unit);
         let mut first_row = 0;
         for w in windows {
-            let groups = w.rows.div_ceil(rows_per_group);
+            let groups = geo.groups(w);
             let params = RowParams {
                 rows: w.rows as u32,
-                len: (layout.inner / unit) as u32,
-                skip: (w.skip / unit) as u32,
+                len: geo.len,
+                skip: geo.skip(w),
                 first_row: first_row as u32,
                 eps: self.eps,
-                tpr: tpr as u32,
+                tpr: geo.tpr,
                 _pad: [0; 2],
             };
             let gb = Bind::elems(g.buffer(), rows);
@@ -349,7 +347,7 @@ impl WeightNorm {
             let ob = Bind::window(out.buffer(), w.start, w.len);
             match grad {
                 None => {
-                    let kernel = if unit == 4 {
+                    let kernel = if geo.vec4 {
                         Kernel::WnRowsForwardVec4
                     } else {
                         Kernel::WnRowsForward
@@ -357,7 +355,7 @@ impl WeightNorm {
                     rec.dispatch(kernel, &params, &[gb, vb, ob], groups)?;
                 }
                 Some((grad_w, grad_g)) => {
-                    let kernel = if unit == 4 {
+                    let kernel = if geo.vec4 {
                         Kernel::WnRowsGradVec4
                     } else {
                         Kernel::WnRowsGrad

@@ -3,8 +3,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::channel_stats::{
-    check_channel_input, element_windows, record_sums, record_welford, row_threads, row_windows,
-    vec4_buffer, ChannelLayout, ElementWindow, ReducePlan, RowWindow,
+    check_channel_input, element_windows, record_sums, record_welford, row_windows, vec4_buffer,
+    ChannelLayout, ElementWindow, ReducePlan, RowGeometry, RowWindow,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -326,22 +326,19 @@ impl WeightStandardization {
         grad_output: Option<&Tensor>,
     ) -> Result<Tensor> {
         let out = Tensor::zeros(rec.context(), weight.shape())?;
-        // Rows of a multiple of 4 elements start at multiples of 4 (windows start
-        // aligned): four elements per load.
-        let by4 = layout.inner.is_multiple_of(4);
-        let (unit, forward, grad) = if by4 {
-            (4, Kernel::WsRowsForwardVec4, Kernel::WsRowsGradVec4)
+        let geo = RowGeometry::new(layout);
+        let (forward, grad) = if geo.vec4 {
+            (Kernel::WsRowsForwardVec4, Kernel::WsRowsGradVec4)
         } else {
-            (1, Kernel::WsRowsForward, Kernel::WsRowsGrad)
+            (Kernel::WsRowsForward, Kernel::WsRowsGrad)
         };
-        let (tpr, rows_per_group) = row_threads(layout.inner / unit);
         for w in windows {
-            let groups = w.rows.div_ceil(rows_per_group);
+            let groups = geo.groups(w);
             let params = RowParams {
                 rows: w.rows as u32,
-                len: (layout.inner / unit) as u32,
-                skip: (w.skip / unit) as u32,
-                tpr: tpr as u32,
+                len: geo.len,
+                skip: geo.skip(w),
+                tpr: geo.tpr,
                 eps: self.eps,
                 inv_n: (1.0 / layout.per_channel() as f64) as f32,
                 inv_divisor: (1.0 / self.divisor(layout)) as f32,
