@@ -1133,4 +1133,46 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
+
+    #[test]
+    fn report_table_and_plots_have_a_row_per_case() {
+        let row = |op, kernel: f64| Row {
+            case: Case {
+                op,
+                workload: Workload::single("w<1>", &[1000], 0),
+            },
+            kernel_s: Some(kernel),
+            end_to_end_s: kernel * 2.0,
+            copy: (Some(1e-3), 2e-3),
+            reference_s: Some(1e-2),
+            peer_s: (op == Op::WnForward).then_some(4e-3),
+        };
+        let report = Report {
+            adapter: "test adapter".into(),
+            adapter_name: "test".into(),
+            timestamps: true,
+            peer: Some("peer".into()),
+            rows: vec![
+                row(Op::Copy, 1e-3),
+                row(Op::WsForward, 2e-3),
+                row(Op::WnForward, 1e-3),
+            ],
+        };
+        let table = report.table();
+        assert_eq!(table.lines().count(), 2 + 3);
+        // WN forward: 8 bytes in 1 ms against the copy's 8 in 1 ms; 2x the peer.
+        assert!(
+            table.contains(
+                "| wn_forward | w<1> | 0.0 MB | 1.00 ms | 2.00 ms | 0.01 | 1.00 | 5.00x | 2.00x |"
+            ),
+            "{table}"
+        );
+        let bars = report.svg_copy_fraction();
+        // The background, then one bar per op (not the copy); names escaped.
+        assert_eq!(bars.matches("<rect").count(), 1 + 2);
+        assert!(bars.contains("w&lt;1&gt;") && bars.contains("target 0.7"));
+        let speedups = report.svg_speedups();
+        // Two against the reference, one against the peer.
+        assert_eq!(speedups.matches("<rect").count(), 1 + 3);
+    }
 }
