@@ -238,9 +238,9 @@ fn one_context_from_many_threads() {
         }
     });
     // Forward and backward use at most 15 distinct kernels: the row kernels (scalar
-    // and vec4, forward and grad) and the split path of `forward_backward` (partials,
-    // combines, finalize, elementwise, each scalar or vec4). Each is built once, so
-    // more work builds none.
+    // and vec4, forward and grad) and, for rows past their limit, the split path
+    // (partials, combines, finalize, elementwise, each scalar or vec4). Each is built
+    // once, so more work builds none.
     let built = ctx.pipelines_built() - built_before;
     assert!((2..=15).contains(&built), "{built} pipelines built");
     let mut rng = Rng::new(1);
