@@ -83,7 +83,10 @@ impl fmt::Display for AdapterReport {
 pub(crate) struct PlanLimits {
     /// Largest storage binding, in f32 elements.
     pub max_binding_elems: u64,
-    /// Storage binding offsets must be multiples of this many f32 elements.
+    /// Storage binding windows start at multiples of this many f32 elements: the
+    /// device's offset alignment, but at least 4 (16 bytes), so that every window
+    /// starts on a vec4 and the vec4 kernels need no check of their own (some drivers
+    /// allow 4-byte offsets).
     pub align_elems: u64,
     /// Largest workgroup count in one grid dimension.
     pub max_groups_per_dim: u32,
@@ -247,7 +250,7 @@ impl Context {
         };
         let plan = PlanLimits {
             max_binding_elems: max_binding / 4,
-            align_elems: align / 4,
+            align_elems: (align / 4).max(4),
             max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_buffer_bytes: limits.max_buffer_size,
         };

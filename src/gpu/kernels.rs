@@ -236,9 +236,7 @@ impl Kernel {
             _ => None,
         }
     }
-}
 
-impl Kernel {
     /// The channels-last twin of an elementwise or partial-reduction kernel: for
     /// layouts whose channels are the last axis and a multiple of 4, one group of 4
     /// channels per thread.

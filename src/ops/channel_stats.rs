@@ -235,7 +235,6 @@ impl ChannelsLastPlan {
             || channels == 0
             || !channels.is_multiple_of(4)
             || outer == 0
-            || !align.is_multiple_of(4)
             || outer > u64::from(u32::MAX)
         {
             return None;
@@ -426,10 +425,11 @@ impl ReducePlan {
                 .all(|b| b.base_delta.is_multiple_of(4) && b.bind_len.is_multiple_of(4))
     }
 
-    /// The partial kernel to run (`kernel` or its vec4 twin) and its params for `bx`.
-    fn partials(&self, kernel: Kernel, bx: &ReduceBox) -> (Kernel, ReduceParams) {
+    /// The partial kernel to run (`kernel`, or with `by4` its vec4 twin, see
+    /// [`Self::by_vec4`]) and its params for `bx`.
+    fn partials(&self, kernel: Kernel, by4: bool, bx: &ReduceBox) -> (Kernel, ReduceParams) {
         let mut p = self.params(bx);
-        match kernel.vec4_twin().filter(|_| self.by_vec4()) {
+        match kernel.vec4_twin().filter(|_| by4) {
             Some(k4) => {
                 p.inner /= 4;
                 p.row_stride /= 4;
@@ -567,10 +567,11 @@ fn record_partials<'x>(
             rec.dispatch(kcl, &params, &all, bx.nblocks * cl.ngroups)?;
         }
     } else {
+        let by4 = plan.by_vec4();
         for bx in &plan.boxes {
             let mut all = binds(bx.bind_start, bx.bind_len);
             all.push(partials_bind);
-            let (kernel, params) = plan.partials(kernel, bx);
+            let (kernel, params) = plan.partials(kernel, by4, bx);
             rec.dispatch(kernel, &params, &all, bx.nb * bx.nc * bx.njc)?;
         }
     }
@@ -776,18 +777,17 @@ pub(crate) fn record_elementwise(
     out: &Tensor,
 ) -> Result<()> {
     let limits = &rec.context().limits;
-    // Rows a multiple of 4 long and windows starting at multiples of 4: the vec4 twin,
-    // with every position counted in vec4s.
-    let aligned4 = limits.align_elems.is_multiple_of(4);
+    // Rows a multiple of 4 long (windows always start at multiples of 4): the vec4
+    // twin, with every position counted in vec4s.
     let twin = kernel
         .vec4_twin()
-        .filter(|_| layout.inner.is_multiple_of(4) && aligned4);
+        .filter(|_| layout.inner.is_multiple_of(4));
     // Channels last, a multiple of 4 of them: one group of 4 channels per thread, for
     // PER_THREAD rows (see batch_norm.wgsl); window starts are multiples of 4, hence so
     // are their first channels.
-    let channels_last = kernel.channels_last_twin().filter(|_| {
-        layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4) && aligned4
-    });
+    let channels_last = kernel
+        .channels_last_twin()
+        .filter(|_| layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4));
     for w in element_windows(*layout, limits) {
         let mut params = ElementParams::new(layout, &w);
         let (kernel, units) = if let Some(kcl) = channels_last {

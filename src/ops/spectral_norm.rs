@@ -541,11 +541,7 @@ impl SpectralNorm {
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         let full = ChannelLayout::new(weight.shape(), None);
         // Windows start at multiples of 4: with a length a multiple of 4, vec4s.
-        let unit = if full.len().is_multiple_of(4) && ctx.limits.align_elems.is_multiple_of(4) {
-            4
-        } else {
-            1
-        };
+        let unit = if full.len().is_multiple_of(4) { 4 } else { 1 };
         let kernel = if unit == 4 {
             Kernel::SnScaleVec4
         } else {
@@ -634,7 +630,7 @@ impl SpectralNorm {
         )?;
         let grad = Tensor::zeros(ctx, weight.shape())?;
         // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
-        let by4 = m.layout.inner.is_multiple_of(4) && ctx.limits.align_elems.is_multiple_of(4);
+        let by4 = m.layout.inner.is_multiple_of(4);
         for w in element_windows(m.layout, &ctx.limits) {
             let mut params = ElementParams::new(&m.layout, &w);
             let (kernel, units) = if by4 {

@@ -8,7 +8,7 @@ use super::channel_stats::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
-    Bind, Context, Kernel, PlanLimits, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
+    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
 };
 
 const OP: &str = "weight_standardization";
@@ -267,8 +267,7 @@ impl WeightStandardization {
         let ctx = rec.context();
         let out = Tensor::zeros(ctx, weight.shape())?;
         for w in element_windows(*layout, &ctx.limits) {
-            let (kernel, params, units) =
-                self.element_pass(Kernel::WsNormalize, layout, &ctx.limits, &w);
+            let (kernel, params, units) = self.element_pass(Kernel::WsNormalize, layout, &w);
             rec.dispatch(
                 kernel,
                 &params,
@@ -304,8 +303,7 @@ impl WeightStandardization {
         )?;
         let out = Tensor::zeros(ctx, weight.shape())?;
         for w in element_windows(*layout, &ctx.limits) {
-            let (kernel, params, units) =
-                self.element_pass(Kernel::WsGrad, layout, &ctx.limits, &w);
+            let (kernel, params, units) = self.element_pass(Kernel::WsGrad, layout, &w);
             rec.dispatch(
                 kernel,
                 &params,
@@ -372,13 +370,12 @@ impl WeightStandardization {
         &self,
         kernel: Kernel,
         layout: &ChannelLayout,
-        limits: &PlanLimits,
         w: &ElementWindow,
     ) -> (Kernel, ElementParams, u64) {
         let mut params = self.element_params(layout, w.len, w.c_start, w.j_start);
         match kernel
             .vec4_twin()
-            .filter(|_| layout.inner.is_multiple_of(4) && limits.align_elems.is_multiple_of(4))
+            .filter(|_| layout.inner.is_multiple_of(4))
         {
             Some(k4) => {
                 params.count /= 4;
