@@ -205,6 +205,16 @@ impl Workload {
         ]
     }
 
+    /// The input of tensor `index`: what [`Prepared`] uploads (`pseudo_random` with
+    /// seed `2 index + 1`; its gradient uses the next seed) and a [`Peer`] should use.
+    pub fn input(&self, index: usize) -> ArrayD<f32> {
+        pseudo_random(&self.shapes[index], Self::seed(index))
+    }
+
+    fn seed(index: usize) -> u64 {
+        index as u64 * 2 + 1
+    }
+
     /// Elements over all tensors.
     pub fn elements(&self) -> u64 {
         self.shapes
@@ -340,9 +350,10 @@ impl<'c> Prepared<'c> {
     /// Uploads deterministic inputs for `case` (and runs what its backward needs).
     pub fn new(ctx: &'c Context, case: &Case) -> Result<Self> {
         let mut items = Vec::with_capacity(case.workload.shapes.len());
-        for (i, shape) in case.workload.shapes.iter().enumerate() {
-            let seed = i as u64 * 2 + 1;
-            let host = pseudo_random(shape, seed);
+        let wl = &case.workload;
+        for (i, shape) in wl.shapes.iter().enumerate() {
+            let seed = Workload::seed(i);
+            let host = wl.input(i);
             let up = |a: &ArrayD<f32>| Tensor::from_array(ctx, a);
             let item = match case.op {
                 Op::Copy => Item::Copy { x: up(&host)? },
@@ -779,7 +790,7 @@ pub fn run(
     let mut rows = Vec::new();
     for case in &options.cases {
         if !copies.iter().any(|(w, _)| *w == case.workload) {
-            let copy = measure(ctx, &case.yardstick(), options)?;
+            let copy = measure(&mut Prepared::new(ctx, &case.yardstick())?, options)?;
             copies.push((case.workload.clone(), copy));
         }
         let copy = copies
@@ -787,18 +798,19 @@ pub fn run(
             .find(|(w, _)| *w == case.workload)
             .map(|(_, c)| *c)
             .expect("measured above");
-        let (kernel_s, end_to_end_s) = if case.op == Op::Copy {
-            copy
+        let (kernel_s, end_to_end_s, reference_s) = if case.op == Op::Copy {
+            (copy.0, copy.1, None)
         } else {
-            measure(ctx, case, options)?
-        };
-        let reference_s = if options.reference && case.op != Op::Copy {
-            let prepared = Prepared::new(ctx, case)?;
-            let start = Instant::now();
-            prepared.run_reference()?;
-            Some(start.elapsed().as_secs_f64())
-        } else {
-            None
+            let mut prepared = Prepared::new(ctx, case)?;
+            let (kernel_s, end_to_end_s) = measure(&mut prepared, options)?;
+            let reference_s = if options.reference {
+                let start = Instant::now();
+                prepared.run_reference()?;
+                Some(start.elapsed().as_secs_f64())
+            } else {
+                None
+            };
+            (kernel_s, end_to_end_s, reference_s)
         };
         let peer_s = peer
             .as_deref_mut()
@@ -823,9 +835,8 @@ pub fn run(
     })
 }
 
-/// Median kernel and end-to-end seconds of `case`.
-fn measure(ctx: &Context, case: &Case, options: &RunOptions) -> Result<(Option<f64>, f64)> {
-    let mut prepared = Prepared::new(ctx, case)?;
+/// Median kernel and end-to-end seconds of a prepared case.
+fn measure(prepared: &mut Prepared<'_>, options: &RunOptions) -> Result<(Option<f64>, f64)> {
     for _ in 0..options.warmup {
         prepared.run_timed()?;
     }

@@ -78,11 +78,7 @@ impl Peer for Burn {
 
     fn seconds(&mut self, case: &Case, samples: usize) -> Option<f64> {
         let shapes = &case.workload.shapes;
-        let hosts: Vec<_> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| bench::pseudo_random(s, i as u64 * 2 + 1))
-            .collect();
+        let hosts: Vec<_> = (0..shapes.len()).map(|i| case.workload.input(i)).collect();
         let flat = |i: usize| hosts[i].as_slice().expect("standard layout");
         match case.op {
             Op::BnForwardTrain | Op::BnForwardEval => {
