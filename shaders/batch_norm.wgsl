@@ -12,8 +12,15 @@
 // Training backward (biased batch variance, n values per feature):
 //   k1 = gamma * invstd, k2 = sum(dy) / n, k3 = invstd^2 * sum(dy (x - mean)) / n
 // Evaluation backward (running statistics are constants): k2 = k3 = 0.
+//
+// Variants (shaders/permutations): `vec4` for rows a multiple of 4 long, `cl` for
+// features on the last axis (NHWC), 4 features per vec4.
 
 const WG: u32 = 256u;
+
+#import elem
+#import element
+#import welford
 
 // Mirrors `FinalizeParams` in src/ops/batch_norm.rs.
 struct FinalizeParams {
@@ -33,57 +40,6 @@ struct GradParams {
     training: u32,
     inv_n: f32,
     _pad: u32,
-}
-
-// Mirrors `ElementParams` in src/ops/channel_stats.rs (batch is always 1 here, so
-// outer, o_start and a_start are unused).
-struct ElementParams {
-    count: u32,
-    channels: u32,
-    inner: u32,
-    c_start: u32,
-    j_start: u32,
-    outer: u32,
-    o_start: u32,
-    a_start: u32,
-}
-
-// Elementwise passes: each thread handles PER_THREAD consecutive elements, computing
-// its channel once and stepping it at row ends, so the per-channel values are loaded
-// once per run rather than once per element (a large cost on software adapters).
-const PER_THREAD: u32 = 4u;
-
-struct Run {
-    first: u32, // first element of the thread's run
-    c: u32,     // its channel
-    j: u32,     // its column within the channel's row
-}
-
-fn run_start(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Run {
-    var r: Run;
-    r.first = ((wid.x + wid.y * nwg.x) * WG + lid) * PER_THREAD;
-    let t = p.j_start + r.first;
-    r.c = (p.c_start + t / p.inner) % p.channels;
-    r.j = t % p.inner;
-    return r;
-}
-
-// Moves the run to the next element; returns true when the channel changed.
-fn run_step(p: ElementParams, r: ptr<function, Run>) -> bool {
-    (*r).j += 1u;
-    if ((*r).j == p.inner) {
-        (*r).j = 0u;
-        (*r).c += 1u;
-        if ((*r).c == p.channels) {
-            (*r).c = 0u;
-        }
-        return true;
-    }
-    return false;
-}
-
-fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
 // ---- finalize ------------------------------------------------------------------------
@@ -135,9 +91,9 @@ fn finalize(
 // ---- normalize: y = (x - mean) * (invstd * gamma) + beta ------------------------------
 
 @group(0) @binding(0) var<uniform> np: ElementParams;
-@group(0) @binding(1) var<storage, read> np_x: array<f32>;
+@group(0) @binding(1) var<storage, read> np_x: array<V>;
 @group(0) @binding(2) var<storage, read> np_norm: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> np_y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> np_y: array<V>;
 
 @compute @workgroup_size(WG)
 fn normalize(
@@ -145,140 +101,24 @@ fn normalize(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var r = run_start(np, wid, nwg, lid);
-    if (r.first >= np.count) {
-        return;
-    }
-    var m = np_norm[r.c];
-    var scale = m.y * m.z;
-    let end = min(r.first + PER_THREAD, np.count);
-    for (var e = r.first; e < end; e += 1u) {
-        np_y[e] = (np_x[e] - m.x) * scale + m.w;
-        if (run_step(np, &r)) {
-            m = np_norm[r.c];
-            scale = m.y * m.z;
+    var w = cursor_start(np, wid, nwg, lid);
+    // Per-feature values are reloaded only when the slice changes.
+    var cur = 0xffffffffu;
+    var mean: V;
+    var scale: V;
+    var beta: V;
+    for (var k = 0u; k < PER_THREAD && w.e < np.count; k += 1u) {
+        let s = cursor_slice(np, w);
+        if (s != cur) {
+            cur = s;
+            let i = unit_slices(s);
+            let m = transpose(mat4x4<f32>(np_norm[i.x], np_norm[i.y], np_norm[i.z], np_norm[i.w]));
+            mean = from_lanes(m[0]);
+            scale = from_lanes(m[1] * m[2]);
+            beta = from_lanes(m[3]);
         }
-    }
-}
-
-// `normalize` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
-// and `j_start` then count vec4s; a vec4 never straddles two channels).
-@group(0) @binding(0) var<uniform> np4: ElementParams;
-@group(0) @binding(1) var<storage, read> np4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> np4_norm: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> np4_y: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn normalize_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var r = run_start(np4, wid, nwg, lid);
-    if (r.first >= np4.count) {
-        return;
-    }
-    var m = np4_norm[r.c];
-    var scale = m.y * m.z;
-    let end = min(r.first + PER_THREAD, np4.count);
-    for (var e = r.first; e < end; e += 1u) {
-        np4_y[e] = (np4_x[e] - m.x) * scale + m.w;
-        if (run_step(np4, &r)) {
-            m = np4_norm[r.c];
-            scale = m.y * m.z;
-        }
-    }
-}
-
-// ---- channels-last (NHWC) twins -------------------------------------------------
-//
-// When the features are the last axis (inner = 1) and a multiple of 4: `count`,
-// `channels` and `c_start` count vec4s, and each thread keeps one group of 4 features
-// for PER_THREAD rows, so it loads its per-feature values once (4 vec4, transposed)
-// rather than once per element. Neighbouring threads read neighbouring vec4s.
-
-struct ClRun {
-    first: u32, // the thread's first vec4 (window-relative)
-    step: u32,  // vec4s between its rows
-    g: u32,     // its group of 4 features
-}
-
-fn cl_run(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> ClRun {
-    let t = linear_id(wid, nwg, lid);
-    let tg = t % p.channels;
-    var r: ClRun;
-    r.first = (t / p.channels) * PER_THREAD * p.channels + tg;
-    r.step = p.channels;
-    r.g = (p.c_start + tg) % p.channels;
-    return r;
-}
-
-// Component `k` of the per-feature vec4s of features 4g .. 4g + 3, as one vec4.
-fn lanes(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, k: u32) -> vec4<f32> {
-    return vec4<f32>(a[k], b[k], c[k], d[k]);
-}
-
-@group(0) @binding(0) var<uniform> ncl: ElementParams;
-@group(0) @binding(1) var<storage, read> ncl_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> ncl_norm: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> ncl_y: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn normalize_cl(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let r = cl_run(ncl, wid, nwg, lid);
-    if (r.first >= ncl.count) {
-        return;
-    }
-    let f = 4u * r.g;
-    let m0 = ncl_norm[f];
-    let m1 = ncl_norm[f + 1u];
-    let m2 = ncl_norm[f + 2u];
-    let m3 = ncl_norm[f + 3u];
-    let mean = lanes(m0, m1, m2, m3, 0u);
-    let scale = lanes(m0, m1, m2, m3, 1u) * lanes(m0, m1, m2, m3, 2u);
-    let beta = lanes(m0, m1, m2, m3, 3u);
-    for (var k = 0u; k < PER_THREAD; k += 1u) {
-        let e = r.first + k * r.step;
-        if (e < ncl.count) {
-            ncl_y[e] = (ncl_x[e] - mean) * scale + beta;
-        }
-    }
-}
-
-@group(0) @binding(0) var<uniform> gcl: ElementParams;
-@group(0) @binding(1) var<storage, read> gcl_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> gcl_dy: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> gcl_coef: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> gcl_dx: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn grad_input_cl(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let r = cl_run(gcl, wid, nwg, lid);
-    if (r.first >= gcl.count) {
-        return;
-    }
-    let f = 4u * r.g;
-    let k0 = gcl_coef[f];
-    let k1 = gcl_coef[f + 1u];
-    let k2 = gcl_coef[f + 2u];
-    let k3 = gcl_coef[f + 3u];
-    let a = lanes(k0, k1, k2, k3, 0u);
-    let b = lanes(k0, k1, k2, k3, 1u);
-    let c = lanes(k0, k1, k2, k3, 2u);
-    let mean = lanes(k0, k1, k2, k3, 3u);
-    for (var k = 0u; k < PER_THREAD; k += 1u) {
-        let e = r.first + k * r.step;
-        if (e < gcl.count) {
-            gcl_dx[e] = a * (gcl_dy[e] - b - (gcl_x[e] - mean) * c);
-        }
+        np_y[w.e] = (np_x[w.e] - mean) * scale + beta;
+        cursor_next(np, &w);
     }
 }
 
@@ -317,10 +157,10 @@ fn grad_factors(
 // ---- grad_input: dx = k1 * (dy - k2 - (x - mean) * k3) --------------------------------
 
 @group(0) @binding(0) var<uniform> gi: ElementParams;
-@group(0) @binding(1) var<storage, read> gi_x: array<f32>;
-@group(0) @binding(2) var<storage, read> gi_dy: array<f32>;
+@group(0) @binding(1) var<storage, read> gi_x: array<V>;
+@group(0) @binding(2) var<storage, read> gi_dy: array<V>;
 @group(0) @binding(3) var<storage, read> gi_coef: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> gi_dx: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gi_dx: array<V>;
 
 @compute @workgroup_size(WG)
 fn grad_input(
@@ -328,50 +168,28 @@ fn grad_input(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var r = run_start(gi, wid, nwg, lid);
-    if (r.first >= gi.count) {
-        return;
-    }
-    var k = gi_coef[r.c];
-    let end = min(r.first + PER_THREAD, gi.count);
-    for (var e = r.first; e < end; e += 1u) {
-        gi_dx[e] = k.x * (gi_dy[e] - k.y - (gi_x[e] - k.w) * k.z);
-        if (run_step(gi, &r)) {
-            k = gi_coef[r.c];
+    var w = cursor_start(gi, wid, nwg, lid);
+    var cur = 0xffffffffu;
+    var k: mat4x4<f32>;
+    for (var n = 0u; n < PER_THREAD && w.e < gi.count; n += 1u) {
+        let s = cursor_slice(gi, w);
+        if (s != cur) {
+            cur = s;
+            let i = unit_slices(s);
+            k = transpose(mat4x4<f32>(gi_coef[i.x], gi_coef[i.y], gi_coef[i.z], gi_coef[i.w]));
         }
-    }
-}
-
-// `grad_input` on vec4s, for layouts whose rows are a multiple of 4 long (`count`, `inner`
-// and `j_start` then count vec4s; a vec4 never straddles two channels).
-@group(0) @binding(0) var<uniform> gi4: ElementParams;
-@group(0) @binding(1) var<storage, read> gi4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> gi4_dy: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> gi4_coef: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> gi4_dx: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn grad_input_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var r = run_start(gi4, wid, nwg, lid);
-    if (r.first >= gi4.count) {
-        return;
-    }
-    var k = gi4_coef[r.c];
-    let end = min(r.first + PER_THREAD, gi4.count);
-    for (var e = r.first; e < end; e += 1u) {
-        gi4_dx[e] = k.x * (gi4_dy[e] - k.y - (gi4_x[e] - k.w) * k.z);
-        if (run_step(gi4, &r)) {
-            k = gi4_coef[r.c];
-        }
+        let k1 = from_lanes(k[0]);
+        let k2 = from_lanes(k[1]);
+        let k3 = from_lanes(k[2]);
+        let mean = from_lanes(k[3]);
+        gi_dx[w.e] = k1 * (gi_dy[w.e] - k2 - (gi_x[w.e] - mean) * k3);
+        cursor_next(gi, &w);
     }
 }
 
 // ---- merge: population accumulator += batch statistics (Chan's combine) -------------
 
+// Mirrors `MergeParams` in src/ops/batch_norm.rs.
 struct MergeParams {
     features: u32,
     _pad0: u32,
@@ -393,17 +211,5 @@ fn merge(
     if (c >= mp.features) {
         return;
     }
-    let a = mp_acc[c];
-    let b = mp_batch[c];
-    if (b.z == 0.0) {
-        return;
-    }
-    if (a.z == 0.0) {
-        mp_acc[c] = b;
-        return;
-    }
-    let n = a.z + b.z;
-    let wb = b.z / n;
-    let d = b.x - a.x;
-    mp_acc[c] = vec4<f32>(a.x + d * wb, a.y + b.y + d * d * a.z * wb, n, 0.0);
+    mp_acc[c] = chan(mp_acc[c], mp_batch[c]);
 }

@@ -8,7 +8,8 @@
 // s = a * channels + c owns x[a, o, c, j] for every o and j (batch is 1 but for Jittor's
 // weight norm over a middle axis). The reduction is split into items (bb, c, jc): rows
 // o in [b * rows_per_item, ...) of batch entry a (bb = a * blocks_per_batch + b) and
-// columns j in [jc * row_chunk, ...) of channel c, a few thousand elements each. One
+// columns j in [jc * row_chunk, ...) of channel c, a few thousand elements each (the
+// host sizes them per adapter: small on GPUs, for enough workgroups in flight). One
 // workgroup reduces one item to one partial, stored at a fixed slot
 // `s * partials_per_channel + b * chunks_per_row + jc`; a combine kernel (one workgroup
 // per slice) then reduces each slice's partials. Scratch memory is therefore
@@ -19,14 +20,23 @@
 // `base_delta` is the box's first element relative to the (aligned) window start. All
 // in-shader indices are window-relative, so they fit in u32 whatever the tensor size.
 //
-// Numerics. Each thread sums its elements (at most ITEM_ELEMS / WG of them) shifted by
-// the item's first element, turns the sums into (mean, M2), and Chan's parallel combine
-// merges threads (shared-memory tree) and partials: never E[x^2] - E[x]^2 on raw values,
-// which loses every digit for weights with a large common offset. No division per
-// element, which matters on software adapters. The tree needs no subgroup operations, so it runs on adapters
-// without them (GL) and is correct for any subgroup size.
+// Numerics. Each thread sums its elements shifted by the item's first element, turns
+// the sums into (mean, M2), and Chan's parallel combine merges threads (shared-memory
+// tree) and partials: never E[x^2] - E[x]^2 on raw values, which loses every digit for
+// weights with a large common offset. No division per element, which matters on
+// software adapters.
+//
+// Variants: `vec4` (shaders/permutations) when every row, item chunk and box start is
+// a multiple of 4 elements: the params (inner, row_stride, row_chunk, base_delta)
+// then count vec4s and so does the walk; each lane accumulates on its own and the
+// lanes are summed at the end (they share the shift). The channels-last kernels
+// (`*_cl`, at the end) are a different walk for [rows, channels] layouts.
 
 const WG: u32 = 64u;
+
+#import grid
+#import elem
+#import tree
 
 // Mirrors `ReduceParams` in src/ops/channel_stats.rs.
 struct ReduceParams {
@@ -59,14 +69,20 @@ struct CombineParams {
 struct Item {
     slot: u32,  // where the partial goes
     c: u32,     // the slice, a * channels + c
-    base: u32,  // window-relative index of the item's first element
-    cols: u32,  // elements per row of the item
-    count: u32, // elements in the item
+    base: u32,  // window-relative index of the item's first unit
+    cols: u32,  // units per row of the item
+    count: u32, // units in the item
     o0: u32,    // the item's first row within its batch entry
     j0: u32,    // the item's first column within the channel's row
 }
 
+// The item of workgroup `linear` of the box, or none (`count` 0) past the box.
 fn item_at(p: ReduceParams, linear: u32) -> Item {
+    var it: Item;
+    it.count = 0u;
+    if (linear >= p.box_nb * p.box_nc * p.box_njc) {
+        return it;
+    }
     let jl = linear % p.box_njc;
     let rest = linear / p.box_njc;
     let cl = rest % p.box_nc;
@@ -83,7 +99,6 @@ fn item_at(p: ReduceParams, linear: u32) -> Item {
     // Rows of [batch * outer, row_stride] between the box's first block and this one
     // (never negative: blocks are numbered in memory order).
     let rows_from = (a - a0) * p.outer + b * p.rows_per_item - b0 * p.rows_per_item;
-    var it: Item;
     it.slot = (a * p.channels + c) * p.partials_per_channel + b * p.chunks_per_row + jc;
     it.c = a * p.channels + c;
     it.base = p.base_delta + rows_from * p.row_stride + cl * p.inner + jl * p.row_chunk;
@@ -94,8 +109,9 @@ fn item_at(p: ReduceParams, linear: u32) -> Item {
     return it;
 }
 
-// A thread's walk over an item: elements lid, lid + WG, ... in row-major item order,
-// kept as (row, column) and advanced without a division per element.
+// A thread's walk over an item: units lid, lid + WG, ... in row-major item order
+// (consecutive threads on consecutive units), kept as (row, column) and advanced
+// without a division per unit.
 struct Walk {
     row: u32,
     col: u32,
@@ -123,55 +139,15 @@ fn walk_next(w: ptr<function, Walk>, cols: u32) {
     }
 }
 
-// Window-relative index of the walk's current element.
+// Window-relative index of the walk's current unit.
 fn walk_index(p: ReduceParams, it: Item, w: Walk) -> u32 {
     return it.base + w.row * p.row_stride + w.col;
-}
-
-// Welford states are vec4(mean, m2, count, 0).
-fn chan(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
-    if (b.z == 0.0) {
-        return a;
-    }
-    if (a.z == 0.0) {
-        return b;
-    }
-    let n = a.z + b.z;
-    let wb = b.z / n;
-    let d = b.x - a.x;
-    return vec4<f32>(a.x + d * wb, a.y + b.y + d * d * a.z * wb, n, 0.0);
-}
-
-var<workgroup> tree: array<vec4<f32>, WG>;
-
-fn tree_welford(lid: u32, value: vec4<f32>) -> vec4<f32> {
-    tree[lid] = value;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            tree[lid] = chan(tree[lid], tree[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    return tree[0];
-}
-
-fn tree_sum(lid: u32, value: vec4<f32>) -> vec4<f32> {
-    tree[lid] = value;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            tree[lid] = tree[lid] + tree[lid + s];
-        }
-        workgroupBarrier();
-    }
-    return tree[0];
 }
 
 // ---- Welford: mean, M2 and count per channel ------------------------------------
 
 @group(0) @binding(0) var<uniform> wp: ReduceParams;
-@group(0) @binding(1) var<storage, read> wp_x: array<f32>;
+@group(0) @binding(1) var<storage, read> wp_x: array<V>;
 @group(0) @binding(2) var<storage, read_write> wp_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
@@ -180,31 +156,31 @@ fn welford_partials(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= wp.box_nb * wp.box_nc * wp.box_njc) {
+    let it = item_at(wp, group_id(wid, nwg));
+    if (it.count == 0u) {
         return;
     }
-    let it = item_at(wp, linear);
     // Per thread: sums of (x - shift) and its square, shifted by the item's first
     // element so that they stay of the order of the spread, not of the offset; then
     // (mean, m2) per thread, and Chan's combine across threads and partials.
-    let shift = wp_x[it.base];
-    var s1 = 0.0;
-    var s2 = 0.0;
+    let shift = lane0(wp_x[it.base]);
+    var s1 = V(0.0);
+    var s2 = V(0.0);
     var n = 0u;
     var w = walk_start(it, lid);
     while (w.row < w.rows) {
         let d = wp_x[walk_index(wp, it, w)] - shift;
         s1 += d;
         s2 = fma(d, d, s2);
-        n += 1u;
+        n += LANES;
         walk_next(&w, it.cols);
     }
     var acc = vec4<f32>(0.0);
     if (n > 0u) {
         let nf = f32(n);
-        let dm = s1 / nf;
-        acc = vec4<f32>(shift + dm, max(s2 - s1 * dm, 0.0), nf, 0.0);
+        let t1 = hsum(s1);
+        let dm = t1 / nf;
+        acc = vec4<f32>(shift + dm, max(hsum(s2) - t1 * dm, 0.0), nf, 0.0);
     }
     let total = tree_welford(lid, acc);
     if (lid == 0u) {
@@ -223,7 +199,7 @@ fn welford_combine(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = wid.x + wid.y * nwg.x;
+    let c = group_id(wid, nwg);
     if (c >= wc.channels) {
         return;
     }
@@ -247,8 +223,8 @@ fn welford_combine(
 override CENTERED: bool = false;
 
 @group(0) @binding(0) var<uniform> sp: ReduceParams;
-@group(0) @binding(1) var<storage, read> sp_a: array<f32>;
-@group(0) @binding(2) var<storage, read> sp_b: array<f32>;
+@group(0) @binding(1) var<storage, read> sp_a: array<V>;
+@group(0) @binding(2) var<storage, read> sp_b: array<V>;
 // vec4 per channel; the centre is its first component (a Welford or finalize output).
 @group(0) @binding(3) var<storage, read> sp_centre: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> sp_out: array<vec4<f32>>;
@@ -259,27 +235,28 @@ fn sum_partials(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= sp.box_nb * sp.box_nc * sp.box_njc) {
+    let it = item_at(sp, group_id(wid, nwg));
+    if (it.count == 0u) {
         return;
     }
-    let it = item_at(sp, linear);
     var centre = 0.0;
     if (CENTERED) {
         centre = sp_centre[it.c].x;
     }
-    var acc = vec4<f32>(0.0);
+    var sa = V(0.0);
+    var sab = V(0.0);
+    var sbb = V(0.0);
     var w = walk_start(it, lid);
     while (w.row < w.rows) {
         let e = walk_index(sp, it, w);
         let a = sp_a[e];
         let b = sp_b[e] - centre;
-        acc.x += a;
-        acc.y = fma(a, b, acc.y);
-        acc.z = fma(b, b, acc.z);
+        sa += a;
+        sab = fma(a, b, sab);
+        sbb = fma(b, b, sbb);
         walk_next(&w, it.cols);
     }
-    let total = tree_sum(lid, acc);
+    let total = tree_sum(lid, vec4<f32>(hsum(sa), hsum(sab), hsum(sbb), 0.0));
     if (lid == 0u) {
         sp_out[it.slot] = total;
     }
@@ -295,7 +272,7 @@ fn sum_combine(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = wid.x + wid.y * nwg.x;
+    let c = group_id(wid, nwg);
     if (c >= sc.channels) {
         return;
     }
@@ -317,8 +294,8 @@ fn sum_combine(
 // read contiguously (the walk's row-major order). Result in the first component.
 
 @group(0) @binding(0) var<uniform> dp: ReduceParams;
-@group(0) @binding(1) var<storage, read> dp_x: array<f32>;
-@group(0) @binding(2) var<storage, read> dp_vector: array<f32>;
+@group(0) @binding(1) var<storage, read> dp_x: array<V>;
+@group(0) @binding(2) var<storage, read> dp_vector: array<V>;
 @group(0) @binding(3) var<storage, read_write> dp_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
@@ -327,146 +304,24 @@ fn dot_partials(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= dp.box_nb * dp.box_nc * dp.box_njc) {
+    let it = item_at(dp, group_id(wid, nwg));
+    if (it.count == 0u) {
         return;
     }
-    let it = item_at(dp, linear);
-    var acc = 0.0;
+    var acc = V(0.0);
     var w = walk_start(it, lid);
     while (w.row < w.rows) {
         let e = walk_index(dp, it, w);
         acc = fma(dp_x[e], dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col], acc);
         walk_next(&w, it.cols);
     }
-    let total = tree_sum(lid, vec4<f32>(acc, 0.0, 0.0, 0.0));
+    let total = tree_sum(lid, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0));
     if (lid == 0u) {
         dp_out[it.slot] = total;
     }
 }
 
-// ---- vec4 twins -------------------------------------------------------------------
-//
-// The three partial kernels above on vec4s, when every row of the layout, the item
-// chunk and every box start are multiples of 4 elements: the params (inner,
-// row_stride, row_chunk, base_delta) then count vec4s and so does the walk, a vec4
-// never straddles two channels, and a quarter of the walk's steps remain. Each lane
-// accumulates on its own; the lanes are summed at the end (they share the shift).
-
-fn hsum4(v: vec4<f32>) -> f32 {
-    return (v.x + v.y) + (v.z + v.w);
-}
-
-@group(0) @binding(0) var<uniform> wp4: ReduceParams;
-@group(0) @binding(1) var<storage, read> wp4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> wp4_out: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn welford_partials_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= wp4.box_nb * wp4.box_nc * wp4.box_njc) {
-        return;
-    }
-    let it = item_at(wp4, linear);
-    let shift = wp4_x[it.base].x;
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    var n = 0u;
-    var w = walk_start(it, lid);
-    while (w.row < w.rows) {
-        let d = wp4_x[walk_index(wp4, it, w)] - shift;
-        s1 += d;
-        s2 = fma(d, d, s2);
-        n += 4u;
-        walk_next(&w, it.cols);
-    }
-    var acc = vec4<f32>(0.0);
-    if (n > 0u) {
-        let nf = f32(n);
-        let t1 = hsum4(s1);
-        let dm = t1 / nf;
-        acc = vec4<f32>(shift + dm, max(hsum4(s2) - t1 * dm, 0.0), nf, 0.0);
-    }
-    let total = tree_welford(lid, acc);
-    if (lid == 0u) {
-        wp4_out[it.slot] = total;
-    }
-}
-
-@group(0) @binding(0) var<uniform> sp4: ReduceParams;
-@group(0) @binding(1) var<storage, read> sp4_a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> sp4_b: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> sp4_centre: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> sp4_out: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn sum_partials_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= sp4.box_nb * sp4.box_nc * sp4.box_njc) {
-        return;
-    }
-    let it = item_at(sp4, linear);
-    var centre = 0.0;
-    if (CENTERED) {
-        centre = sp4_centre[it.c].x;
-    }
-    var sa = vec4<f32>(0.0);
-    var sab = vec4<f32>(0.0);
-    var sbb = vec4<f32>(0.0);
-    var w = walk_start(it, lid);
-    while (w.row < w.rows) {
-        let e = walk_index(sp4, it, w);
-        let a = sp4_a[e];
-        let b = sp4_b[e] - centre;
-        sa += a;
-        sab = fma(a, b, sab);
-        sbb = fma(b, b, sbb);
-        walk_next(&w, it.cols);
-    }
-    let total = tree_sum(lid, vec4<f32>(hsum4(sa), hsum4(sab), hsum4(sbb), 0.0));
-    if (lid == 0u) {
-        sp4_out[it.slot] = total;
-    }
-}
-
-@group(0) @binding(0) var<uniform> dp4: ReduceParams;
-@group(0) @binding(1) var<storage, read> dp4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dp4_vector: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> dp4_out: array<vec4<f32>>;
-
-@compute @workgroup_size(WG)
-fn dot_partials_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= dp4.box_nb * dp4.box_nc * dp4.box_njc) {
-        return;
-    }
-    let it = item_at(dp4, linear);
-    var acc = vec4<f32>(0.0);
-    var w = walk_start(it, lid);
-    while (w.row < w.rows) {
-        let e = walk_index(dp4, it, w);
-        acc = fma(dp4_x[e], dp4_vector[(it.o0 + w.row) * dp4.inner + it.j0 + w.col], acc);
-        walk_next(&w, it.cols);
-    }
-    let total = tree_sum(lid, vec4<f32>(hsum4(acc), 0.0, 0.0, 0.0));
-    if (lid == 0u) {
-        dp4_out[it.slot] = total;
-    }
-}
-
-// ---- channels-last twins ----------------------------------------------------------
+// ---- channels-last reductions -----------------------------------------------------
 //
 // For layouts whose channels are the last axis (inner = 1) and a multiple of 4, e.g.
 // NHWC batch norm: a workgroup takes a block of rows and up to 64 groups of 4
@@ -474,7 +329,8 @@ fn dot_partials_vec4(
 // r0 + tr, r0 + tr + TR, ..., so the workgroup reads whole contiguous rows. Sums are
 // shifted by the block's first row (one shift per channel, shared by the threads of a
 // channel group), then added across tr and written as one partial per channel and
-// block, at `channel * blocks + block`. Indices count vec4s.
+// block, at `channel * blocks + block`. Indices count vec4s. These kernels read vec4s
+// in every module; the list uses the base module's.
 
 // Mirrors `ClParams` in src/ops/channel_stats.rs.
 struct ClParams {
@@ -515,9 +371,21 @@ fn cl_thread(p: ClParams, linear: u32, lid: u32) -> ClThread {
     return t;
 }
 
-var<workgroup> cl_a: array<vec4<f32>, WG>;
-var<workgroup> cl_b: array<vec4<f32>, WG>;
-var<workgroup> cl_c: array<vec4<f32>, WG>;
+var<workgroup> cl_red: array<mat3x4<f32>, WG>;
+
+// Adds the three accumulators of the `tr` threads of each channel group; the result
+// is meaningful in the threads with tr == 0.
+fn cl_rows_sum(p: ClParams, t: ClThread, lid: u32, acc: mat3x4<f32>) -> mat3x4<f32> {
+    cl_red[lid] = acc;
+    workgroupBarrier();
+    var total = acc;
+    if (t.live && t.tr == 0u) {
+        for (var k = 1u; k < p.tr; k += 1u) {
+            total += cl_red[lid + k * p.group];
+        }
+    }
+    return total;
+}
 
 @group(0) @binding(0) var<uniform> wcl: ClParams;
 @group(0) @binding(1) var<storage, read> wcl_x: array<vec4<f32>>;
@@ -529,37 +397,28 @@ fn welford_partials_cl(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let linear = wid.x + wid.y * nwg.x;
+    let linear = group_id(wid, nwg);
     if (linear >= wcl.nblocks * wcl.ngroups) {
         return;
     }
     let t = cl_thread(wcl, linear, lid);
     var shift = vec4<f32>(0.0);
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    var n = 0.0;
+    var acc = mat3x4<f32>(); // sum d, sum d^2, count
     if (t.live) {
         shift = wcl_x[t.first];
         for (var r = t.r0 + t.tr; r < t.r1; r += wcl.tr) {
             let d = wcl_x[t.first + (r - t.r0) * wcl.c4] - shift;
-            s1 += d;
-            s2 = fma(d, d, s2);
-            n += 1.0;
+            acc[0] += d;
+            acc[1] = fma(d, d, acc[1]);
+            acc[2] += vec4<f32>(1.0);
         }
     }
-    cl_a[lid] = s1;
-    cl_b[lid] = s2;
-    cl_c[lid] = vec4<f32>(n);
-    workgroupBarrier();
+    let s = cl_rows_sum(wcl, t, lid, acc);
     if (t.live && t.tr == 0u) {
-        for (var k = 1u; k < wcl.tr; k += 1u) {
-            s1 += cl_a[lid + k * wcl.group];
-            s2 += cl_b[lid + k * wcl.group];
-            n += cl_c[lid + k * wcl.group].x;
-        }
-        let dm = s1 / n;
+        let n = s[2].x;
+        let dm = s[0] / n;
         let mean = shift + dm;
-        let m2 = max(s2 - s1 * dm, vec4<f32>(0.0));
+        let m2 = max(s[1] - s[0] * dm, vec4<f32>(0.0));
         for (var i = 0u; i < 4u; i += 1u) {
             wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(mean[i], m2[i], n, 0.0);
         }
@@ -578,14 +437,12 @@ fn sum_partials_cl(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let linear = wid.x + wid.y * nwg.x;
+    let linear = group_id(wid, nwg);
     if (linear >= scl.nblocks * scl.ngroups) {
         return;
     }
     let t = cl_thread(scl, linear, lid);
-    var sa = vec4<f32>(0.0);
-    var sab = vec4<f32>(0.0);
-    var sbb = vec4<f32>(0.0);
+    var acc = mat3x4<f32>(); // sum a, sum a b, sum b^2
     if (t.live) {
         var centre = vec4<f32>(0.0);
         if (CENTERED) {
@@ -596,23 +453,15 @@ fn sum_partials_cl(
             let e = t.first + (r - t.r0) * scl.c4;
             let a = scl_a[e];
             let b = scl_b[e] - centre;
-            sa += a;
-            sab = fma(a, b, sab);
-            sbb = fma(b, b, sbb);
+            acc[0] += a;
+            acc[1] = fma(a, b, acc[1]);
+            acc[2] = fma(b, b, acc[2]);
         }
     }
-    cl_a[lid] = sa;
-    cl_b[lid] = sab;
-    cl_c[lid] = sbb;
-    workgroupBarrier();
+    let s = cl_rows_sum(scl, t, lid, acc);
     if (t.live && t.tr == 0u) {
-        for (var k = 1u; k < scl.tr; k += 1u) {
-            sa += cl_a[lid + k * scl.group];
-            sab += cl_b[lid + k * scl.group];
-            sbb += cl_c[lid + k * scl.group];
-        }
         for (var i = 0u; i < 4u; i += 1u) {
-            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(sa[i], sab[i], sbb[i], 0.0);
+            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(s[0][i], s[1][i], s[2][i], 0.0);
         }
     }
 }

@@ -65,7 +65,7 @@ pub mod shapes;
 pub mod state;
 
 pub use error::{Error, Result};
-pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor};
+pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor, Tuning};
 pub use hooks::{
     register_global, SpectralNormHook, TimerHook, Weight, WeightHook, WeightNormHook,
     WeightStandardizationHook,

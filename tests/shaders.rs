@@ -22,18 +22,47 @@ fn every_shader_parses_and_validates_without_subgroups() {
     }
 }
 
+/// Every op's file is composed once with no defines (module `<op>`) and once per
+/// variant in `shaders/permutations` (module `<op>.<variant>`), and nothing else.
 #[test]
-fn every_shader_file_is_listed_once() {
+fn every_shader_file_and_variant_is_composed_once() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
-    let mut files: Vec<String> = std::fs::read_dir(dir)
+    let mut expected: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".wgsl"))
+        .filter_map(|n| n.strip_suffix(".wgsl").map(str::to_string))
         .collect();
-    files.sort();
-    let mut listed: Vec<String> = SHADERS.iter().map(|s| format!("{}.wgsl", s.name)).collect();
-    listed.sort();
-    assert_eq!(files, listed);
+    let permutations = std::fs::read_to_string(format!("{dir}/permutations")).unwrap();
+    for line in permutations.lines() {
+        let line = line.split('#').next().unwrap().trim();
+        if let Some((op, rest)) = line.split_once(':') {
+            let variant = rest.split_once('=').unwrap().0.trim();
+            expected.push(format!("{}.{variant}", op.trim()));
+        }
+    }
+    expected.sort();
+    let mut composed: Vec<String> = SHADERS.iter().map(|s| s.name.to_string()).collect();
+    composed.sort();
+    assert_eq!(composed, expected);
+    for s in SHADERS {
+        assert!(
+            !s.source.contains("#import") && !s.source.contains("#ifdef"),
+            "{}: a directive survived composition",
+            s.name
+        );
+    }
+}
+
+/// The variants really differ from their base module only by the element type: a
+/// vec4 module stores `array<vec4<f32>>` where the base stores `array<f32>`.
+#[test]
+fn vec4_variants_read_vec4s() {
+    for s in SHADERS.iter().filter(|s| s.defines.contains(&"VEC4")) {
+        assert!(s.source.contains("alias V = vec4<f32>;"), "{}", s.name);
+    }
+    for s in SHADERS.iter().filter(|s| s.defines.is_empty()) {
+        assert!(!s.source.contains("alias V = vec4<f32>;"), "{}", s.name);
+    }
 }
 
 #[test]

@@ -17,6 +17,47 @@ pub struct ContextOptions {
     /// Kernels split any tensor larger than this into several bound windows, so a
     /// small cap lets tests exercise that path with small tensors.
     pub max_binding_bytes: Option<u64>,
+    /// The kernels' thread layout. `None` (the default) picks it from the adapter
+    /// ([`Tuning::for_adapter`]); tests set it to run the GPU layout on a software
+    /// adapter and the other way round.
+    pub tuning: Option<Tuning>,
+}
+
+/// How the kernels lay out their work, chosen per adapter class, never per op.
+///
+/// GPUs want consecutive invocations on consecutive addresses (coalescing) and many
+/// workgroups in flight; software adapters (lavapipe, llvmpipe) run invocations as
+/// CPU SIMD lanes, prefer each invocation to walk a run of consecutive addresses, and
+/// pay for every extra workgroup. Both layouts compute the same values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Elementwise passes and the copy: `true` puts consecutive invocations on
+    /// consecutive vec4s (each invocation 4 of them, a workgroup apart); `false` gives
+    /// each invocation a run of 4 consecutive ones (or, channels last, one group of 4
+    /// features over 4 rows).
+    pub coalesced: bool,
+    /// Elements one workgroup of the per-channel reductions reads at most (a power of
+    /// two, at least 256): small on GPUs, for enough workgroups to fill the device;
+    /// large on CPUs, where each workgroup costs a tree reduction.
+    pub reduce_item_elems: u64,
+}
+
+impl Tuning {
+    /// GPUs: coalesced, 4096-element reduction items. Software adapters: runs,
+    /// 16384-element items (what lavapipe was tuned with).
+    pub fn for_adapter(report: &AdapterReport) -> Self {
+        if report.is_software() {
+            Tuning {
+                coalesced: false,
+                reduce_item_elems: 16 * 1024,
+            }
+        } else {
+            Tuning {
+                coalesced: true,
+                reduce_item_elems: 4 * 1024,
+            }
+        }
+    }
 }
 
 /// What the context got: reported by [`Context::info`] and printed by the examples.
@@ -40,6 +81,8 @@ pub struct AdapterReport {
     pub max_binding_bytes: u64,
     /// Largest buffer in bytes the device allows, hence the largest tensor.
     pub max_buffer_bytes: u64,
+    /// The kernels' thread layout on this adapter.
+    pub tuning: Tuning,
 }
 
 impl AdapterReport {
@@ -55,7 +98,7 @@ impl fmt::Display for AdapterReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ({:?}, {:?}{}), subgroups: {}, timestamps: {}, max binding {} MiB",
+            "{} ({:?}, {:?}{}), subgroups: {}, timestamps: {}, max binding {} MiB, layout: {}, reduction items {}",
             self.name,
             self.backend,
             self.device_type,
@@ -74,6 +117,8 @@ impl fmt::Display for AdapterReport {
             },
             if self.timestamps { "yes" } else { "no" },
             self.max_binding_bytes >> 20,
+            if self.tuning.coalesced { "coalesced" } else { "runs" },
+            self.tuning.reduce_item_elems,
         )
     }
 }
@@ -92,6 +137,8 @@ pub(crate) struct PlanLimits {
     pub max_groups_per_dim: u32,
     /// Largest buffer, in bytes.
     pub max_buffer_bytes: u64,
+    /// The adapter's thread layout.
+    pub tuning: Tuning,
 }
 
 /// A GPU context: adapter, device, queue, and the cache of compiled kernels.
@@ -247,12 +294,20 @@ impl Context {
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             max_binding_bytes: max_binding,
             max_buffer_bytes: limits.max_buffer_size,
+            tuning: Tuning {
+                coalesced: true,
+                reduce_item_elems: 4096,
+            },
         };
+        let mut report = report;
+        report.tuning = options.tuning.unwrap_or(Tuning::for_adapter(&report));
+        report.tuning.reduce_item_elems = report.tuning.reduce_item_elems.clamp(256, 1 << 20);
         let plan = PlanLimits {
             max_binding_elems: max_binding / 4,
             align_elems: (align / 4).max(4),
             max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_buffer_bytes: limits.max_buffer_size,
+            tuning: report.tuning,
         };
         let dummy = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("wgnorm.dummy"),

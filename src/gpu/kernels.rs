@@ -9,42 +9,19 @@ use std::sync::{Arc, RwLock};
 
 use super::context::Context;
 
-/// One WGSL file, embedded at compile time.
+/// One composed shader module (build.rs): an op's WGSL file with its shared imports
+/// inlined, with no defines or as one of the variants `shaders/permutations` lists.
 #[derive(Debug)]
 pub struct ShaderSource {
-    /// The file stem, also the module name and the label prefix (`wgnorm.<name>`).
+    /// `<op>` or `<op>.<variant>`, also the label prefix (`wgnorm.<name>`).
     pub name: &'static str,
-    /// The WGSL text.
+    /// The defines it was composed with (`VEC4`, `CHANNELS_LAST`).
+    pub defines: &'static [&'static str],
+    /// The composed WGSL text, validated by naga at build time.
     pub source: &'static str,
 }
 
-/// Every shader of the crate.
-pub const SHADERS: &[ShaderSource] = &[
-    ShaderSource {
-        name: "channel_stats",
-        source: include_str!("../../shaders/channel_stats.wgsl"),
-    },
-    ShaderSource {
-        name: "weight_standardization",
-        source: include_str!("../../shaders/weight_standardization.wgsl"),
-    },
-    ShaderSource {
-        name: "weight_norm",
-        source: include_str!("../../shaders/weight_norm.wgsl"),
-    },
-    ShaderSource {
-        name: "batch_norm",
-        source: include_str!("../../shaders/batch_norm.wgsl"),
-    },
-    ShaderSource {
-        name: "spectral_norm",
-        source: include_str!("../../shaders/spectral_norm.wgsl"),
-    },
-    ShaderSource {
-        name: "copy",
-        source: include_str!("../../shaders/copy.wgsl"),
-    },
-];
+include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
 
 /// The kind of one binding, in the order the shader numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,13 +78,6 @@ macro_rules! kernels {
     };
 }
 
-const CHANNEL_STATS: usize = 0;
-const WEIGHT_STANDARDIZATION: usize = 1;
-const WEIGHT_NORM: usize = 2;
-const BATCH_NORM: usize = 3;
-const SPECTRAL_NORM: usize = 4;
-const COPY: usize = 5;
-
 kernels! {
     WelfordPartials => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials", "welford_partials",
         [Uniform, Read, ReadWrite], []);
@@ -119,13 +89,13 @@ kernels! {
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
     DotPartials => (CHANNEL_STATS, "wgnorm.channel_stats.dot_partials", "dot_partials",
         [Uniform, Read, Read, ReadWrite], []);
-    WelfordPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials_vec4", "welford_partials_vec4",
+    WelfordPartialsVec4 => (CHANNEL_STATS_VEC4, "wgnorm.channel_stats.vec4.welford_partials", "welford_partials",
         [Uniform, Read, ReadWrite], []);
-    SumPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials_vec4", "sum_partials_vec4",
+    SumPartialsVec4 => (CHANNEL_STATS_VEC4, "wgnorm.channel_stats.vec4.sum_partials", "sum_partials",
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 0.0)]);
-    SumPartialsCenteredVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.sum_partials_vec4.centered", "sum_partials_vec4",
+    SumPartialsCenteredVec4 => (CHANNEL_STATS_VEC4, "wgnorm.channel_stats.vec4.sum_partials.centered", "sum_partials",
         [Uniform, Read, Read, Read, ReadWrite], [("CENTERED", 1.0)]);
-    DotPartialsVec4 => (CHANNEL_STATS, "wgnorm.channel_stats.dot_partials_vec4", "dot_partials_vec4",
+    DotPartialsVec4 => (CHANNEL_STATS_VEC4, "wgnorm.channel_stats.vec4.dot_partials", "dot_partials",
         [Uniform, Read, Read, ReadWrite], []);
     WelfordPartialsCl => (CHANNEL_STATS, "wgnorm.channel_stats.welford_partials_cl", "welford_partials_cl",
         [Uniform, Read, ReadWrite], []);
@@ -139,27 +109,27 @@ kernels! {
         [Uniform, Read, ReadWrite], []);
     WsNormalize => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
-    WsNormalizeVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.normalize_vec4", "normalize_vec4",
+    WsNormalizeVec4 => (WEIGHT_STANDARDIZATION_VEC4, "wgnorm.weight_standardization.vec4.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
     WsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad", "grad",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
-    WsGradVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.grad_vec4", "grad_vec4",
+    WsGradVec4 => (WEIGHT_STANDARDIZATION_VEC4, "wgnorm.weight_standardization.vec4.grad", "grad",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
     WsRowsForward => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_forward", "rows_forward",
         [Uniform, Read, ReadWrite], []);
     WsRowsGrad => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_grad", "rows_grad",
         [Uniform, Read, Read, ReadWrite], []);
-    WsRowsForwardVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_forward_vec4", "rows_forward_vec4",
+    WsRowsForwardVec4 => (WEIGHT_STANDARDIZATION_VEC4, "wgnorm.weight_standardization.vec4.rows_forward", "rows_forward",
         [Uniform, Read, ReadWrite], []);
-    WsRowsGradVec4 => (WEIGHT_STANDARDIZATION, "wgnorm.weight_standardization.rows_grad_vec4", "rows_grad_vec4",
+    WsRowsGradVec4 => (WEIGHT_STANDARDIZATION_VEC4, "wgnorm.weight_standardization.vec4.rows_grad", "rows_grad",
         [Uniform, Read, Read, ReadWrite], []);
     WnRowsForward => (WEIGHT_NORM, "wgnorm.weight_norm.rows_forward", "rows_forward",
         [Uniform, Read, Read, ReadWrite], []);
-    WnRowsForwardVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.rows_forward_vec4", "rows_forward_vec4",
+    WnRowsForwardVec4 => (WEIGHT_NORM_VEC4, "wgnorm.weight_norm.vec4.rows_forward", "rows_forward",
         [Uniform, Read, Read, ReadWrite], []);
     WnRowsGrad => (WEIGHT_NORM, "wgnorm.weight_norm.rows_grad", "rows_grad",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
-    WnRowsGradVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.rows_grad_vec4", "rows_grad_vec4",
+    WnRowsGradVec4 => (WEIGHT_NORM_VEC4, "wgnorm.weight_norm.vec4.rows_grad", "rows_grad",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
     WnNorms => (WEIGHT_NORM, "wgnorm.weight_norm.norms", "norms",
         [Uniform, Read, ReadWrite], []);
@@ -167,17 +137,17 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     WnApply => (WEIGHT_NORM, "wgnorm.weight_norm.apply", "apply",
         [Uniform, Read, Read, ReadWrite], []);
-    WnApplyVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.apply_vec4", "apply_vec4",
+    WnApplyVec4 => (WEIGHT_NORM_VEC4, "wgnorm.weight_norm.vec4.apply", "apply",
         [Uniform, Read, Read, ReadWrite], []);
     WnGradFactors => (WEIGHT_NORM, "wgnorm.weight_norm.grad_factors", "grad_factors",
         [Uniform, Read, Read, ReadWrite, ReadWrite], []);
     WnGradV => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v", "grad_v",
         [Uniform, Read, Read, Read, ReadWrite], []);
-    WnGradVVec4 => (WEIGHT_NORM, "wgnorm.weight_norm.grad_v_vec4", "grad_v_vec4",
+    WnGradVVec4 => (WEIGHT_NORM_VEC4, "wgnorm.weight_norm.vec4.grad_v", "grad_v",
         [Uniform, Read, Read, Read, ReadWrite], []);
     SnMtvPartials => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_partials", "mtv_partials",
         [Uniform, Read, Read, ReadWrite], []);
-    SnMtvPartialsVec4 => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_partials_vec4", "mtv_partials_vec4",
+    SnMtvPartialsVec4 => (SPECTRAL_NORM_VEC4, "wgnorm.spectral_norm.vec4.mtv_partials", "mtv_partials",
         [Uniform, Read, Read, ReadWrite], []);
     SnMtvCombine => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_combine", "mtv_combine",
         [Uniform, Read, ReadWrite], []);
@@ -187,34 +157,34 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     SnScale => (SPECTRAL_NORM, "wgnorm.spectral_norm.scale", "scale",
         [Uniform, Read, Read, Read, ReadWrite], []);
-    SnScaleVec4 => (SPECTRAL_NORM, "wgnorm.spectral_norm.scale_vec4", "scale_vec4",
+    SnScaleVec4 => (SPECTRAL_NORM_VEC4, "wgnorm.spectral_norm.vec4.scale", "scale",
         [Uniform, Read, Read, Read, ReadWrite], []);
     SnGradCoef => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad_coef", "grad_coef",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite], []);
     SnGrad => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad", "grad",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
-    SnGradVec4 => (SPECTRAL_NORM, "wgnorm.spectral_norm.grad_vec4", "grad_vec4",
+    SnGradVec4 => (SPECTRAL_NORM_VEC4, "wgnorm.spectral_norm.vec4.grad", "grad",
         [Uniform, Read, Read, Read, Read, ReadWrite], []);
     BnFinalize => (BATCH_NORM, "wgnorm.batch_norm.finalize", "finalize",
         [Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
     BnNormalize => (BATCH_NORM, "wgnorm.batch_norm.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
-    BnNormalizeCl => (BATCH_NORM, "wgnorm.batch_norm.normalize_cl", "normalize_cl",
+    BnNormalizeVec4 => (BATCH_NORM_VEC4, "wgnorm.batch_norm.vec4.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
-    BnGradInputCl => (BATCH_NORM, "wgnorm.batch_norm.grad_input_cl", "grad_input_cl",
-        [Uniform, Read, Read, Read, ReadWrite], []);
-    BnNormalizeVec4 => (BATCH_NORM, "wgnorm.batch_norm.normalize_vec4", "normalize_vec4",
+    BnNormalizeCl => (BATCH_NORM_CL, "wgnorm.batch_norm.cl.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
     BnGradFactors => (BATCH_NORM, "wgnorm.batch_norm.grad_factors", "grad_factors",
         [Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
     BnGradInput => (BATCH_NORM, "wgnorm.batch_norm.grad_input", "grad_input",
         [Uniform, Read, Read, Read, ReadWrite], []);
-    BnGradInputVec4 => (BATCH_NORM, "wgnorm.batch_norm.grad_input_vec4", "grad_input_vec4",
+    BnGradInputVec4 => (BATCH_NORM_VEC4, "wgnorm.batch_norm.vec4.grad_input", "grad_input",
+        [Uniform, Read, Read, Read, ReadWrite], []);
+    BnGradInputCl => (BATCH_NORM_CL, "wgnorm.batch_norm.cl.grad_input", "grad_input",
         [Uniform, Read, Read, Read, ReadWrite], []);
     BnMerge => (BATCH_NORM, "wgnorm.batch_norm.merge", "merge",
         [Uniform, Read, ReadWrite], []);
     Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
-    CopyVec4 => (COPY, "wgnorm.copy.copy_vec4", "copy_vec4", [Uniform, Read, ReadWrite], []);
+    CopyVec4 => (COPY_VEC4, "wgnorm.copy.vec4.copy", "copy", [Uniform, Read, ReadWrite], []);
 }
 
 impl Kernel {
@@ -233,6 +203,14 @@ impl Kernel {
             Kernel::SumPartials => Some(Kernel::SumPartialsVec4),
             Kernel::SumPartialsCentered => Some(Kernel::SumPartialsCenteredVec4),
             Kernel::DotPartials => Some(Kernel::DotPartialsVec4),
+            Kernel::WsRowsForward => Some(Kernel::WsRowsForwardVec4),
+            Kernel::WsRowsGrad => Some(Kernel::WsRowsGradVec4),
+            Kernel::WnRowsForward => Some(Kernel::WnRowsForwardVec4),
+            Kernel::WnRowsGrad => Some(Kernel::WnRowsGradVec4),
+            Kernel::SnMtvPartials => Some(Kernel::SnMtvPartialsVec4),
+            Kernel::SnScale => Some(Kernel::SnScaleVec4),
+            Kernel::SnGrad => Some(Kernel::SnGradVec4),
+            Kernel::Copy => Some(Kernel::CopyVec4),
             _ => None,
         }
     }
@@ -254,9 +232,6 @@ impl Kernel {
 
 /// Threads per workgroup of the elementwise kernels (their shaders' `WG`).
 pub const WORKGROUP_SIZE: u32 = 256;
-
-/// Elements per workgroup of the elementwise kernels: `WG * PER_THREAD`.
-pub const ELEMENTS_PER_WORKGROUP: u64 = WORKGROUP_SIZE as u64 * 4;
 
 /// A compiled kernel.
 #[derive(Debug)]

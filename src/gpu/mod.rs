@@ -7,9 +7,9 @@ mod recording;
 mod tensor;
 
 pub(crate) use context::PlanLimits;
-pub use context::{AdapterReport, Context, ContextOptions};
+pub use context::{AdapterReport, Context, ContextOptions, Tuning};
 pub use kernels::{
-    Binding, Kernel, KernelDef, ShaderSource, ELEMENTS_PER_WORKGROUP, SHADERS, WORKGROUP_SIZE,
+    Binding, Kernel, KernelDef, ShaderSource, SHADERS, WORKGROUP_SIZE,
 };
 pub(crate) use recording::Bind;
 pub use recording::Recording;

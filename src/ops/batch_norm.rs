@@ -2,10 +2,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::channel_stats::{
-    check_channel_input, read_vec4, record_elementwise, record_sums, record_welford, vec4_buffer,
-    ChannelLayout, ReducePlan,
-};
+use super::channel_stats::{read_vec4, record_sums, record_welford, vec4_buffer, ReducePlan};
+use super::element::{record_elementwise, Extra};
+use super::layout::{check_channel_input, ChannelLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
 
@@ -474,7 +473,15 @@ impl BatchNorm {
             features.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let output = Tensor::zeros(ctx, x.shape())?;
-        record_elementwise(rec, Kernel::BnNormalize, &layout, &[x], &norm, &output)?;
+        record_elementwise(
+            rec,
+            Kernel::BnNormalize,
+            &layout,
+            &[x.buffer()],
+            &[Bind::elems(&norm, features * 4)],
+            output.buffer(),
+            Extra::default(),
+        )?;
         if update {
             if let Some(st) = state {
                 st.num_updates += 1;
@@ -556,9 +563,10 @@ impl BatchNorm {
             rec,
             Kernel::BnGradInput,
             &layout,
-            &[x, grad_output],
-            &coef,
-            &grad_input,
+            &[x.buffer(), grad_output.buffer()],
+            &[Bind::elems(&coef, features * 4)],
+            grad_input.buffer(),
+            Extra::default(),
         )?;
         Ok((grad_input, grad_gamma, grad_beta))
     }

@@ -1,111 +1,13 @@
 //! Per-channel reductions shared by the normalizations (`shaders/channel_stats.wgsl`):
-//! the `[batch, outer, channels, inner]` view, the split into items and binding-sized boxes,
-//! and the elementwise windows that the ops' own kernels run over.
+//! the split of a [`ChannelLayout`] into items and binding-sized boxes, and their
+//! recording (partials, then a combine per channel).
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::gpu::{
-    Bind, Context, Kernel, PlanLimits, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
-};
+use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor, WORKGROUP_SIZE};
 
-/// Elements one workgroup reduces, at most (16 per thread).
-const ITEM_ELEMS: u64 = 16384;
-
-/// A tensor seen as `[batch, outer, channels, inner]`: slice `a * channels + c` owns
-/// `x[a, o, c, j]` for every `o` and `j`. `batch` is 1 except when a middle axis alone
-/// is reduced (Jittor's weight norm): then the axes before it form the batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ChannelLayout {
-    pub batch: u64,
-    pub outer: u64,
-    pub channels: u64,
-    pub inner: u64,
-}
-
-impl ChannelLayout {
-    /// The layout of `shape` with channels on `axis` (`None`: one channel, everything).
-    pub fn new(shape: &[usize], axis: Option<usize>) -> Self {
-        let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
-        match axis {
-            Some(a) => ChannelLayout {
-                batch: 1,
-                outer: p(&shape[..a]),
-                channels: shape[a] as u64,
-                inner: p(&shape[a + 1..]),
-            },
-            None => ChannelLayout {
-                batch: 1,
-                outer: 1,
-                channels: 1,
-                inner: p(shape),
-            },
-        }
-    }
-
-    /// The layout that reduces axis `k` of `shape` alone, keeping every other axis.
-    pub fn reduce_one_axis(shape: &[usize], k: usize) -> Self {
-        let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
-        ChannelLayout {
-            batch: p(&shape[..k]),
-            outer: shape[k] as u64,
-            channels: p(&shape[k + 1..]),
-            inner: 1,
-        }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.batch * self.outer * self.channels * self.inner
-    }
-
-    /// Number of slices (one statistic each): `batch * channels`.
-    pub fn slices(&self) -> u64 {
-        self.batch * self.channels
-    }
-
-    /// Elements per channel.
-    pub fn per_channel(&self) -> u64 {
-        self.outer * self.inner
-    }
-}
-
-/// The checks every per-channel op makes on its main input, with the op's own words:
-/// rank >= 2, `axis` in range, no empty dimension, `eps` finite and positive. Returns
-/// the layout with channels on `axis`.
-pub(crate) fn check_channel_input(
-    op: &'static str,
-    input: &str,
-    axis_name: &str,
-    shape: &[usize],
-    axis: usize,
-    eps: f32,
-) -> Result<ChannelLayout> {
-    if shape.len() < 2 {
-        return Err(Error::input(
-            op,
-            format!("the {input} must have rank >= 2, got shape {shape:?}"),
-        ));
-    }
-    if axis >= shape.len() {
-        return Err(Error::input(
-            op,
-            format!("{axis_name} {axis} is out of range for the {input} of shape {shape:?}"),
-        ));
-    }
-    if shape.contains(&0) {
-        return Err(Error::input(
-            op,
-            format!("the {input} is empty (shape {shape:?})"),
-        ));
-    }
-    if !eps.is_finite() || eps <= 0.0 {
-        return Err(Error::input(
-            op,
-            format!("eps must be finite and positive, got {eps}"),
-        ));
-    }
-    Ok(ChannelLayout::new(shape, Some(axis)))
-}
+use super::layout::ChannelLayout;
 
 // Mirrors `ReduceParams` in shaders/channel_stats.wgsl.
 #[repr(C)]
@@ -305,8 +207,9 @@ impl ReducePlan {
         let align = limits.align_elems.max(1);
         // Room for the box start to be aligned down.
         let window = limits.max_binding_elems.saturating_sub(align);
-        // Items shrink with tiny bindings (a test option); normally ITEM_ELEMS.
-        let item_elems = ITEM_ELEMS.min(window);
+        // Items are sized per adapter (`Tuning::reduce_item_elems`: small on GPUs, for
+        // enough workgroups in flight) and shrink with tiny bindings (a test option).
+        let item_elems = limits.tuning.reduce_item_elems.min(window);
         if window < u64::from(WORKGROUP_SIZE) {
             return Err(Error::TooLarge {
                 op,
@@ -597,231 +500,6 @@ fn record_partials<'x>(
     Ok(out)
 }
 
-/// A window of a flat elementwise pass: elements `[start, start + len)`, whose first
-/// element sits at `x[a_start, o_start, c_start, j_start]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ElementWindow {
-    pub start: u64,
-    pub len: u64,
-    pub a_start: u64,
-    pub o_start: u64,
-    pub c_start: u64,
-    pub j_start: u64,
-}
-
-/// Rows at most this long are handled by one workgroup each ("row kernels"): a row of
-/// 16 Ki f32 (64 KiB) stays in a GPU's L2 and a CPU's L2 between the passes over it.
-pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
-
-/// Threads per workgroup of the row kernels (their shaders' `RWG`).
-pub(crate) const ROW_WORKGROUP: u64 = 64;
-
-/// How a row kernel covers rows of `layout.inner` elements: by vec4 when rows are a
-/// multiple of 4 long (windows then start at multiples of 4 too), with `tpr` threads
-/// per row (about 8 loads each, a power of two up to a whole workgroup), so short rows
-/// share a workgroup.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RowGeometry {
-    /// Four elements per load.
-    pub vec4: bool,
-    /// Loads per row.
-    pub len: u32,
-    /// Threads per row.
-    pub tpr: u32,
-    unit: u64,
-    rows_per_group: u64,
-}
-
-impl RowGeometry {
-    pub fn new(layout: &ChannelLayout) -> Self {
-        let vec4 = layout.inner.is_multiple_of(4);
-        let unit = if vec4 { 4 } else { 1 };
-        let len = layout.inner / unit;
-        let tpr = len.div_ceil(8).next_power_of_two().clamp(1, ROW_WORKGROUP);
-        RowGeometry {
-            vec4,
-            len: len as u32,
-            tpr: tpr as u32,
-            unit,
-            rows_per_group: ROW_WORKGROUP / tpr,
-        }
-    }
-
-    /// Loads of window `w` before its first row.
-    pub fn skip(&self, w: &RowWindow) -> u32 {
-        (w.skip / self.unit) as u32
-    }
-
-    /// Workgroups for window `w`.
-    pub fn groups(&self, w: &RowWindow) -> u64 {
-        w.rows.div_ceil(self.rows_per_group)
-    }
-}
-
-/// A run of whole rows that fits one binding: bind `len` elements from `start`
-/// (aligned); the first row begins `skip` elements in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RowWindow {
-    pub start: u64,
-    pub len: u64,
-    pub skip: u64,
-    pub rows: u64,
-}
-
-/// When every slice of `layout` is one contiguous row (`outer == 1`, `batch == 1`) of
-/// at most [`ROW_KERNEL_MAX_LEN`] elements, the windows of whole rows for a row
-/// kernel; `None` when the layout does not qualify.
-pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<Vec<RowWindow>> {
-    let (rows, len) = (layout.channels, layout.inner);
-    if layout.batch != 1 || layout.outer != 1 || len == 0 || len > ROW_KERNEL_MAX_LEN || rows == 0 {
-        return None;
-    }
-    let align = limits.align_elems.max(1);
-    let per_window = limits.max_binding_elems.saturating_sub(align) / len;
-    if per_window == 0 {
-        return None;
-    }
-    let mut out = Vec::new();
-    let mut first = 0;
-    while first < rows {
-        let n = per_window.min(rows - first);
-        let begin = first * len;
-        let start = begin / align * align;
-        let skip = begin - start;
-        out.push(RowWindow {
-            start,
-            len: skip + n * len,
-            skip,
-            rows: n,
-        });
-        first += n;
-    }
-    Some(out)
-}
-
-/// Splits an elementwise pass over `layout` into windows that fit one binding, each
-/// starting at an aligned offset.
-pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec<ElementWindow> {
-    let align = limits.align_elems.max(1);
-    let chunk = (limits.max_binding_elems / align * align).max(align);
-    let total = layout.len();
-    let inner = layout.inner.max(1);
-    let channels = layout.channels.max(1);
-    let outer = layout.outer.max(1);
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < total {
-        let len = chunk.min(total - start);
-        let row = start / (inner * channels);
-        out.push(ElementWindow {
-            start,
-            len,
-            a_start: row / outer,
-            o_start: row % outer,
-            c_start: (start / inner) % channels,
-            j_start: start % inner,
-        });
-        start += len;
-    }
-    out
-}
-
-// Mirrors `ElementParams` in shaders/weight_norm.wgsl, shaders/batch_norm.wgsl and
-// shaders/spectral_norm.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-pub(crate) struct ElementParams {
-    count: u32,
-    channels: u32,
-    inner: u32,
-    c_start: u32,
-    j_start: u32,
-    outer: u32,
-    o_start: u32,
-    a_start: u32,
-}
-
-impl ElementParams {
-    /// Counts positions in vec4s instead of elements (layouts whose rows are a
-    /// multiple of 4 long, windows starting at multiples of 4).
-    pub(crate) fn scale_to_vec4(&mut self) {
-        self.count /= 4;
-        self.inner /= 4;
-        self.j_start /= 4;
-    }
-
-    /// The params of window `w` of an elementwise pass over `layout`.
-    pub(crate) fn new(layout: &ChannelLayout, w: &ElementWindow) -> Self {
-        ElementParams {
-            count: w.len as u32,
-            channels: layout.channels as u32,
-            inner: layout.inner as u32,
-            c_start: w.c_start as u32,
-            j_start: w.j_start as u32,
-            outer: layout.outer as u32,
-            o_start: w.o_start as u32,
-            a_start: w.a_start as u32,
-        }
-    }
-}
-
-/// Records an elementwise `kernel` over `inputs` (each shaped like `out`) with one vec4
-/// per slice, window by window. The kernel's bindings are the inputs, the per-slice
-/// buffer, then the output; its params are `ElementParams`.
-pub(crate) fn record_elementwise(
-    rec: &mut Recording<'_>,
-    kernel: Kernel,
-    layout: &ChannelLayout,
-    inputs: &[&Tensor],
-    per_slice: &wgpu::Buffer,
-    out: &Tensor,
-) -> Result<()> {
-    let limits = &rec.context().limits;
-    // Rows a multiple of 4 long (windows always start at multiples of 4): the vec4
-    // twin, with every position counted in vec4s.
-    let twin = kernel
-        .vec4_twin()
-        .filter(|_| layout.inner.is_multiple_of(4));
-    // Channels last, a multiple of 4 of them: one group of 4 channels per thread, for
-    // PER_THREAD rows (see batch_norm.wgsl); window starts are multiples of 4, hence so
-    // are their first channels.
-    let channels_last = kernel
-        .channels_last_twin()
-        .filter(|_| layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4));
-    for w in element_windows(*layout, limits) {
-        let mut params = ElementParams::new(layout, &w);
-        let (kernel, units) = if let Some(kcl) = channels_last {
-            params.count /= 4;
-            params.channels /= 4;
-            params.c_start /= 4;
-            // One thread per 4 channels and PER_THREAD rows: count work units so that
-            // units / ELEMENTS_PER_WORKGROUP is the number of workgroups.
-            let per_thread = ELEMENTS_PER_WORKGROUP / u64::from(WORKGROUP_SIZE);
-            let c4 = layout.channels / 4;
-            let threads = (w.len / 4).div_ceil(c4 * per_thread) * c4;
-            (kcl, threads * per_thread)
-        } else if let Some(k4) = twin {
-            params.scale_to_vec4();
-            (k4, w.len / 4)
-        } else {
-            (kernel, w.len)
-        };
-        let mut binds: Vec<Bind<'_>> = inputs
-            .iter()
-            .map(|t| Bind::window(t.buffer(), w.start, w.len))
-            .collect();
-        binds.push(Bind::elems(per_slice, layout.slices() * 4));
-        binds.push(Bind::window(out.buffer(), w.start, w.len));
-        rec.dispatch(
-            kernel,
-            &params,
-            &binds,
-            units.div_ceil(ELEMENTS_PER_WORKGROUP),
-        )?;
-    }
-    Ok(())
-}
-
 /// Downloads `count` vec4 of a scratch buffer, as a `[count, 4]` array.
 pub(crate) fn read_vec4(
     ctx: &Context,
@@ -848,41 +526,11 @@ mod tests {
             align_elems: align,
             max_groups_per_dim: 65535,
             max_buffer_bytes: u64::MAX,
+            tuning: crate::gpu::Tuning {
+                coalesced: false,
+                reduce_item_elems: 16384,
+            },
         }
-    }
-
-    /// Row windows cover every row exactly once, whole, inside one binding, from an
-    /// aligned start; layouts that are not contiguous rows are refused.
-    #[test]
-    fn row_windows_cover_whole_rows() {
-        for (rows, len, binding, align) in [
-            (10, 7, 64, 4),
-            (1000, 513, 4096, 64),
-            (3, 100, 1 << 20, 64),
-            (5, 64, 64, 64),
-        ] {
-            let layout = ChannelLayout::new(&[rows as usize, len as usize], Some(0));
-            let lim = limits(binding, align);
-            let windows = row_windows(layout, &lim);
-            if len + align > binding {
-                assert!(windows.is_none(), "{rows}x{len} in {binding}");
-                continue;
-            }
-            let windows = windows.unwrap();
-            let mut next = 0;
-            for w in &windows {
-                assert_eq!(w.start % align, 0);
-                assert!(w.len <= binding);
-                assert_eq!(w.start + w.skip, next * len);
-                assert_eq!(w.len, w.skip + w.rows * len);
-                next += w.rows;
-            }
-            assert_eq!(next, rows);
-        }
-        let deconv = ChannelLayout::new(&[4, 8, 3], Some(1));
-        assert!(row_windows(deconv, &limits(1 << 20, 64)).is_none());
-        let long = ChannelLayout::new(&[2, ROW_KERNEL_MAX_LEN as usize + 1], Some(0));
-        assert!(row_windows(long, &limits(1 << 30, 64)).is_none());
     }
 
     /// Every element of every slice is covered by exactly one item of one box, every
@@ -962,25 +610,5 @@ mod tests {
         }
     }
 
-    #[test]
-    fn element_windows_cover_and_locate() {
-        let layout = ChannelLayout {
-            batch: 2,
-            outer: 3,
-            channels: 5,
-            inner: 1001,
-        };
-        let w = element_windows(layout, &limits(1000, 64));
-        let mut next = 0;
-        for win in &w {
-            assert_eq!(win.start, next);
-            assert_eq!(win.start % 64, 0);
-            assert_eq!(win.c_start, (win.start / 1001) % 5);
-            assert_eq!(win.j_start, win.start % 1001);
-            assert_eq!(win.o_start, (win.start / 5005) % 3);
-            assert_eq!(win.a_start, win.start / 15015);
-            next += win.len;
-        }
-        assert_eq!(next, layout.len());
-    }
+
 }

@@ -3,6 +3,8 @@
 pub mod batch_norm;
 pub(crate) mod channel_stats;
 pub mod copy;
+pub(crate) mod element;
+pub(crate) mod layout;
 pub mod spectral_norm;
 pub mod weight_norm;
 pub mod weight_standardization;

@@ -3,15 +3,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::channel_stats::{
-    check_channel_input, element_windows, record_dot, record_sums, vec4_buffer, ChannelLayout,
-    ElementParams, ReducePlan,
-};
+use super::channel_stats::{record_dot, record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
+use super::element::{record_elementwise, Extra};
+use super::layout::{check_channel_input, ChannelLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{
-    Bind, Context, Kernel, PlanLimits, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
-};
+use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "spectral_norm";
 
@@ -179,15 +176,6 @@ struct VectorParams {
     sigma_index: u32,
     keep: u32,
     _pad: u32,
-}
-
-// Mirrors `ScaleParams` in shaders/spectral_norm.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct ScaleParams {
-    count: u32,
-    use_gamma: u32,
-    _pad: [u32; 2],
 }
 
 // Mirrors `GradCoefParams` in shaders/spectral_norm.wgsl.
@@ -539,31 +527,22 @@ impl SpectralNorm {
         };
         let out = Tensor::zeros(ctx, weight.shape())?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
-        let full = ChannelLayout::new(weight.shape(), None);
-        // Windows start at multiples of 4: with a length a multiple of 4, vec4s.
-        let unit = if full.len().is_multiple_of(4) { 4 } else { 1 };
-        let kernel = if unit == 4 {
-            Kernel::SnScaleVec4
-        } else {
-            Kernel::SnScale
-        };
-        for w in element_windows(full, &ctx.limits) {
-            rec.dispatch(
-                kernel,
-                &ScaleParams {
-                    count: (w.len / unit) as u32,
-                    use_gamma: u32::from(gamma.is_some()),
-                    _pad: [0; 2],
-                },
-                &[
-                    Bind::window(weight.buffer(), w.start, w.len),
-                    Bind::elems(sigma.buffer(), 1),
-                    Bind::elems(gamma.unwrap_or(&sigma).buffer(), 1),
-                    Bind::window(out.buffer(), w.start, w.len),
-                ],
-                (w.len / unit).div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
+        // One slice of every element: a length that is a multiple of 4 moves vec4s.
+        record_elementwise(
+            rec,
+            Kernel::SnScale,
+            &ChannelLayout::new(weight.shape(), None),
+            &[weight.buffer()],
+            &[
+                Bind::elems(sigma.buffer(), 1),
+                Bind::elems(gamma.unwrap_or(&sigma).buffer(), 1),
+            ],
+            out.buffer(),
+            Extra {
+                flag: u32::from(gamma.is_some()),
+                aux: [0.0; 2],
+            },
+        )?;
         state.sigma = Some(sigma.clone());
         Ok(SpectralNormOutput {
             weight: out,
@@ -630,28 +609,19 @@ impl SpectralNorm {
         )?;
         let grad = Tensor::zeros(ctx, weight.shape())?;
         // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
-        let by4 = m.layout.inner.is_multiple_of(4);
-        for w in element_windows(m.layout, &ctx.limits) {
-            let mut params = ElementParams::new(&m.layout, &w);
-            let (kernel, units) = if by4 {
-                params.scale_to_vec4();
-                (Kernel::SnGradVec4, w.len / 4)
-            } else {
-                (Kernel::SnGrad, w.len)
-            };
-            rec.dispatch(
-                kernel,
-                &params,
-                &[
-                    Bind::window(grad_output.buffer(), w.start, w.len),
-                    Bind::elems(forward.u.buffer(), m.rows()),
-                    Bind::elems(forward.v.buffer(), m.cols()),
-                    Bind::elems(&coef, 4),
-                    Bind::window(grad.buffer(), w.start, w.len),
-                ],
-                units.div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
+        record_elementwise(
+            rec,
+            Kernel::SnGrad,
+            &m.layout,
+            &[grad_output.buffer()],
+            &[
+                Bind::elems(forward.u.buffer(), m.rows()),
+                Bind::elems(forward.v.buffer(), m.cols()),
+                Bind::elems(&coef, 4),
+            ],
+            grad.buffer(),
+            Extra::default(),
+        )?;
         Ok((grad, grad_gamma))
     }
 
@@ -992,6 +962,10 @@ mod tests {
             align_elems: 64,
             max_groups_per_dim: 65535,
             max_buffer_bytes: u64::MAX,
+            tuning: crate::gpu::Tuning {
+                coalesced: false,
+                reduce_item_elems: 16384,
+            },
         }
     }
 

@@ -2,11 +2,10 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::channel_stats::{
-    record_elementwise, record_sums, row_windows, vec4_buffer, ChannelLayout, ReducePlan,
-    RowGeometry, RowWindow,
-};
+use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
+use super::element::{record_elementwise, Extra};
+use super::layout::{row_windows, ChannelLayout, RowGeometry, RowParams, RowWindow};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
 
@@ -71,19 +70,6 @@ impl Default for WeightNorm {
     fn default() -> Self {
         Self::pytorch(Some(0))
     }
-}
-
-// Mirrors `RowParams` in shaders/weight_norm.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct RowParams {
-    rows: u32,
-    len: u32,
-    skip: u32,
-    first_row: u32,
-    eps: f32,
-    tpr: u32,
-    _pad: [u32; 2],
 }
 
 // Mirrors `SliceParams` in shaders/weight_norm.wgsl.
@@ -265,7 +251,15 @@ impl WeightNorm {
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let out = Tensor::zeros(ctx, v.shape())?;
-        record_elementwise(rec, Kernel::WnApply, &layout, &[v], &factors, &out)?;
+        record_elementwise(
+            rec,
+            Kernel::WnApply,
+            &layout,
+            &[v.buffer()],
+            &[Bind::elems(&factors, layout.slices() * 4)],
+            out.buffer(),
+            Extra::default(),
+        )?;
         Ok(out)
     }
 
@@ -311,7 +305,15 @@ impl WeightNorm {
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let grad_v = Tensor::zeros(ctx, v.shape())?;
-        record_elementwise(rec, Kernel::WnGradV, &layout, &[v, grad_w], &coef, &grad_v)?;
+        record_elementwise(
+            rec,
+            Kernel::WnGradV,
+            &layout,
+            &[v.buffer(), grad_w.buffer()],
+            &[Bind::elems(&coef, layout.slices() * 4)],
+            grad_v.buffer(),
+            Extra::default(),
+        )?;
         Ok((grad_g, grad_v))
     }
 
@@ -334,32 +336,19 @@ impl WeightNorm {
         for w in windows {
             let groups = geo.groups(w);
             let params = RowParams {
-                rows: w.rows as u32,
-                len: geo.len,
-                skip: geo.skip(w),
-                first_row: first_row as u32,
                 eps: self.eps,
-                tpr: geo.tpr,
-                _pad: [0; 2],
+                ..geo.params(w, first_row)
             };
             let gb = Bind::elems(g.buffer(), rows);
             let vb = Bind::window(v.buffer(), w.start, w.len);
             let ob = Bind::window(out.buffer(), w.start, w.len);
             match grad {
                 None => {
-                    let kernel = if geo.vec4 {
-                        Kernel::WnRowsForwardVec4
-                    } else {
-                        Kernel::WnRowsForward
-                    };
+                    let kernel = geo.pick(Kernel::WnRowsForward);
                     rec.dispatch(kernel, &params, &[gb, vb, ob], groups)?;
                 }
                 Some((grad_w, grad_g)) => {
-                    let kernel = if geo.vec4 {
-                        Kernel::WnRowsGradVec4
-                    } else {
-                        Kernel::WnRowsGrad
-                    };
+                    let kernel = geo.pick(Kernel::WnRowsGrad);
                     let binds = [
                         gb,
                         vb,

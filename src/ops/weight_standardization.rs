@@ -2,14 +2,13 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::channel_stats::{
-    check_channel_input, element_windows, record_sums, record_welford, row_windows, vec4_buffer,
-    ChannelLayout, ElementWindow, ReducePlan, RowGeometry, RowWindow,
+use super::channel_stats::{record_sums, record_welford, vec4_buffer, ReducePlan};
+use super::element::{record_elementwise, Extra};
+use super::layout::{
+    check_channel_input, row_windows, ChannelLayout, RowGeometry, RowParams, RowWindow,
 };
 use crate::error::{Error, Result};
-use crate::gpu::{
-    Bind, Context, Kernel, Recording, Tensor, ELEMENTS_PER_WORKGROUP, WORKGROUP_SIZE,
-};
+use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "weight_standardization";
 
@@ -65,34 +64,6 @@ struct FinalizeParams {
     eps: f32,
     divisor: f32,
     _pad: u32,
-}
-
-// Mirrors `RowParams` in shaders/weight_standardization.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct RowParams {
-    rows: u32,
-    len: u32,
-    skip: u32,
-    tpr: u32,
-    eps: f32,
-    inv_n: f32,
-    inv_divisor: f32,
-    _pad1: u32,
-}
-
-// Mirrors `ElementParams` in shaders/weight_standardization.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct ElementParams {
-    count: u32,
-    channels: u32,
-    inner: u32,
-    c_start: u32,
-    j_start: u32,
-    _pad: u32,
-    inv_n: f32,
-    inv_divisor: f32,
 }
 
 impl WeightStandardization {
@@ -266,19 +237,15 @@ impl WeightStandardization {
     ) -> Result<Tensor> {
         let ctx = rec.context();
         let out = Tensor::zeros(ctx, weight.shape())?;
-        for w in element_windows(*layout, &ctx.limits) {
-            let (kernel, params, units) = self.element_pass(Kernel::WsNormalize, layout, &w);
-            rec.dispatch(
-                kernel,
-                &params,
-                &[
-                    Bind::window(weight.buffer(), w.start, w.len),
-                    Bind::elems(norm, layout.channels * 4),
-                    Bind::window(out.buffer(), w.start, w.len),
-                ],
-                units.div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
+        record_elementwise(
+            rec,
+            Kernel::WsNormalize,
+            layout,
+            &[weight.buffer()],
+            &[Bind::elems(norm, layout.channels * 4)],
+            out.buffer(),
+            Extra::default(),
+        )?;
         Ok(out)
     }
 
@@ -302,21 +269,25 @@ impl WeightStandardization {
             Some(norm),
         )?;
         let out = Tensor::zeros(ctx, weight.shape())?;
-        for w in element_windows(*layout, &ctx.limits) {
-            let (kernel, params, units) = self.element_pass(Kernel::WsGrad, layout, &w);
-            rec.dispatch(
-                kernel,
-                &params,
-                &[
-                    Bind::window(weight.buffer(), w.start, w.len),
-                    Bind::window(grad_output.buffer(), w.start, w.len),
-                    Bind::elems(norm, layout.channels * 4),
-                    Bind::elems(&sums, layout.channels * 4),
-                    Bind::window(out.buffer(), w.start, w.len),
-                ],
-                units.div_ceil(ELEMENTS_PER_WORKGROUP),
-            )?;
-        }
+        let extra = Extra {
+            flag: 0,
+            aux: [
+                (1.0 / layout.per_channel() as f64) as f32,
+                (1.0 / self.divisor(layout)) as f32,
+            ],
+        };
+        record_elementwise(
+            rec,
+            Kernel::WsGrad,
+            layout,
+            &[weight.buffer(), grad_output.buffer()],
+            &[
+                Bind::elems(norm, layout.channels * 4),
+                Bind::elems(&sums, layout.channels * 4),
+            ],
+            out.buffer(),
+            extra,
+        )?;
         Ok(out)
     }
 
@@ -332,22 +303,14 @@ impl WeightStandardization {
     ) -> Result<Tensor> {
         let out = Tensor::zeros(rec.context(), weight.shape())?;
         let geo = RowGeometry::new(layout);
-        let (forward, grad) = if geo.vec4 {
-            (Kernel::WsRowsForwardVec4, Kernel::WsRowsGradVec4)
-        } else {
-            (Kernel::WsRowsForward, Kernel::WsRowsGrad)
-        };
+        let (forward, grad) = (geo.pick(Kernel::WsRowsForward), geo.pick(Kernel::WsRowsGrad));
         for w in windows {
             let groups = geo.groups(w);
             let params = RowParams {
-                rows: w.rows as u32,
-                len: geo.len,
-                skip: geo.skip(w),
-                tpr: geo.tpr,
                 eps: self.eps,
                 inv_n: (1.0 / layout.per_channel() as f64) as f32,
                 inv_divisor: (1.0 / self.divisor(layout)) as f32,
-                _pad1: 0,
+                ..geo.params(w, 0)
             };
             let x = Bind::window(weight.buffer(), w.start, w.len);
             let y = Bind::window(out.buffer(), w.start, w.len);
@@ -362,47 +325,5 @@ impl WeightStandardization {
             }
         }
         Ok(out)
-    }
-
-    /// The kernel (`kernel` or its vec4 twin when rows are a multiple of 4 long), its
-    /// params and its work units (elements or vec4s) for window `w`.
-    fn element_pass(
-        &self,
-        kernel: Kernel,
-        layout: &ChannelLayout,
-        w: &ElementWindow,
-    ) -> (Kernel, ElementParams, u64) {
-        let mut params = self.element_params(layout, w.len, w.c_start, w.j_start);
-        match kernel
-            .vec4_twin()
-            .filter(|_| layout.inner.is_multiple_of(4))
-        {
-            Some(k4) => {
-                params.count /= 4;
-                params.inner /= 4;
-                params.j_start /= 4;
-                (k4, params, w.len / 4)
-            }
-            None => (kernel, params, w.len),
-        }
-    }
-
-    fn element_params(
-        &self,
-        layout: &ChannelLayout,
-        count: u64,
-        c_start: u64,
-        j_start: u64,
-    ) -> ElementParams {
-        ElementParams {
-            count: count as u32,
-            channels: layout.channels as u32,
-            inner: layout.inner as u32,
-            c_start: c_start as u32,
-            j_start: j_start as u32,
-            _pad: 0,
-            inv_n: (1.0 / layout.per_channel() as f64) as f32,
-            inv_divisor: (1.0 / self.divisor(layout)) as f32,
-        }
     }
 }

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use ndarray::{ArrayD, IxDyn};
-use wgnorm::{Context, ContextOptions};
+use wgnorm::{Context, ContextOptions, Tuning};
 
 /// The default adapter. Tests fail, never skip, when there is none: CI installs one.
 pub fn ctx() -> Context {
@@ -10,12 +10,33 @@ pub fn ctx() -> Context {
 }
 
 /// A context whose storage bindings are capped at `bytes`, so that small tensors take
-/// the split-into-windows path of large ones.
+/// the split-into-windows path of large ones, and whose thread layout is the one the
+/// adapter would *not* pick (the GPU layout on lavapipe and llvmpipe, the software one
+/// on a GPU), so that both layouts are checked on every adapter.
 pub fn ctx_with_binding(bytes: u64) -> Context {
+    let default = ctx().info().tuning;
+    let other = if default.coalesced {
+        Tuning {
+            coalesced: false,
+            reduce_item_elems: 16 * 1024,
+        }
+    } else {
+        Tuning {
+            coalesced: true,
+            reduce_item_elems: 4 * 1024,
+        }
+    };
     Context::headless_with(ContextOptions {
         max_binding_bytes: Some(bytes),
+        tuning: Some(other),
     })
     .unwrap_or_else(|e| panic!("no GPU adapter for the tests: {e}"))
+}
+
+/// The default adapter with the other thread layout (see [`ctx_with_binding`]) and no
+/// cap on bindings.
+pub fn ctx_other_layout() -> Context {
+    ctx_with_binding(u64::MAX)
 }
 
 /// A small seeded generator (SplitMix64), so the data never depends on a crate version.

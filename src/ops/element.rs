@@ -1,0 +1,245 @@
+//! The one recorder of elementwise passes (`shaders/shared/element.wgsl`): picks the
+//! kernel variant (scalar, vec4, channels-last), the thread layout of the adapter
+//! ([`Tuning`](crate::gpu::Tuning)), and records the pass window by window.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::layout::{element_windows, ChannelLayout, ElementWindow};
+use crate::error::Result;
+use crate::gpu::{Bind, Kernel, Recording, WORKGROUP_SIZE};
+
+/// Units each thread of an elementwise pass handles (`PER_THREAD` in element.wgsl).
+pub(crate) const PER_THREAD: u64 = 4;
+
+// Mirrors `ElementParams` in shaders/shared/element.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct ElementParams {
+    pub count: u32,
+    pub channels: u32,
+    pub inner: u32,
+    pub outer: u32,
+    pub c_start: u32,
+    pub j_start: u32,
+    pub row_start: u32,
+    pub batched: u32,
+    pub stride: u32,
+    pub step_j: u32,
+    pub step_c: u32,
+    pub step_r: u32,
+    pub flag: u32,
+    pub _pad: u32,
+    pub aux0: f32,
+    pub aux1: f32,
+}
+
+/// The op-specific part of [`ElementParams`]: a flag and two scalars.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Extra {
+    pub flag: u32,
+    pub aux: [f32; 2],
+}
+
+/// The units of a pass: 1 (scalar kernel), or 4 elements per unit (vec4 and
+/// channels-last variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Scalar,
+    Vec4,
+    ChannelsLast,
+}
+
+fn variant(kernel: Kernel, layout: &ChannelLayout) -> (Kernel, Variant) {
+    let cl = kernel
+        .channels_last_twin()
+        .filter(|_| layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4));
+    if let Some(k) = cl {
+        return (k, Variant::ChannelsLast);
+    }
+    // Windows always start at multiples of 4 elements (`PlanLimits::align_elems`), so
+    // rows a multiple of 4 long keep every vec4 inside one slice.
+    match kernel
+        .vec4_twin()
+        .filter(|_| layout.inner.is_multiple_of(4))
+    {
+        Some(k) => (k, Variant::Vec4),
+        None => (kernel, Variant::Scalar),
+    }
+}
+
+/// The params of window `w` of a pass over `layout` in `variant`'s units, threads
+/// `stride` units apart (coalesced: the workgroup size), and the workgroups it needs.
+fn params(
+    layout: &ChannelLayout,
+    w: &ElementWindow,
+    variant: Variant,
+    coalesced: bool,
+    extra: Extra,
+) -> (ElementParams, u64) {
+    let (mut count, mut channels, mut inner) = (w.len, layout.channels, layout.inner);
+    let (mut c_start, mut j_start) = (w.c_start, w.j_start);
+    match variant {
+        Variant::Scalar => {}
+        Variant::Vec4 => {
+            count /= 4;
+            inner /= 4;
+            j_start /= 4;
+        }
+        Variant::ChannelsLast => {
+            count /= 4;
+            channels /= 4;
+            c_start /= 4;
+        }
+    }
+    let stride = if coalesced {
+        u64::from(WORKGROUP_SIZE)
+    } else if variant == Variant::ChannelsLast {
+        // One group of features per thread over PER_THREAD rows: its per-feature
+        // values are loaded once.
+        channels
+    } else {
+        1
+    };
+    let threads = count.div_ceil(stride * PER_THREAD) * stride;
+    let q = stride / inner;
+    let params = ElementParams {
+        count: count as u32,
+        channels: channels as u32,
+        inner: inner as u32,
+        outer: layout.outer as u32,
+        c_start: c_start as u32,
+        j_start: j_start as u32,
+        row_start: (w.a_start * layout.outer + w.o_start) as u32,
+        batched: u32::from(layout.batch > 1),
+        stride: stride as u32,
+        step_j: (stride % inner) as u32,
+        step_c: (q % channels) as u32,
+        step_r: (q / channels) as u32,
+        flag: extra.flag,
+        _pad: 0,
+        aux0: extra.aux[0],
+        aux1: extra.aux[1],
+    };
+    (params, threads.div_ceil(u64::from(WORKGROUP_SIZE)))
+}
+
+/// Records an elementwise `kernel` (its scalar form; the vec4 or channels-last variant
+/// is picked from the layout) over `layout`, window by window. Bindings: `params`,
+/// then `windowed` (buffers shaped like the layout, bound window by window), then
+/// `whole` (bound as given: per-slice values, scalars), then `out` (windowed).
+pub(crate) fn record_elementwise(
+    rec: &mut Recording<'_>,
+    kernel: Kernel,
+    layout: &ChannelLayout,
+    windowed: &[&wgpu::Buffer],
+    whole: &[Bind<'_>],
+    out: &wgpu::Buffer,
+    extra: Extra,
+) -> Result<()> {
+    let ctx = rec.context();
+    let (kernel, variant) = variant(kernel, layout);
+    let coalesced = ctx.limits.tuning.coalesced;
+    for w in element_windows(*layout, &ctx.limits) {
+        let (params, groups) = params(layout, &w, variant, coalesced, extra);
+        let mut binds: Vec<Bind<'_>> = windowed
+            .iter()
+            .map(|b| Bind::window(b, w.start, w.len))
+            .collect();
+        binds.extend_from_slice(whole);
+        binds.push(Bind::window(out, w.start, w.len));
+        rec.dispatch(kernel, &params, &binds, groups)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shader's walk (element.wgsl), run on the host: every unit of the window is
+    /// visited once, at the position the division-free steps claim.
+    fn check_walk(layout: ChannelLayout, w: ElementWindow, variant: Variant, coalesced: bool) {
+        let (p, groups) = params(&layout, &w, variant, coalesced, Extra::default());
+        let mut seen = vec![0u8; p.count as usize];
+        for t in 0..groups * u64::from(WORKGROUP_SIZE) {
+            let t = t as u32;
+            let mut e = (t / p.stride) * p.stride * PER_THREAD as u32 + t % p.stride;
+            let u = p.j_start + e;
+            let mut j = u % p.inner;
+            let q = p.c_start + u / p.inner;
+            let mut c = q % p.channels;
+            let mut r = p.row_start + q / p.channels;
+            for _ in 0..PER_THREAD {
+                if e >= p.count {
+                    break;
+                }
+                seen[e as usize] += 1;
+                let abs = u64::from(p.j_start) + u64::from(e);
+                let qa = u64::from(p.c_start) + abs / u64::from(p.inner);
+                assert_eq!(u64::from(j), abs % u64::from(p.inner));
+                assert_eq!(u64::from(c), qa % u64::from(p.channels));
+                assert_eq!(
+                    u64::from(r),
+                    u64::from(p.row_start) + qa / u64::from(p.channels)
+                );
+                e += p.stride;
+                j += p.step_j;
+                c += p.step_c;
+                r += p.step_r;
+                if j >= p.inner {
+                    j -= p.inner;
+                    c += 1;
+                }
+                if c >= p.channels {
+                    c -= p.channels;
+                    r += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s == 1), "{layout:?} {variant:?}");
+    }
+
+    #[test]
+    fn walks_visit_every_unit_once_at_the_right_position() {
+        let lim = |binding| crate::gpu::PlanLimits {
+            max_binding_elems: binding,
+            align_elems: 64,
+            max_groups_per_dim: 65535,
+            max_buffer_bytes: u64::MAX,
+            tuning: crate::gpu::Tuning {
+                coalesced: true,
+                reduce_item_elems: 4096,
+            },
+        };
+        for (batch, outer, channels, inner) in [
+            (1, 1, 7, 5),
+            (1, 3, 3, 1),
+            (1, 5, 8, 1),
+            (1, 2, 300, 1),
+            (1, 4, 3, 700),
+            (3, 5, 7, 2),
+            (2, 9, 4, 8),
+            (1, 1, 1, 1000),
+        ] {
+            let layout = ChannelLayout {
+                batch,
+                outer,
+                channels,
+                inner,
+            };
+            for binding in [1 << 20, 512] {
+                for w in element_windows(layout, &lim(binding)) {
+                    for coalesced in [true, false] {
+                        check_walk(layout, w, Variant::Scalar, coalesced);
+                        if inner % 4 == 0 {
+                            check_walk(layout, w, Variant::Vec4, coalesced);
+                        }
+                        if inner == 1 && batch == 1 && channels % 4 == 0 {
+                            check_walk(layout, w, Variant::ChannelsLast, coalesced);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

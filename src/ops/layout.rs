@@ -1,0 +1,343 @@
+//! GPU-free planning: how a tensor is viewed (`[batch, outer, channels, inner]`), the
+//! input checks every per-channel op shares, and the binding-sized windows that the
+//! elementwise passes and the row kernels run over. Everything here is plain
+//! arithmetic with unit tests; recording lives in `element.rs` and `channel_stats.rs`.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::PlanLimits;
+
+/// A tensor seen as `[batch, outer, channels, inner]`: slice `a * channels + c` owns
+/// `x[a, o, c, j]` for every `o` and `j`. `batch` is 1 except when a middle axis alone
+/// is reduced (Jittor's weight norm): then the axes before it form the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChannelLayout {
+    pub batch: u64,
+    pub outer: u64,
+    pub channels: u64,
+    pub inner: u64,
+}
+
+impl ChannelLayout {
+    /// The layout of `shape` with channels on `axis` (`None`: one channel, everything).
+    pub fn new(shape: &[usize], axis: Option<usize>) -> Self {
+        let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        match axis {
+            Some(a) => ChannelLayout {
+                batch: 1,
+                outer: p(&shape[..a]),
+                channels: shape[a] as u64,
+                inner: p(&shape[a + 1..]),
+            },
+            None => ChannelLayout {
+                batch: 1,
+                outer: 1,
+                channels: 1,
+                inner: p(shape),
+            },
+        }
+    }
+
+    /// The layout that reduces axis `k` of `shape` alone, keeping every other axis.
+    pub fn reduce_one_axis(shape: &[usize], k: usize) -> Self {
+        let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        ChannelLayout {
+            batch: p(&shape[..k]),
+            outer: shape[k] as u64,
+            channels: p(&shape[k + 1..]),
+            inner: 1,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.batch * self.outer * self.channels * self.inner
+    }
+
+    /// Number of slices (one statistic each): `batch * channels`.
+    pub fn slices(&self) -> u64 {
+        self.batch * self.channels
+    }
+
+    /// Elements per channel.
+    pub fn per_channel(&self) -> u64 {
+        self.outer * self.inner
+    }
+}
+
+/// The checks every per-channel op makes on its main input, with the op's own words:
+/// rank >= 2, `axis` in range, no empty dimension, `eps` finite and positive. Returns
+/// the layout with channels on `axis`.
+pub(crate) fn check_channel_input(
+    op: &'static str,
+    input: &str,
+    axis_name: &str,
+    shape: &[usize],
+    axis: usize,
+    eps: f32,
+) -> Result<ChannelLayout> {
+    if shape.len() < 2 {
+        return Err(Error::input(
+            op,
+            format!("the {input} must have rank >= 2, got shape {shape:?}"),
+        ));
+    }
+    if axis >= shape.len() {
+        return Err(Error::input(
+            op,
+            format!("{axis_name} {axis} is out of range for the {input} of shape {shape:?}"),
+        ));
+    }
+    if shape.contains(&0) {
+        return Err(Error::input(
+            op,
+            format!("the {input} is empty (shape {shape:?})"),
+        ));
+    }
+    if !eps.is_finite() || eps <= 0.0 {
+        return Err(Error::input(
+            op,
+            format!("eps must be finite and positive, got {eps}"),
+        ));
+    }
+    Ok(ChannelLayout::new(shape, Some(axis)))
+}
+
+/// A window of a flat elementwise pass: elements `[start, start + len)`, whose first
+/// element sits at `x[a_start, o_start, c_start, j_start]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ElementWindow {
+    pub start: u64,
+    pub len: u64,
+    pub a_start: u64,
+    pub o_start: u64,
+    pub c_start: u64,
+    pub j_start: u64,
+}
+
+/// Rows at most this long are handled by one workgroup each ("row kernels"): a row of
+/// 16 Ki f32 (64 KiB) stays in a GPU's L2 and a CPU's L2 between the passes over it.
+pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
+
+/// Threads per workgroup of the row kernels (their shaders' `RWG`).
+pub(crate) const ROW_WORKGROUP: u64 = 64;
+
+/// How a row kernel covers rows of `layout.inner` elements: by vec4 when rows are a
+/// multiple of 4 long (windows then start at multiples of 4 too), with `tpr` threads
+/// per row (about 8 loads each, a power of two up to a whole workgroup), so short rows
+/// share a workgroup.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowGeometry {
+    /// Four elements per load.
+    pub vec4: bool,
+    /// Loads per row.
+    pub len: u32,
+    /// Threads per row.
+    pub tpr: u32,
+    unit: u64,
+    rows_per_group: u64,
+}
+
+impl RowGeometry {
+    pub fn new(layout: &ChannelLayout) -> Self {
+        let vec4 = layout.inner.is_multiple_of(4);
+        let unit = if vec4 { 4 } else { 1 };
+        let len = layout.inner / unit;
+        let tpr = len.div_ceil(8).next_power_of_two().clamp(1, ROW_WORKGROUP);
+        RowGeometry {
+            vec4,
+            len: len as u32,
+            tpr: tpr as u32,
+            unit,
+            rows_per_group: ROW_WORKGROUP / tpr,
+        }
+    }
+
+    /// Loads of window `w` before its first row.
+    pub fn skip(&self, w: &RowWindow) -> u32 {
+        (w.skip / self.unit) as u32
+    }
+
+    /// Workgroups for window `w`.
+    pub fn groups(&self, w: &RowWindow) -> u64 {
+        w.rows.div_ceil(self.rows_per_group)
+    }
+}
+
+/// A run of whole rows that fits one binding: bind `len` elements from `start`
+/// (aligned); the first row begins `skip` elements in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowWindow {
+    pub start: u64,
+    pub len: u64,
+    pub skip: u64,
+    pub rows: u64,
+}
+
+/// When every slice of `layout` is one contiguous row (`outer == 1`, `batch == 1`) of
+/// at most [`ROW_KERNEL_MAX_LEN`] elements, the windows of whole rows for a row
+/// kernel; `None` when the layout does not qualify.
+pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<Vec<RowWindow>> {
+    let (rows, len) = (layout.channels, layout.inner);
+    if layout.batch != 1 || layout.outer != 1 || len == 0 || len > ROW_KERNEL_MAX_LEN || rows == 0 {
+        return None;
+    }
+    let align = limits.align_elems.max(1);
+    let per_window = limits.max_binding_elems.saturating_sub(align) / len;
+    if per_window == 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < rows {
+        let n = per_window.min(rows - first);
+        let begin = first * len;
+        let start = begin / align * align;
+        let skip = begin - start;
+        out.push(RowWindow {
+            start,
+            len: skip + n * len,
+            skip,
+            rows: n,
+        });
+        first += n;
+    }
+    Some(out)
+}
+
+/// Splits an elementwise pass over `layout` into windows that fit one binding, each
+/// starting at an aligned offset.
+pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec<ElementWindow> {
+    let align = limits.align_elems.max(1);
+    let chunk = (limits.max_binding_elems / align * align).max(align);
+    let total = layout.len();
+    let inner = layout.inner.max(1);
+    let channels = layout.channels.max(1);
+    let outer = layout.outer.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < total {
+        let len = chunk.min(total - start);
+        let row = start / (inner * channels);
+        out.push(ElementWindow {
+            start,
+            len,
+            a_start: row / outer,
+            o_start: row % outer,
+            c_start: (start / inner) % channels,
+            j_start: start % inner,
+        });
+        start += len;
+    }
+    out
+}
+
+
+// Mirrors `RowParams` in shaders/shared/rows.wgsl (WS and WN row kernels).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct RowParams {
+    pub rows: u32,
+    pub len: u32,
+    pub skip: u32,
+    pub tpr: u32,
+    pub first_row: u32,
+    pub eps: f32,
+    pub inv_n: f32,
+    pub inv_divisor: f32,
+}
+
+impl RowGeometry {
+    /// `kernel`, or its vec4 variant when rows are a multiple of 4 long.
+    pub fn pick(&self, kernel: crate::gpu::Kernel) -> crate::gpu::Kernel {
+        kernel
+            .vec4_twin()
+            .filter(|_| self.vec4)
+            .unwrap_or(kernel)
+    }
+
+    /// The row-kernel params of window `w` (the op fills `eps`, `inv_n`, `inv_divisor`).
+    pub fn params(&self, w: &RowWindow, first_row: u64) -> RowParams {
+        RowParams {
+            rows: w.rows as u32,
+            len: self.len,
+            skip: self.skip(w),
+            tpr: self.tpr,
+            first_row: first_row as u32,
+            ..RowParams::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(binding: u64, align: u64) -> PlanLimits {
+        PlanLimits {
+            max_binding_elems: binding,
+            align_elems: align,
+            max_groups_per_dim: 65535,
+            max_buffer_bytes: u64::MAX,
+            tuning: crate::gpu::Tuning {
+                coalesced: false,
+                reduce_item_elems: 16384,
+            },
+        }
+    }
+
+    /// Row windows cover every row exactly once, whole, inside one binding, from an
+    /// aligned start; layouts that are not contiguous rows are refused.
+    #[test]
+    fn row_windows_cover_whole_rows() {
+        for (rows, len, binding, align) in [
+            (10, 7, 64, 4),
+            (1000, 513, 4096, 64),
+            (3, 100, 1 << 20, 64),
+            (5, 64, 64, 64),
+        ] {
+            let layout = ChannelLayout::new(&[rows as usize, len as usize], Some(0));
+            let lim = limits(binding, align);
+            let windows = row_windows(layout, &lim);
+            if len + align > binding {
+                assert!(windows.is_none(), "{rows}x{len} in {binding}");
+                continue;
+            }
+            let windows = windows.unwrap();
+            let mut next = 0;
+            for w in &windows {
+                assert_eq!(w.start % align, 0);
+                assert!(w.len <= binding);
+                assert_eq!(w.start + w.skip, next * len);
+                assert_eq!(w.len, w.skip + w.rows * len);
+                next += w.rows;
+            }
+            assert_eq!(next, rows);
+        }
+        let deconv = ChannelLayout::new(&[4, 8, 3], Some(1));
+        assert!(row_windows(deconv, &limits(1 << 20, 64)).is_none());
+        let long = ChannelLayout::new(&[2, ROW_KERNEL_MAX_LEN as usize + 1], Some(0));
+        assert!(row_windows(long, &limits(1 << 30, 64)).is_none());
+    }
+
+    #[test]
+    fn element_windows_cover_and_locate() {
+        let layout = ChannelLayout {
+            batch: 2,
+            outer: 3,
+            channels: 5,
+            inner: 1001,
+        };
+        let w = element_windows(layout, &limits(1000, 64));
+        let mut next = 0;
+        for win in &w {
+            assert_eq!(win.start, next);
+            assert_eq!(win.start % 64, 0);
+            assert_eq!(win.c_start, (win.start / 1001) % 5);
+            assert_eq!(win.j_start, win.start % 1001);
+            assert_eq!(win.o_start, (win.start / 5005) % 3);
+            assert_eq!(win.a_start, win.start / 15015);
+            next += win.len;
+        }
+        assert_eq!(next, layout.len());
+    }}
