@@ -53,12 +53,8 @@ struct GradParams {
 @group(0) @binding(6) var<storage, read_write> fp_norm: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn finalize(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn finalize(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= fp.features) {
         return;
     }
@@ -90,35 +86,25 @@ fn finalize(
 
 // ---- normalize: y = (x - mean) * (invstd * gamma) + beta ------------------------------
 
-@group(0) @binding(0) var<uniform> np: ElementParams;
-@group(0) @binding(1) var<storage, read> np_x: array<V>;
-@group(0) @binding(2) var<storage, read> np_norm: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> np_y: array<V>;
+@group(0) @binding(0) var<uniform> bn: ElementParams;
+@group(0) @binding(1) var<storage, read> bn_x: array<V>;
+@group(0) @binding(2) var<storage, read> bn_norm: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> bn_y: array<V>;
 
 @compute @workgroup_size(WG)
-fn normalize(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var w = cursor_start(np, wid, nwg, lid);
-    // Per-feature values are reloaded only when the slice changes.
-    var cur = 0xffffffffu;
+fn normalize(ids: Ids) {
     var mean: V;
     var scale: V;
     var beta: V;
-    for (var k = 0u; k < PER_THREAD && w.e < np.count; k += 1u) {
-        let s = cursor_slice(np, w);
-        if (s != cur) {
-            cur = s;
-            let i = unit_slices(s);
-            let m = transpose(mat4x4<f32>(np_norm[i.x], np_norm[i.y], np_norm[i.z], np_norm[i.w]));
+    for (var w = cursor_start(bn, ids); cursor_live(bn, w); cursor_next(bn, &w)) {
+        if (w.fresh) {
+            let i = unit_slices(w.slice);
+            let m = transpose(mat4x4<f32>(bn_norm[i.x], bn_norm[i.y], bn_norm[i.z], bn_norm[i.w]));
             mean = from_lanes(m[0]);
             scale = from_lanes(m[1] * m[2]);
             beta = from_lanes(m[3]);
         }
-        np_y[w.e] = (np_x[w.e] - mean) * scale + beta;
-        cursor_next(np, &w);
+        bn_y[w.e] = (bn_x[w.e] - mean) * scale + beta;
     }
 }
 
@@ -132,12 +118,8 @@ fn normalize(
 @group(0) @binding(5) var<storage, read_write> gf_coef: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn grad_factors(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn grad_factors(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= gf.features) {
         return;
     }
@@ -163,27 +145,15 @@ fn grad_factors(
 @group(0) @binding(4) var<storage, read_write> gi_dx: array<V>;
 
 @compute @workgroup_size(WG)
-fn grad_input(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var w = cursor_start(gi, wid, nwg, lid);
-    var cur = 0xffffffffu;
+fn grad_input(ids: Ids) {
     var k: mat4x4<f32>;
-    for (var n = 0u; n < PER_THREAD && w.e < gi.count; n += 1u) {
-        let s = cursor_slice(gi, w);
-        if (s != cur) {
-            cur = s;
-            let i = unit_slices(s);
+    for (var w = cursor_start(gi, ids); cursor_live(gi, w); cursor_next(gi, &w)) {
+        if (w.fresh) {
+            let i = unit_slices(w.slice);
             k = transpose(mat4x4<f32>(gi_coef[i.x], gi_coef[i.y], gi_coef[i.z], gi_coef[i.w]));
         }
-        let k1 = from_lanes(k[0]);
-        let k2 = from_lanes(k[1]);
-        let k3 = from_lanes(k[2]);
-        let mean = from_lanes(k[3]);
-        gi_dx[w.e] = k1 * (gi_dy[w.e] - k2 - (gi_x[w.e] - mean) * k3);
-        cursor_next(gi, &w);
+        let centred = gi_x[w.e] - from_lanes(k[3]);
+        gi_dx[w.e] = from_lanes(k[0]) * (gi_dy[w.e] - from_lanes(k[1]) - centred * from_lanes(k[2]));
     }
 }
 
@@ -202,12 +172,8 @@ struct MergeParams {
 @group(0) @binding(2) var<storage, read_write> mp_acc: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn merge(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn merge(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= mp.features) {
         return;
     }

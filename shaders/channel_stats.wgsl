@@ -151,12 +151,8 @@ fn walk_index(p: ReduceParams, it: Item, w: Walk) -> u32 {
 @group(0) @binding(2) var<storage, read_write> wp_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn welford_partials(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let it = item_at(wp, group_id(wid, nwg));
+fn welford_partials(ids: Ids) {
+    let it = item_at(wp, group_id(ids));
     if (it.count == 0u) {
         return;
     }
@@ -167,7 +163,7 @@ fn welford_partials(
     var s1 = V(0.0);
     var s2 = V(0.0);
     var n = 0u;
-    var w = walk_start(it, lid);
+    var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
         let d = wp_x[walk_index(wp, it, w)] - shift;
         s1 += d;
@@ -182,8 +178,8 @@ fn welford_partials(
         let dm = t1 / nf;
         acc = vec4<f32>(shift + dm, max(hsum(s2) - t1 * dm, 0.0), nf, 0.0);
     }
-    let total = tree_welford(lid, acc);
-    if (lid == 0u) {
+    let total = tree_welford(ids.lid, acc);
+    if (ids.lid == 0u) {
         wp_out[it.slot] = total;
     }
 }
@@ -194,22 +190,18 @@ fn welford_partials(
 
 // One workgroup per channel: out[c] = vec4(mean, m2, count, 0).
 @compute @workgroup_size(WG)
-fn welford_combine(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = group_id(wid, nwg);
+fn welford_combine(ids: Ids) {
+    let c = group_id(ids);
     if (c >= wc.channels) {
         return;
     }
     let first = c * wc.partials_per_channel;
     var acc = vec4<f32>(0.0);
-    for (var i = lid; i < wc.partials_per_channel; i += WG) {
+    for (var i = ids.lid; i < wc.partials_per_channel; i += WG) {
         acc = chan(acc, wc_partials[first + i]);
     }
-    let total = tree_welford(lid, acc);
-    if (lid == 0u) {
+    let total = tree_welford(ids.lid, acc);
+    if (ids.lid == 0u) {
         wc_out[c] = total;
     }
 }
@@ -230,12 +222,8 @@ override CENTERED: bool = false;
 @group(0) @binding(4) var<storage, read_write> sp_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn sum_partials(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let it = item_at(sp, group_id(wid, nwg));
+fn sum_partials(ids: Ids) {
+    let it = item_at(sp, group_id(ids));
     if (it.count == 0u) {
         return;
     }
@@ -246,7 +234,7 @@ fn sum_partials(
     var sa = V(0.0);
     var sab = V(0.0);
     var sbb = V(0.0);
-    var w = walk_start(it, lid);
+    var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
         let e = walk_index(sp, it, w);
         let a = sp_a[e];
@@ -256,8 +244,8 @@ fn sum_partials(
         sbb = fma(b, b, sbb);
         walk_next(&w, it.cols);
     }
-    let total = tree_sum(lid, vec4<f32>(hsum(sa), hsum(sab), hsum(sbb), 0.0));
-    if (lid == 0u) {
+    let total = tree_sum(ids.lid, vec4<f32>(hsum(sa), hsum(sab), hsum(sbb), 0.0));
+    if (ids.lid == 0u) {
         sp_out[it.slot] = total;
     }
 }
@@ -267,22 +255,18 @@ fn sum_partials(
 @group(0) @binding(2) var<storage, read_write> sc_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn sum_combine(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = group_id(wid, nwg);
+fn sum_combine(ids: Ids) {
+    let c = group_id(ids);
     if (c >= sc.channels) {
         return;
     }
     let first = c * sc.partials_per_channel;
     var acc = vec4<f32>(0.0);
-    for (var i = lid; i < sc.partials_per_channel; i += WG) {
+    for (var i = ids.lid; i < sc.partials_per_channel; i += WG) {
         acc += sc_partials[first + i];
     }
-    let total = tree_sum(lid, acc);
-    if (lid == 0u) {
+    let total = tree_sum(ids.lid, acc);
+    if (ids.lid == 0u) {
         sc_out[c] = total;
     }
 }
@@ -299,24 +283,20 @@ fn sum_combine(
 @group(0) @binding(3) var<storage, read_write> dp_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn dot_partials(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let it = item_at(dp, group_id(wid, nwg));
+fn dot_partials(ids: Ids) {
+    let it = item_at(dp, group_id(ids));
     if (it.count == 0u) {
         return;
     }
     var acc = V(0.0);
-    var w = walk_start(it, lid);
+    var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
         let e = walk_index(dp, it, w);
         acc = fma(dp_x[e], dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col], acc);
         walk_next(&w, it.cols);
     }
-    let total = tree_sum(lid, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0));
-    if (lid == 0u) {
+    let total = tree_sum(ids.lid, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0));
+    if (ids.lid == 0u) {
         dp_out[it.slot] = total;
     }
 }
@@ -392,16 +372,12 @@ fn cl_rows_sum(p: ClParams, t: ClThread, lid: u32, acc: mat3x4<f32>) -> mat3x4<f
 @group(0) @binding(2) var<storage, read_write> wcl_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn welford_partials_cl(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let linear = group_id(wid, nwg);
+fn welford_partials_cl(ids: Ids) {
+    let linear = group_id(ids);
     if (linear >= wcl.nblocks * wcl.ngroups) {
         return;
     }
-    let t = cl_thread(wcl, linear, lid);
+    let t = cl_thread(wcl, linear, ids.lid);
     var shift = vec4<f32>(0.0);
     var acc = mat3x4<f32>(); // sum d, sum d^2, count
     if (t.live) {
@@ -413,7 +389,7 @@ fn welford_partials_cl(
             acc[2] += vec4<f32>(1.0);
         }
     }
-    let s = cl_rows_sum(wcl, t, lid, acc);
+    let s = cl_rows_sum(wcl, t, ids.lid, acc);
     if (t.live && t.tr == 0u) {
         let n = s[2].x;
         let dm = s[0] / n;
@@ -432,16 +408,12 @@ fn welford_partials_cl(
 @group(0) @binding(4) var<storage, read_write> scl_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn sum_partials_cl(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let linear = group_id(wid, nwg);
+fn sum_partials_cl(ids: Ids) {
+    let linear = group_id(ids);
     if (linear >= scl.nblocks * scl.ngroups) {
         return;
     }
-    let t = cl_thread(scl, linear, lid);
+    let t = cl_thread(scl, linear, ids.lid);
     var acc = mat3x4<f32>(); // sum a, sum a b, sum b^2
     if (t.live) {
         var centre = vec4<f32>(0.0);
@@ -458,7 +430,7 @@ fn sum_partials_cl(
             acc[2] = fma(b, b, acc[2]);
         }
     }
-    let s = cl_rows_sum(scl, t, lid, acc);
+    let s = cl_rows_sum(scl, t, ids.lid, acc);
     if (t.live && t.tr == 0u) {
         for (var i = 0u; i < 4u; i += 1u) {
             scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(s[0][i], s[1][i], s[2][i], 0.0);

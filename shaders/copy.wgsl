@@ -13,14 +13,8 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read_write> dst: array<V>;
 
 @compute @workgroup_size(WG)
-fn copy(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var e = cursor_start(p, wid, nwg, lid).e;
-    for (var k = 0u; k < PER_THREAD && e < p.count; k += 1u) {
-        dst[e] = src[e];
-        e += p.stride;
+fn copy(ids: Ids) {
+    for (var w = cursor_start(p, ids); cursor_live(p, w); cursor_next(p, &w)) {
+        dst[w.e] = src[w.e];
     }
 }

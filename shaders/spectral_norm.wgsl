@@ -76,12 +76,8 @@ var<workgroup> red: array<V, WG>;
 // (earlier boxes were dispatched first). VEC4 needs M's rows and every box start to
 // be multiples of 4 (column, binding).
 @compute @workgroup_size(WG)
-fn mtv_partials(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let linear = group_id(wid, nwg);
+fn mtv_partials(ids: Ids) {
+    let linear = group_id(ids);
     let first_block = cp.r0 / cp.row_block;
     let box_end = cp.r0 + cp.nr;
     let blocks = (box_end + cp.row_block - 1u) / cp.row_block - first_block;
@@ -90,8 +86,8 @@ fn mtv_partials(
     }
     let tile = linear % cp.tiles;
     let rb = first_block + linear / cp.tiles;
-    let unit = lid % TILE_UNITS;
-    let lane_ = lid / TILE_UNITS;
+    let unit = ids.lid % TILE_UNITS;
+    let lane_ = ids.lid / TILE_UNITS;
     let cl = tile * TILE + unit * LANES; // the unit's first column, box-relative
     let block_start = rb * cp.row_block;
     let r_begin = max(block_start, cp.r0);
@@ -109,7 +105,7 @@ fn mtv_partials(
             e += step;
         }
     }
-    red[lid] = acc;
+    red[ids.lid] = acc;
     workgroupBarrier();
     if (lane_ == 0u && cl < cp.nc) {
         var total = V(0.0);
@@ -142,12 +138,8 @@ struct CombineParams {
 @group(0) @binding(2) var<storage, read_write> mc_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn mtv_combine(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn mtv_combine(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= mc.cols) {
         return;
     }
@@ -230,20 +222,14 @@ fn dot(@builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(4) var<storage, read_write> sc_out: array<V>;
 
 @compute @workgroup_size(WG)
-fn scale(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+fn scale(ids: Ids) {
     var s = 1.0;
     if (sc.flag == 1u) {
         s = sc_gamma[0];
     }
     let k = s / usable_sigma(sc_sigma[0]);
-    var e = cursor_start(sc, wid, nwg, lid).e;
-    for (var n = 0u; n < PER_THREAD && e < sc.count; n += 1u) {
-        sc_out[e] = sc_w[e] * k;
-        e += sc.stride;
+    for (var w = cursor_start(sc, ids); cursor_live(sc, w); cursor_next(sc, &w)) {
+        sc_out[w.e] = sc_w[w.e] * k;
     }
 }
 
@@ -300,15 +286,9 @@ fn grad_coef(@builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(5) var<storage, read_write> gr_out: array<V>;
 
 @compute @workgroup_size(WG)
-fn grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+fn grad(ids: Ids) {
     let k = gr_coef[0];
-    var w = cursor_start(gr, wid, nwg, lid);
-    for (var n = 0u; n < PER_THREAD && w.e < gr.count; n += 1u) {
+    for (var w = cursor_start(gr, ids); cursor_live(gr, w); cursor_next(gr, &w)) {
         gr_out[w.e] = k.x * gr_g[w.e] - (k.y * gr_u[w.c]) * gr_v[w.r * gr.inner + w.j];
-        cursor_next(gr, &w);
     }
 }

@@ -54,12 +54,8 @@ fn grad_coef(g: f32, sums: vec2<f32>, eps: f32) -> vec3<f32> {
 @group(0) @binding(2) var<storage, read_write> nm_g: array<f32>;
 
 @compute @workgroup_size(WG)
-fn norms(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn norms(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= nm.slices) {
         return;
     }
@@ -75,12 +71,8 @@ fn norms(
 @group(0) @binding(3) var<storage, read_write> fa_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn factors(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn factors(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= fa.slices) {
         return;
     }
@@ -95,22 +87,13 @@ fn factors(
 @group(0) @binding(3) var<storage, read_write> ap_w: array<V>;
 
 @compute @workgroup_size(WG)
-fn apply(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var w = cursor_start(ap, wid, nwg, lid);
-    var cur = 0xffffffffu;
+fn apply(ids: Ids) {
     var f = 0.0;
-    for (var k = 0u; k < PER_THREAD && w.e < ap.count; k += 1u) {
-        let s = cursor_slice(ap, w);
-        if (s != cur) {
-            cur = s;
-            f = ap_f[s].x;
+    for (var w = cursor_start(ap, ids); cursor_live(ap, w); cursor_next(ap, &w)) {
+        if (w.fresh) {
+            f = ap_f[w.slice].x;
         }
         ap_w[w.e] = f * ap_v[w.e];
-        cursor_next(ap, &w);
     }
 }
 
@@ -123,12 +106,8 @@ fn apply(
 @group(0) @binding(4) var<storage, read_write> gf_coef: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn grad_factors(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn grad_factors(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= gf.slices) {
         return;
     }
@@ -146,22 +125,13 @@ fn grad_factors(
 @group(0) @binding(4) var<storage, read_write> gv_out: array<V>;
 
 @compute @workgroup_size(WG)
-fn grad_v(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var w = cursor_start(gv, wid, nwg, lid);
-    var cur = 0xffffffffu;
+fn grad_v(ids: Ids) {
     var k = vec4<f32>(0.0);
-    for (var n = 0u; n < PER_THREAD && w.e < gv.count; n += 1u) {
-        let s = cursor_slice(gv, w);
-        if (s != cur) {
-            cur = s;
-            k = gv_coef[s];
+    for (var w = cursor_start(gv, ids); cursor_live(gv, w); cursor_next(gv, &w)) {
+        if (w.fresh) {
+            k = gv_coef[w.slice];
         }
         gv_out[w.e] = k.x * gv_grad[w.e] - k.y * gv_v[w.e];
-        cursor_next(gv, &w);
     }
 }
 
@@ -173,22 +143,18 @@ fn grad_v(
 @group(0) @binding(3) var<storage, read_write> rf_w: array<V>;
 
 @compute @workgroup_size(RWG)
-fn rows_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    if (!rows_left(rf, wid, nwg)) {
+fn rows_forward(ids: Ids) {
+    if (!rows_left(rf, ids)) {
         return;
     }
-    let slot = row_slot(rf, wid, nwg, lid);
+    let slot = row_slot(rf, ids);
     let base = slot.base;
     var sq = V(0.0);
     for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
         let v = rf_v[base + i];
         sq = fma(v, v, sq);
     }
-    let total = row_sum(lid, slot.tl, rf.tpr, vec4<f32>(hsum(sq), 0.0, 0.0, 0.0)).x;
+    let total = row_sum(ids.lid, slot.tl, rf.tpr, vec4<f32>(hsum(sq), 0.0, 0.0, 0.0)).x;
     let f = rf_g[rf.first_row + slot.row] / clamped_norm(total, rf.eps);
     for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
         rf_w[base + i] = f * rf_v[base + i];
@@ -203,15 +169,11 @@ fn rows_forward(
 @group(0) @binding(5) var<storage, read_write> rb_grad_v: array<V>;
 
 @compute @workgroup_size(RWG)
-fn rows_grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    if (!rows_left(rb, wid, nwg)) {
+fn rows_grad(ids: Ids) {
+    if (!rows_left(rb, ids)) {
         return;
     }
-    let slot = row_slot(rb, wid, nwg, lid);
+    let slot = row_slot(rb, ids);
     let base = slot.base;
     var sgv = V(0.0);
     var svv = V(0.0);
@@ -220,7 +182,7 @@ fn rows_grad(
         sgv = fma(rb_grad[base + i], v, sgv);
         svv = fma(v, v, svv);
     }
-    let sums = row_sum(lid, slot.tl, rb.tpr, vec4<f32>(hsum(sgv), hsum(svv), 0.0, 0.0)).xy;
+    let sums = row_sum(ids.lid, slot.tl, rb.tpr, vec4<f32>(hsum(sgv), hsum(svv), 0.0, 0.0)).xy;
     let k = grad_coef(rb_g[rb.first_row + slot.row], sums, rb.eps);
     if (slot.tl == 0u && slot.live) {
         rb_grad_g[rb.first_row + slot.row] = k.x;

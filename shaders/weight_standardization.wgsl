@@ -39,12 +39,8 @@ struct FinalizeParams {
 @group(0) @binding(2) var<storage, read_write> fp_norm: array<vec4<f32>>; // (mean, rstd, 0, 0)
 
 @compute @workgroup_size(WG)
-fn finalize(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let c = linear_id(wid, nwg, lid);
+fn finalize(ids: Ids) {
+    let c = linear_id(ids);
     if (c >= fp.channels) {
         return;
     }
@@ -59,22 +55,13 @@ fn finalize(
 @group(0) @binding(3) var<storage, read_write> np_y: array<V>;
 
 @compute @workgroup_size(WG)
-fn normalize(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var w = cursor_start(np, wid, nwg, lid);
-    var cur = 0xffffffffu;
+fn normalize(ids: Ids) {
     var m: vec4<f32>;
-    for (var k = 0u; k < PER_THREAD && w.e < np.count; k += 1u) {
-        let s = cursor_slice(np, w);
-        if (s != cur) {
-            cur = s;
-            m = np_norm[s];
+    for (var w = cursor_start(np, ids); cursor_live(np, w); cursor_next(np, &w)) {
+        if (w.fresh) {
+            m = np_norm[w.slice];
         }
         np_y[w.e] = (np_x[w.e] - m.x) * m.y;
-        cursor_next(np, &w);
     }
 }
 
@@ -87,25 +74,16 @@ fn normalize(
 @group(0) @binding(5) var<storage, read_write> gp_dx: array<V>;
 
 @compute @workgroup_size(WG)
-fn grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    var w = cursor_start(gp, wid, nwg, lid);
-    var cur = 0xffffffffu;
+fn grad(ids: Ids) {
     var m: vec4<f32>;
     var s: vec4<f32>;
-    for (var k = 0u; k < PER_THREAD && w.e < gp.count; k += 1u) {
-        let c = cursor_slice(gp, w);
-        if (c != cur) {
-            cur = c;
-            m = gp_norm[c];
-            s = gp_sums[c];
+    for (var w = cursor_start(gp, ids); cursor_live(gp, w); cursor_next(gp, &w)) {
+        if (w.fresh) {
+            m = gp_norm[w.slice];
+            s = gp_sums[w.slice];
         }
         let y = (gp_x[w.e] - m.x) * m.y;
         gp_dx[w.e] = m.y * (gp_g[w.e] - s.x * gp.aux0 - y * m.y * s.y * gp.aux1);
-        cursor_next(gp, &w);
     }
 }
 
@@ -123,15 +101,11 @@ fn row_norm(p: RowParams, shift: f32, s1: f32, s2: f32) -> vec2<f32> {
 @group(0) @binding(2) var<storage, read_write> rp_y: array<V>;
 
 @compute @workgroup_size(RWG)
-fn rows_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    if (!rows_left(rp, wid, nwg)) {
+fn rows_forward(ids: Ids) {
+    if (!rows_left(rp, ids)) {
         return;
     }
-    let slot = row_slot(rp, wid, nwg, lid);
+    let slot = row_slot(rp, ids);
     let base = slot.base;
     let shift = lane0(rp_x[base]);
     var s1 = V(0.0);
@@ -141,7 +115,7 @@ fn rows_forward(
         s1 += d;
         s2 = fma(d, d, s2);
     }
-    let t = row_sum(lid, slot.tl, rp.tpr, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
+    let t = row_sum(ids.lid, slot.tl, rp.tpr, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
     let m = row_norm(rp, shift, t.x, t.y);
     for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
         rp_y[base + i] = (rp_x[base + i] - m.x) * m.y;
@@ -155,15 +129,11 @@ fn rows_forward(
 
 // dx = r * (g - sum(g) / n - y * r * sum(g (x - mean)) / d), y = (x - mean) * r.
 @compute @workgroup_size(RWG)
-fn rows_grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    if (!rows_left(rg, wid, nwg)) {
+fn rows_grad(ids: Ids) {
+    if (!rows_left(rg, ids)) {
         return;
     }
-    let slot = row_slot(rg, wid, nwg, lid);
+    let slot = row_slot(rg, ids);
     let base = slot.base;
     let shift = lane0(rg_x[base]);
     var sd = V(0.0);
@@ -178,7 +148,7 @@ fn rows_grad(
         sg += g;
         sgd = fma(g, d, sgd);
     }
-    let t = row_sum(lid, slot.tl, rg.tpr, vec4<f32>(hsum(sd), hsum(sdd), hsum(sg), hsum(sgd)));
+    let t = row_sum(ids.lid, slot.tl, rg.tpr, vec4<f32>(hsum(sd), hsum(sdd), hsum(sg), hsum(sgd)));
     let m = row_norm(rg, shift, t.x, t.y);
     let a = t.z * rg.inv_n;
     let b = m.y * (t.w - (m.x - shift) * t.z) * rg.inv_divisor;

@@ -33,15 +33,30 @@ struct ElementParams {
     aux1: f32,
 }
 
+// A thread's position: its unit `e` (window-relative), that unit's place in the layout
+// and its slice; `fresh` says the slice differs from the previous unit's, so per-slice
+// values are loaded once per slice, not once per unit (a real cost on software
+// adapters). Kernels loop as
+//   for (var w = cursor_start(p, ids); cursor_live(p, w); cursor_next(p, &w)) { ... }
 struct Cursor {
-    e: u32, // the unit, window-relative
+    e: u32,
     j: u32,
     c: u32,
     r: u32,
+    k: u32,     // units visited so far
+    slice: u32,
+    fresh: bool,
 }
 
-fn cursor_start(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Cursor {
-    let t = linear_id(wid, nwg, lid);
+fn cursor_slice(p: ElementParams, w: Cursor) -> u32 {
+    if (p.batched == 1u) {
+        return (w.r / p.outer) * p.channels + w.c;
+    }
+    return w.c;
+}
+
+fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
+    let t = linear_id(ids);
     var w: Cursor;
     w.e = (t / p.stride) * p.stride * PER_THREAD + t % p.stride;
     let u = p.j_start + w.e;
@@ -49,10 +64,18 @@ fn cursor_start(p: ElementParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> C
     let q = p.c_start + u / p.inner;
     w.c = q % p.channels;
     w.r = p.row_start + q / p.channels;
+    w.k = 0u;
+    w.slice = cursor_slice(p, w);
+    w.fresh = true;
     return w;
 }
 
+fn cursor_live(p: ElementParams, w: Cursor) -> bool {
+    return w.k < PER_THREAD && w.e < p.count;
+}
+
 fn cursor_next(p: ElementParams, w: ptr<function, Cursor>) {
+    (*w).k += 1u;
     (*w).e += p.stride;
     (*w).j += p.step_j;
     (*w).c += p.step_c;
@@ -65,12 +88,7 @@ fn cursor_next(p: ElementParams, w: ptr<function, Cursor>) {
         (*w).c -= p.channels;
         (*w).r += 1u;
     }
-}
-
-// The slice (one per-slice value each) of the cursor's unit.
-fn cursor_slice(p: ElementParams, w: Cursor) -> u32 {
-    if (p.batched == 1u) {
-        return (w.r / p.outer) * p.channels + w.c;
-    }
-    return w.c;
+    let slice = cursor_slice(p, *w);
+    (*w).fresh = slice != (*w).slice;
+    (*w).slice = slice;
 }

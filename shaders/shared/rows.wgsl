@@ -4,6 +4,8 @@
 // share a workgroup (RWG / tpr rows each), so no thread idles on a row of 64 elements.
 // `len` and `skip` count units (elements, or vec4s in VEC4 variants).
 
+#import grid
+
 const RWG: u32 = 64u;
 
 // Mirrors `RowParams` in src/ops/layout.rs.
@@ -27,10 +29,10 @@ struct RowSlot {
     base: u32, // the row's first unit
 }
 
-fn row_slot(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowSlot {
+fn row_slot(p: RowParams, ids: Ids) -> RowSlot {
     var r: RowSlot;
-    let row = (wid.x + wid.y * nwg.x) * (RWG / p.tpr) + lid / p.tpr;
-    r.tl = lid % p.tpr;
+    let row = group_id(ids) * (RWG / p.tpr) + ids.lid / p.tpr;
+    r.tl = ids.lid % p.tpr;
     r.live = row < p.rows;
     r.row = min(row, p.rows - 1u);
     r.base = p.skip + r.row * p.len;
@@ -38,8 +40,8 @@ fn row_slot(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowSlot {
 }
 
 // Whether the workgroup has any row (uniform: an early return before the barriers).
-fn rows_left(p: RowParams, wid: vec3<u32>, nwg: vec3<u32>) -> bool {
-    return (wid.x + wid.y * nwg.x) * (RWG / p.tpr) < p.rows;
+fn rows_left(p: RowParams, ids: Ids) -> bool {
+    return group_id(ids) * (RWG / p.tpr) < p.rows;
 }
 
 // Sum over the `tpr` threads of each row; each of them gets its row's total.
