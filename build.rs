@@ -111,7 +111,12 @@ fn read_permutations(
         if line.is_empty() {
             continue;
         }
-        let bad = || panic!("shaders/permutations:{}: expected `op: variant = DEFINES`", n + 1);
+        let bad = || {
+            panic!(
+                "shaders/permutations:{}: expected `op: variant = DEFINES`",
+                n + 1
+            )
+        };
         let (op, rest) = line.split_once(':').unwrap_or_else(bad);
         let (variant, defines) = rest.split_once('=').unwrap_or_else(bad);
         let op = op.trim().to_string();

@@ -91,20 +91,45 @@ fn finalize(ids: Ids) {
 @group(0) @binding(2) var<storage, read> bn_norm: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> bn_y: array<V>;
 
+// The per-feature vec4s of a unit's slice s as `Lanes` (elem.wgsl): the 4 features
+// 4 s .. 4 s + 3 channels last, else the one feature of every lane.
+fn norm_at(s: u32) -> Lanes {
+#ifdef CHANNELS_LAST
+    return lanes_of(bn_norm[4u * s], bn_norm[4u * s + 1u], bn_norm[4u * s + 2u], bn_norm[4u * s + 3u]);
+#else
+    return bn_norm[s];
+#endif
+}
+
+fn coef_at(s: u32) -> Lanes {
+#ifdef CHANNELS_LAST
+    return lanes_of(gi_coef[4u * s], gi_coef[4u * s + 1u], gi_coef[4u * s + 2u], gi_coef[4u * s + 3u]);
+#else
+    return gi_coef[s];
+#endif
+}
+
+// A thread's per-feature values are reloaded when its slice changes. Channels last, the
+// host's stride is a multiple of the feature groups, so a thread keeps one group and
+// loads its values once (on SIMD software adapters every branch costs its body).
+fn reload(w: Cursor) -> bool {
+#ifdef CHANNELS_LAST
+    return false;
+#else
+    return w.fresh;
+#endif
+}
+
 @compute @workgroup_size(WG)
 fn normalize(ids: Ids) {
-    var mean: V;
-    var scale: V;
-    var beta: V;
-    for (var w = cursor_start(bn, ids); cursor_live(bn, w); cursor_next(bn, &w)) {
-        if (w.fresh) {
-            let i = unit_slices(w.slice);
-            let m = transpose(mat4x4<f32>(bn_norm[i.x], bn_norm[i.y], bn_norm[i.z], bn_norm[i.w]));
-            mean = from_lanes(m[0]);
-            scale = from_lanes(m[1] * m[2]);
-            beta = from_lanes(m[3]);
+    var w = cursor_start(bn, ids);
+    var m = norm_at(w.slice);
+    for (; cursor_live(w); cursor_next(bn, &w)) {
+        if (reload(w)) {
+            m = norm_at(w.slice);
         }
-        bn_y[w.e] = (bn_x[w.e] - mean) * scale + beta;
+        let scale = lane_value(m, 1u) * lane_value(m, 2u);
+        bn_y[w.e] = (bn_x[w.e] - lane_value(m, 0u)) * scale + lane_value(m, 3u);
     }
 }
 
@@ -146,14 +171,14 @@ fn grad_factors(ids: Ids) {
 
 @compute @workgroup_size(WG)
 fn grad_input(ids: Ids) {
-    var k: mat4x4<f32>;
-    for (var w = cursor_start(gi, ids); cursor_live(gi, w); cursor_next(gi, &w)) {
-        if (w.fresh) {
-            let i = unit_slices(w.slice);
-            k = transpose(mat4x4<f32>(gi_coef[i.x], gi_coef[i.y], gi_coef[i.z], gi_coef[i.w]));
+    var w = cursor_start(gi, ids);
+    var k = coef_at(w.slice);
+    for (; cursor_live(w); cursor_next(gi, &w)) {
+        if (reload(w)) {
+            k = coef_at(w.slice);
         }
-        let centred = gi_x[w.e] - from_lanes(k[3]);
-        gi_dx[w.e] = from_lanes(k[0]) * (gi_dy[w.e] - from_lanes(k[1]) - centred * from_lanes(k[2]));
+        let centred = gi_x[w.e] - lane_value(k, 3u);
+        gi_dx[w.e] = lane_value(k, 0u) * (gi_dy[w.e] - lane_value(k, 1u) - centred * lane_value(k, 2u));
     }
 }
 

@@ -14,7 +14,8 @@ const WG: u32 = 256u;
 
 @compute @workgroup_size(WG)
 fn copy(ids: Ids) {
-    for (var w = cursor_start(p, ids); cursor_live(p, w); cursor_next(p, &w)) {
-        dst[w.e] = src[w.e];
+    let range = units(p, ids);
+    for (var e = range.x; e < range.y; e += p.stride) {
+        dst[e] = src[e];
     }
 }

@@ -228,8 +228,9 @@ fn scale(ids: Ids) {
         s = sc_gamma[0];
     }
     let k = s / usable_sigma(sc_sigma[0]);
-    for (var w = cursor_start(sc, ids); cursor_live(sc, w); cursor_next(sc, &w)) {
-        sc_out[w.e] = sc_w[w.e] * k;
+    let range = units(sc, ids);
+    for (var e = range.x; e < range.y; e += sc.stride) {
+        sc_out[e] = sc_w[e] * k;
     }
 }
 
@@ -288,7 +289,7 @@ fn grad_coef(@builtin(local_invocation_index) lid: u32) {
 @compute @workgroup_size(WG)
 fn grad(ids: Ids) {
     let k = gr_coef[0];
-    for (var w = cursor_start(gr, ids); cursor_live(gr, w); cursor_next(gr, &w)) {
-        gr_out[w.e] = k.x * gr_g[w.e] - (k.y * gr_u[w.c]) * gr_v[w.r * gr.inner + w.j];
+    for (var w = cursor_start(gr, ids); cursor_live(w); cursor_next(gr, &w)) {
+        gr_out[w.e] = k.x * gr_g[w.e] - (k.y * gr_u[w.c]) * gr_v[w.o * gr.inner + w.j];
     }
 }

@@ -89,7 +89,7 @@ fn factors(ids: Ids) {
 @compute @workgroup_size(WG)
 fn apply(ids: Ids) {
     var f = 0.0;
-    for (var w = cursor_start(ap, ids); cursor_live(ap, w); cursor_next(ap, &w)) {
+    for (var w = cursor_start(ap, ids); cursor_live(w); cursor_next(ap, &w)) {
         if (w.fresh) {
             f = ap_f[w.slice].x;
         }
@@ -127,7 +127,7 @@ fn grad_factors(ids: Ids) {
 @compute @workgroup_size(WG)
 fn grad_v(ids: Ids) {
     var k = vec4<f32>(0.0);
-    for (var w = cursor_start(gv, ids); cursor_live(gv, w); cursor_next(gv, &w)) {
+    for (var w = cursor_start(gv, ids); cursor_live(w); cursor_next(gv, &w)) {
         if (w.fresh) {
             k = gv_coef[w.slice];
         }

@@ -57,7 +57,7 @@ fn finalize(ids: Ids) {
 @compute @workgroup_size(WG)
 fn normalize(ids: Ids) {
     var m: vec4<f32>;
-    for (var w = cursor_start(np, ids); cursor_live(np, w); cursor_next(np, &w)) {
+    for (var w = cursor_start(np, ids); cursor_live(w); cursor_next(np, &w)) {
         if (w.fresh) {
             m = np_norm[w.slice];
         }
@@ -77,7 +77,7 @@ fn normalize(ids: Ids) {
 fn grad(ids: Ids) {
     var m: vec4<f32>;
     var s: vec4<f32>;
-    for (var w = cursor_start(gp, ids); cursor_live(gp, w); cursor_next(gp, &w)) {
+    for (var w = cursor_start(gp, ids); cursor_live(w); cursor_next(gp, &w)) {
         if (w.fresh) {
             m = gp_norm[w.slice];
             s = gp_sums[w.slice];

@@ -44,13 +44,25 @@ fn lane(v: V, i: u32) -> f32 {
 }
 #endif
 
-// The per-slice vec4s that the lanes of a unit of slice `s` read: one slice for every
-// lane, or with CHANNELS_LAST features 4 s .. 4 s + 3. Load them, transpose, and
-// `from_lanes(m[k])` is component k of each lane's values.
-fn unit_slices(s: u32) -> vec4<u32> {
+// Per-slice values (a vec4 per slice) as seen by the lanes of a unit. Channels last
+// the 4 lanes are 4 features, so a unit needs 4 vec4s, transposed: `Lanes` is a
+// matrix whose column k holds component k of each feature's values. Otherwise every
+// lane has the unit's one slice and `Lanes` is that slice's vec4, kept as 4 floats
+// (registers matter on SIMD software adapters) and splat where used.
 #ifdef CHANNELS_LAST
-    return vec4<u32>(4u * s) + vec4<u32>(0u, 1u, 2u, 3u);
-#else
-    return vec4<u32>(s);
-#endif
+alias Lanes = mat4x4<f32>;
+
+fn lanes_of(f0: vec4<f32>, f1: vec4<f32>, f2: vec4<f32>, f3: vec4<f32>) -> Lanes {
+    return transpose(mat4x4<f32>(f0, f1, f2, f3));
 }
+
+fn lane_value(m: Lanes, k: u32) -> V {
+    return m[k];
+}
+#else
+alias Lanes = vec4<f32>;
+
+fn lane_value(m: Lanes, k: u32) -> V {
+    return V(m[k]);
+}
+#endif

@@ -13,82 +13,116 @@
 
 const PER_THREAD: u32 = 4u;
 
+// Set per dispatch by the host (`Spec` in src/gpu/kernels.rs), so that the paths a
+// layout does not take are compiled out. LAYOUT: 0 runs (stride 1), 1 coalesced
+// (stride WG), 2 any stride. BATCHED: slices are a * channels + c over a batch of
+// rows (Jittor's weight norm over a middle axis); else a is always 0.
+override LAYOUT: u32 = 0u;
+override BATCHED: bool = false;
+
 // Mirrors `ElementParams` in src/ops/element.rs.
 struct ElementParams {
     count: u32,     // units in this window
-    channels: u32,  // the layout, in units: [rows, channels, inner]
+    channels: u32,  // the layout, in units: [batch, outer, channels, inner]
     inner: u32,
-    outer: u32,     // rows per batch entry
-    c_start: u32,   // the window's first unit is x[row_start, c_start, j_start]
+    outer: u32,
+    c_start: u32,   // the window's first unit is x[a_start, o_start, c_start, j_start]
     j_start: u32,
-    row_start: u32,
-    batched: u32,   // 1: slices are (row / outer) * channels + c (a batch over the rows)
+    o_start: u32,
+    a_start: u32,
     stride: u32,    // units between a thread's consecutive units
-    step_j: u32,    // `stride` as a move: stride % inner,
+    step_j: u32,    // `stride` as a move in (a, o, c, j): stride % inner,
     step_c: u32,    //   (stride / inner) % channels,
-    step_r: u32,    //   stride / (inner * channels)
+    step_o: u32,    //   (stride / (inner * channels)) % outer,
+    step_a: u32,    //   stride / (inner * channels * outer)
+    step_fresh: u32, // 1: every step may land in another slice
     flag: u32,      // op-specific
-    _pad: u32,
     aux0: f32,      // op-specific scalars
     aux1: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // A thread's position: its unit `e` (window-relative), that unit's place in the layout
-// and its slice; `fresh` says the slice differs from the previous unit's, so per-slice
-// values are loaded once per slice, not once per unit (a real cost on software
-// adapters). Kernels loop as
-//   for (var w = cursor_start(p, ids); cursor_live(p, w); cursor_next(p, &w)) { ... }
+// and its slice `a * channels + c`; `fresh` says the slice differs from the previous
+// unit's, so per-slice values are loaded once per slice, not once per unit. Kernels
+// loop as
+//   for (var w = cursor_start(p, ids); cursor_live(w); cursor_next(p, &w)) { ... }
+// The steps are branch-free and division-free: software adapters run invocations as
+// SIMD lanes, where every branch costs both sides and a division tens of instructions.
 struct Cursor {
     e: u32,
+    end: u32,   // past the thread's last unit (PER_THREAD units, or the window's end)
     j: u32,
     c: u32,
-    r: u32,
-    k: u32,     // units visited so far
+    o: u32,
+    a: u32,
     slice: u32,
     fresh: bool,
 }
 
-fn cursor_slice(p: ElementParams, w: Cursor) -> u32 {
-    if (p.batched == 1u) {
-        return (w.r / p.outer) * p.channels + w.c;
+// The thread's units: `first`, `first + stride`, ... below `end`; the two strides the
+// host uses (1 and WG) need no division.
+fn units(p: ElementParams, ids: Ids) -> vec2<u32> {
+    var first: u32;
+    if (LAYOUT == 0u) {
+        first = linear_id(ids) * PER_THREAD;
+    } else if (LAYOUT == 1u) {
+        first = group_id(ids) * (WG * PER_THREAD) + ids.lid;
+    } else {
+        let t = linear_id(ids);
+        first = (t / p.stride) * p.stride * (PER_THREAD - 1u) + t;
     }
-    return w.c;
+    return vec2<u32>(first, min(first + PER_THREAD * p.stride, p.count));
 }
 
 fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
-    let t = linear_id(ids);
+    let range = units(p, ids);
     var w: Cursor;
-    w.e = (t / p.stride) * p.stride * PER_THREAD + t % p.stride;
+    w.e = range.x;
+    w.end = range.y;
     let u = p.j_start + w.e;
-    w.j = u % p.inner;
-    let q = p.c_start + u / p.inner;
-    w.c = q % p.channels;
-    w.r = p.row_start + q / p.channels;
-    w.k = 0u;
-    w.slice = cursor_slice(p, w);
+    let qj = u / p.inner;
+    w.j = u - qj * p.inner;
+    let q = p.c_start + qj;
+    let qc = q / p.channels;
+    w.c = q - qc * p.channels;
+    let r = p.o_start + qc;
+    if (BATCHED) {
+        let qo = r / p.outer;
+        w.o = r - qo * p.outer;
+        w.a = p.a_start + qo;
+    } else {
+        w.o = r;
+        w.a = 0u;
+    }
+    w.slice = w.a * p.channels + w.c;
     w.fresh = true;
     return w;
 }
 
-fn cursor_live(p: ElementParams, w: Cursor) -> bool {
-    return w.k < PER_THREAD && w.e < p.count;
+fn cursor_live(w: Cursor) -> bool {
+    return w.e < w.end;
 }
 
 fn cursor_next(p: ElementParams, w: ptr<function, Cursor>) {
-    (*w).k += 1u;
     (*w).e += p.stride;
-    (*w).j += p.step_j;
-    (*w).c += p.step_c;
-    (*w).r += p.step_r;
-    if ((*w).j >= p.inner) {
-        (*w).j -= p.inner;
-        (*w).c += 1u;
+    let j = (*w).j + p.step_j;
+    let cj = j >= p.inner;
+    (*w).j = select(j, j - p.inner, cj);
+    let c = (*w).c + p.step_c + u32(cj);
+    let cc = c >= p.channels;
+    (*w).c = select(c, c - p.channels, cc);
+    let o = (*w).o + p.step_o + u32(cc);
+    if (BATCHED) {
+        let co = o >= p.outer;
+        (*w).o = select(o, o - p.outer, co);
+        (*w).a += p.step_a + u32(co);
+    } else {
+        (*w).o = o;
     }
-    if ((*w).c >= p.channels) {
-        (*w).c -= p.channels;
-        (*w).r += 1u;
-    }
-    let slice = cursor_slice(p, *w);
-    (*w).fresh = slice != (*w).slice;
-    (*w).slice = slice;
+    // The slice changes with c, hence with a carry out of j or a step of channels; a
+    // step that moves only a (batched layouts) is counted in `step_fresh` by the host.
+    (*w).fresh = cj || p.step_fresh == 1u;
+    (*w).slice = (*w).a * p.channels + (*w).c;
 }

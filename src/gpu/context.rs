@@ -43,6 +43,25 @@ pub struct Tuning {
 }
 
 impl Tuning {
+    /// `default`, with `WGNORM_LAYOUT=coalesced` or `WGNORM_LAYOUT=runs` forcing the
+    /// elementwise layout and `WGNORM_REDUCE_ITEM=<elements>` the reduction items (for
+    /// benchmarking one layout on another adapter class).
+    pub fn from_env(default: Tuning) -> Self {
+        let mut t = default;
+        match std::env::var("WGNORM_LAYOUT").as_deref() {
+            Ok("coalesced") => t.coalesced = true,
+            Ok("runs") => t.coalesced = false,
+            _ => {}
+        }
+        if let Some(n) = std::env::var("WGNORM_REDUCE_ITEM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            t.reduce_item_elems = n;
+        }
+        t
+    }
+
     /// GPUs: coalesced, 4096-element reduction items. Software adapters: runs,
     /// 16384-element items (what lavapipe was tuned with).
     pub fn for_adapter(report: &AdapterReport) -> Self {
@@ -300,7 +319,9 @@ impl Context {
             },
         };
         let mut report = report;
-        report.tuning = options.tuning.unwrap_or(Tuning::for_adapter(&report));
+        report.tuning = options
+            .tuning
+            .unwrap_or_else(|| Tuning::from_env(Tuning::for_adapter(&report)));
         report.tuning.reduce_item_elems = report.tuning.reduce_item_elems.clamp(256, 1 << 20);
         let plan = PlanLimits {
             max_binding_elems: max_binding / 4,

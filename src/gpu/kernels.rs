@@ -233,6 +233,31 @@ impl Kernel {
 /// Threads per workgroup of the elementwise kernels (their shaders' `WG`).
 pub const WORKGROUP_SIZE: u32 = 256;
 
+/// How an elementwise kernel (one importing `shaders/shared/element.wgsl`) is
+/// specialised through its override constants: the thread layout and whether slices
+/// span a batch of rows. Dead paths are compiled out, which matters on software
+/// adapters, where every branch and division costs each SIMD lane. Other kernels use
+/// `Spec::default()` and get no constants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Spec {
+    /// `Some(LAYOUT)`: 0 runs (stride 1), 1 coalesced (stride WG), 2 any stride.
+    pub layout: Option<u32>,
+    /// `BATCHED`: slices are `a * channels + c` with a batch over the rows.
+    pub batched: bool,
+}
+
+impl Spec {
+    fn constants(&self) -> Vec<(&'static str, f64)> {
+        match self.layout {
+            None => Vec::new(),
+            Some(layout) => vec![
+                ("LAYOUT", f64::from(layout)),
+                ("BATCHED", f64::from(u8::from(self.batched))),
+            ],
+        }
+    }
+}
+
 /// A compiled kernel.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
@@ -244,7 +269,7 @@ pub(crate) struct Pipeline {
 #[derive(Default)]
 pub(crate) struct KernelCache {
     modules: RwLock<HashMap<usize, Arc<wgpu::ShaderModule>>>,
-    pipelines: RwLock<HashMap<Kernel, Arc<Pipeline>>>,
+    pipelines: RwLock<HashMap<(Kernel, Spec), Arc<Pipeline>>>,
 }
 
 impl KernelCache {
@@ -255,23 +280,26 @@ impl KernelCache {
 }
 
 impl Context {
-    /// The pipeline of `kernel`, built on first use.
-    pub(crate) fn pipeline(&self, kernel: Kernel) -> Arc<Pipeline> {
+    /// The pipeline of `kernel` specialised by `spec`, built on first use.
+    pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec) -> Arc<Pipeline> {
         let cache = &self.kernels;
+        let key = (kernel, spec);
         if let Some(p) = cache
             .pipelines
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&kernel)
+            .get(&key)
         {
             return p.clone();
         }
         let mut pipelines = cache.pipelines.write().unwrap_or_else(|e| e.into_inner());
         // Another thread may have built it while we waited for the write lock.
-        if let Some(p) = pipelines.get(&kernel) {
+        if let Some(p) = pipelines.get(&key) {
             return p.clone();
         }
         let def = kernel.def();
+        let mut constants = def.constants.to_vec();
+        constants.extend(spec.constants());
         let module = self.shader_module(def.shader);
         let entries: Vec<wgpu::BindGroupLayoutEntry> = def
             .bindings
@@ -313,14 +341,14 @@ impl Context {
                 module: &module,
                 entry_point: Some(def.entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: def.constants,
+                    constants: &constants,
                     // Every kernel writes its workgroup memory before reading it.
                     zero_initialize_workgroup_memory: false,
                 },
                 cache: None,
             });
         let built = Arc::new(Pipeline { pipeline, layout });
-        pipelines.insert(kernel, built.clone());
+        pipelines.insert(key, built.clone());
         built
     }
 

@@ -8,9 +8,8 @@ mod tensor;
 
 pub(crate) use context::PlanLimits;
 pub use context::{AdapterReport, Context, ContextOptions, Tuning};
-pub use kernels::{
-    Binding, Kernel, KernelDef, ShaderSource, SHADERS, WORKGROUP_SIZE,
-};
+pub(crate) use kernels::Spec;
+pub use kernels::{Binding, Kernel, KernelDef, ShaderSource, SHADERS, WORKGROUP_SIZE};
 pub(crate) use recording::Bind;
 pub use recording::Recording;
 pub use tensor::Tensor;

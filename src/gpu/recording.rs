@@ -7,7 +7,7 @@ use bytemuck::Pod;
 use wgpu::util::DeviceExt;
 
 use super::context::Context;
-use super::kernels::{Kernel, Pipeline};
+use super::kernels::{Kernel, Pipeline, Spec};
 use crate::error::{Error, Result};
 
 /// A window of a buffer bound to one binding: `size` bytes from `offset`.
@@ -130,13 +130,25 @@ impl<'c> Recording<'c> {
         binds: &[Bind<'_>],
         groups: u64,
     ) -> Result<()> {
+        self.dispatch_spec(kernel, Spec::default(), params, binds, groups)
+    }
+
+    /// [`Self::dispatch`] of `kernel` specialised by `spec` (elementwise kernels).
+    pub(crate) fn dispatch_spec<P: Pod>(
+        &mut self,
+        kernel: Kernel,
+        spec: Spec,
+        params: &P,
+        binds: &[Bind<'_>],
+        groups: u64,
+    ) -> Result<()> {
         let def = kernel.def();
         debug_assert_eq!(def.bindings.len(), binds.len() + 1, "{}", def.label);
         if groups == 0 {
             return Ok(());
         }
         let grid = self.ctx.grid(def.label, groups)?;
-        let pipeline = self.ctx.pipeline(kernel);
+        let pipeline = self.ctx.pipeline(kernel, spec);
         let device = &self.ctx.device;
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(def.label),

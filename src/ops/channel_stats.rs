@@ -609,6 +609,4 @@ mod tests {
             check_cover(layout, &limits(1000, 64));
         }
     }
-
-
 }

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::layout::{element_windows, ChannelLayout, ElementWindow};
 use crate::error::Result;
-use crate::gpu::{Bind, Kernel, Recording, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Kernel, Recording, Spec, WORKGROUP_SIZE};
 
 /// Units each thread of an elementwise pass handles (`PER_THREAD` in element.wgsl).
 pub(crate) const PER_THREAD: u64 = 4;
@@ -21,16 +21,19 @@ pub(crate) struct ElementParams {
     pub outer: u32,
     pub c_start: u32,
     pub j_start: u32,
-    pub row_start: u32,
-    pub batched: u32,
+    pub o_start: u32,
+    pub a_start: u32,
     pub stride: u32,
     pub step_j: u32,
     pub step_c: u32,
-    pub step_r: u32,
+    pub step_o: u32,
+    pub step_a: u32,
+    pub step_fresh: u32,
     pub flag: u32,
-    pub _pad: u32,
     pub aux0: f32,
     pub aux1: f32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 /// The op-specific part of [`ElementParams`]: a flag and two scalars.
@@ -91,17 +94,20 @@ fn params(
             c_start /= 4;
         }
     }
-    let stride = if coalesced {
-        u64::from(WORKGROUP_SIZE)
-    } else if variant == Variant::ChannelsLast {
-        // One group of features per thread over PER_THREAD rows: its per-feature
-        // values are loaded once.
-        channels
-    } else {
-        1
+    let wg = u64::from(WORKGROUP_SIZE);
+    let stride = match (variant, coalesced) {
+        // Channels last, a multiple of the feature groups: each thread keeps one group
+        // over PER_THREAD rows and loads its per-feature values once (the `cl` kernels
+        // rely on it). Coalesced, the smallest such multiple of at least a workgroup.
+        (Variant::ChannelsLast, true) => wg.div_ceil(channels) * channels,
+        (Variant::ChannelsLast, false) => channels,
+        (_, true) => wg,
+        (_, false) => 1,
     };
     let threads = count.div_ceil(stride * PER_THREAD) * stride;
-    let q = stride / inner;
+    // The stride as a move in (a, o, c, j), so that the shader steps without dividing.
+    let qj = stride / inner;
+    let qc = qj / channels;
     let params = ElementParams {
         count: count as u32,
         channels: channels as u32,
@@ -109,16 +115,19 @@ fn params(
         outer: layout.outer as u32,
         c_start: c_start as u32,
         j_start: j_start as u32,
-        row_start: (w.a_start * layout.outer + w.o_start) as u32,
-        batched: u32::from(layout.batch > 1),
+        o_start: w.o_start as u32,
+        a_start: w.a_start as u32,
         stride: stride as u32,
         step_j: (stride % inner) as u32,
-        step_c: (q % channels) as u32,
-        step_r: (q / channels) as u32,
+        step_c: (qj % channels) as u32,
+        step_o: (qc % layout.outer) as u32,
+        step_a: (qc / layout.outer) as u32,
+        step_fresh: u32::from(qj % channels != 0 || (layout.batch > 1 && qc != 0)),
         flag: extra.flag,
-        _pad: 0,
         aux0: extra.aux[0],
         aux1: extra.aux[1],
+        _pad0: 0,
+        _pad1: 0,
     };
     (params, threads.div_ceil(u64::from(WORKGROUP_SIZE)))
 }
@@ -141,13 +150,21 @@ pub(crate) fn record_elementwise(
     let coalesced = ctx.limits.tuning.coalesced;
     for w in element_windows(*layout, &ctx.limits) {
         let (params, groups) = params(layout, &w, variant, coalesced, extra);
+        let spec = Spec {
+            layout: Some(match params.stride {
+                1 => 0,
+                s if s == WORKGROUP_SIZE => 1,
+                _ => 2,
+            }),
+            batched: layout.batch > 1,
+        };
         let mut binds: Vec<Bind<'_>> = windowed
             .iter()
             .map(|b| Bind::window(b, w.start, w.len))
             .collect();
         binds.extend_from_slice(whole);
         binds.push(Bind::window(out, w.start, w.len));
-        rec.dispatch(kernel, &params, &binds, groups)?;
+        rec.dispatch_spec(kernel, spec, &params, &binds, groups)?;
     }
     Ok(())
 }
@@ -161,38 +178,51 @@ mod tests {
     fn check_walk(layout: ChannelLayout, w: ElementWindow, variant: Variant, coalesced: bool) {
         let (p, groups) = params(&layout, &w, variant, coalesced, Extra::default());
         let mut seen = vec![0u8; p.count as usize];
+        let (inner, channels, outer) = (
+            u64::from(p.inner),
+            u64::from(p.channels),
+            u64::from(p.outer),
+        );
         for t in 0..groups * u64::from(WORKGROUP_SIZE) {
             let t = t as u32;
-            let mut e = (t / p.stride) * p.stride * PER_THREAD as u32 + t % p.stride;
+            let mut e = (t / p.stride) * p.stride * (PER_THREAD as u32 - 1) + t;
             let u = p.j_start + e;
             let mut j = u % p.inner;
             let q = p.c_start + u / p.inner;
             let mut c = q % p.channels;
-            let mut r = p.row_start + q / p.channels;
+            let r = p.o_start + q / p.channels;
+            let mut o = r % p.outer;
+            let mut a = p.a_start + r / p.outer;
             for _ in 0..PER_THREAD {
                 if e >= p.count {
                     break;
                 }
                 seen[e as usize] += 1;
-                let abs = u64::from(p.j_start) + u64::from(e);
-                let qa = u64::from(p.c_start) + abs / u64::from(p.inner);
-                assert_eq!(u64::from(j), abs % u64::from(p.inner));
-                assert_eq!(u64::from(c), qa % u64::from(p.channels));
-                assert_eq!(
-                    u64::from(r),
-                    u64::from(p.row_start) + qa / u64::from(p.channels)
-                );
+                // Where unit e really is: window start + e, counted from x[0, 0, 0, 0].
+                let abs = (u64::from(p.a_start) * outer + u64::from(p.o_start)) * channels * inner
+                    + u64::from(p.c_start) * inner
+                    + u64::from(p.j_start)
+                    + u64::from(e);
+                assert_eq!(u64::from(j), abs % inner);
+                assert_eq!(u64::from(c), abs / inner % channels);
+                assert_eq!(u64::from(o), abs / inner / channels % outer);
+                assert_eq!(u64::from(a), abs / inner / channels / outer);
                 e += p.stride;
                 j += p.step_j;
                 c += p.step_c;
-                r += p.step_r;
+                o += p.step_o;
+                a += p.step_a;
                 if j >= p.inner {
                     j -= p.inner;
                     c += 1;
                 }
                 if c >= p.channels {
                     c -= p.channels;
-                    r += 1;
+                    o += 1;
+                }
+                if o >= p.outer {
+                    o -= p.outer;
+                    a += 1;
                 }
             }
         }

@@ -232,7 +232,6 @@ pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec
     out
 }
 
-
 // Mirrors `RowParams` in shaders/shared/rows.wgsl (WS and WN row kernels).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -250,10 +249,7 @@ pub(crate) struct RowParams {
 impl RowGeometry {
     /// `kernel`, or its vec4 variant when rows are a multiple of 4 long.
     pub fn pick(&self, kernel: crate::gpu::Kernel) -> crate::gpu::Kernel {
-        kernel
-            .vec4_twin()
-            .filter(|_| self.vec4)
-            .unwrap_or(kernel)
+        kernel.vec4_twin().filter(|_| self.vec4).unwrap_or(kernel)
     }
 
     /// The row-kernel params of window `w` (the op fills `eps`, `inv_n`, `inv_divisor`).
@@ -340,4 +336,5 @@ mod tests {
             next += win.len;
         }
         assert_eq!(next, layout.len());
-    }}
+    }
+}

@@ -303,7 +303,10 @@ impl WeightStandardization {
     ) -> Result<Tensor> {
         let out = Tensor::zeros(rec.context(), weight.shape())?;
         let geo = RowGeometry::new(layout);
-        let (forward, grad) = (geo.pick(Kernel::WsRowsForward), geo.pick(Kernel::WsRowsGrad));
+        let (forward, grad) = (
+            geo.pick(Kernel::WsRowsForward),
+            geo.pick(Kernel::WsRowsGrad),
+        );
         for w in windows {
             let groups = geo.groups(w);
             let params = RowParams {
