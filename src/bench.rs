@@ -323,6 +323,8 @@ pub struct Prepared<'c> {
     /// The case.
     pub case: Case,
     items: Vec<Item>,
+    /// A copy case timed as the driver's buffer copy instead of the copy kernel.
+    pub driver_copy: bool,
 }
 
 /// The configurations the suite benchmarks (see [`Op`]).
@@ -442,6 +444,7 @@ impl<'c> Prepared<'c> {
             ctx,
             case: case.clone(),
             items,
+            driver_copy: false,
         })
     }
 
@@ -451,6 +454,10 @@ impl<'c> Prepared<'c> {
         let feature_axis = self.case.workload.feature_axis;
         for item in &mut self.items {
             match item {
+                Item::Copy { x } if self.driver_copy => {
+                    let dst = Tensor::zeros(rec.context(), x.shape())?;
+                    rec.copy_tensor(x, &dst)?;
+                }
                 Item::Copy { x } => drop(record_copy(rec, x)?),
                 Item::Ws { w, grad, .. } => match op {
                     Op::WsForward => drop(ws().record_forward(rec, w)?),
@@ -701,6 +708,16 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
+    /// On hardware GPUs: at least 30 samples after 5 warm-up runs, and no CPU reference
+    /// between them (an idle GPU lowers its clocks while the CPU works, which made the
+    /// same kernel vary up to 2.3x between runs on an H100).
+    pub fn for_gpu(mut self) -> Self {
+        self.samples = self.samples.max(30);
+        self.warmup = self.warmup.max(5);
+        self.reference = false;
+        self
+    }
+
     /// The short version the report example runs (under two minutes on lavapipe):
     /// every op, the ResNet-50 weights and the 4096 x 4096 linear weight for the
     /// weight ops, both batch-norm layouts, 3 samples.
@@ -722,9 +739,12 @@ pub struct Row {
     pub case: Case,
     /// Median kernel seconds (GPU timestamps), where available.
     pub kernel_s: Option<f64>,
+    /// Fastest kernel seconds of the samples, where available.
+    pub kernel_min_s: Option<f64>,
     /// Median end-to-end seconds.
     pub end_to_end_s: f64,
-    /// The copy of the same workload: kernel and end-to-end seconds.
+    /// The yardstick on the same workload, kernel and end-to-end seconds: the faster
+    /// of the copy kernel and the driver's buffer copy (by kernel time).
     pub copy: (Option<f64>, f64),
     /// CPU reference seconds (one run).
     pub reference_s: Option<f64>,
@@ -764,9 +784,24 @@ impl Row {
     }
 }
 
+/// The two copies measured on one workload; the faster is every row's yardstick.
+#[derive(Clone, Debug)]
+pub struct Yardstick {
+    /// The workload's name.
+    pub workload: String,
+    /// Median seconds of the copy kernel (GPU timestamps).
+    pub copy_kernel_s: Option<f64>,
+    /// Median seconds of the driver's `copy_buffer_to_buffer`.
+    pub driver_copy_s: Option<f64>,
+    /// Bytes a copy moves (read and written).
+    pub bytes: u64,
+}
+
 /// The result of [`run`].
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// Both copies on every workload.
+    pub yardsticks: Vec<Yardstick>,
     /// The adapter, as [`Context::info`] prints it.
     pub adapter: String,
     /// Its name and backend, for plot titles.
@@ -786,23 +821,37 @@ pub fn run(
     mut peer: Option<&mut dyn Peer>,
     mut progress: impl FnMut(&Row),
 ) -> Result<Report> {
-    let mut copies: Vec<(Workload, (Option<f64>, f64))> = Vec::new();
+    let mut copies: Vec<(Workload, Measured)> = Vec::new();
+    let mut yardsticks = Vec::new();
     let mut rows = Vec::new();
     for case in &options.cases {
         if !copies.iter().any(|(w, _)| *w == case.workload) {
-            let copy = measure(&mut Prepared::new(ctx, &case.yardstick())?, options)?;
-            copies.push((case.workload.clone(), copy));
+            let mut prepared = Prepared::new(ctx, &case.yardstick())?;
+            let kernel = measure(&mut prepared, options)?;
+            prepared.driver_copy = true;
+            let driver = measure(&mut prepared, options)?;
+            let faster = match (kernel.kernel, driver.kernel) {
+                (Some(k), Some(d)) if d < k => driver,
+                _ => kernel,
+            };
+            yardsticks.push(Yardstick {
+                workload: case.workload.name.to_string(),
+                copy_kernel_s: kernel.kernel,
+                driver_copy_s: driver.kernel,
+                bytes: 8 * case.workload.elements(),
+            });
+            copies.push((case.workload.clone(), faster));
         }
         let copy = copies
             .iter()
             .find(|(w, _)| *w == case.workload)
             .map(|(_, c)| *c)
             .expect("measured above");
-        let (kernel_s, end_to_end_s, reference_s) = if case.op == Op::Copy {
-            (copy.0, copy.1, None)
+        let (measured, reference_s) = if case.op == Op::Copy {
+            (copy, None)
         } else {
             let mut prepared = Prepared::new(ctx, case)?;
-            let (kernel_s, end_to_end_s) = measure(&mut prepared, options)?;
+            let measured = measure(&mut prepared, options)?;
             let reference_s = if options.reference {
                 let start = Instant::now();
                 prepared.run_reference()?;
@@ -810,16 +859,17 @@ pub fn run(
             } else {
                 None
             };
-            (kernel_s, end_to_end_s, reference_s)
+            (measured, reference_s)
         };
         let peer_s = peer
             .as_deref_mut()
             .and_then(|p| p.seconds(case, options.samples));
         let row = Row {
             case: case.clone(),
-            kernel_s,
-            end_to_end_s,
-            copy,
+            kernel_s: measured.kernel,
+            kernel_min_s: measured.kernel_min,
+            end_to_end_s: measured.end_to_end,
+            copy: (copy.kernel, copy.end_to_end),
             reference_s,
             peer_s,
         };
@@ -827,6 +877,7 @@ pub fn run(
         rows.push(row);
     }
     Ok(Report {
+        yardsticks,
         adapter: ctx.info().to_string(),
         adapter_name: format!("{}, {:?}", ctx.info().name, ctx.info().backend),
         timestamps: Recording::new(ctx).gpu_timed(),
@@ -835,8 +886,8 @@ pub fn run(
     })
 }
 
-/// Median kernel and end-to-end seconds of a prepared case.
-fn measure(prepared: &mut Prepared<'_>, options: &RunOptions) -> Result<(Option<f64>, f64)> {
+/// A prepared case's kernel seconds (median, minimum) and median end-to-end seconds.
+fn measure(prepared: &mut Prepared<'_>, options: &RunOptions) -> Result<Measured> {
     for _ in 0..options.warmup {
         prepared.run_timed()?;
     }
@@ -846,8 +897,21 @@ fn measure(prepared: &mut Prepared<'_>, options: &RunOptions) -> Result<(Option<
         kernel.extend(k);
         e2e.push(e);
     }
+    let kernel_min = kernel.iter().copied().reduce(f64::min);
     let kernel = (!kernel.is_empty()).then(|| median(&kernel));
-    Ok((kernel, median(&e2e)))
+    Ok(Measured {
+        kernel,
+        kernel_min,
+        end_to_end: median(&e2e),
+    })
+}
+
+/// What [`measure`] returns.
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    kernel: Option<f64>,
+    kernel_min: Option<f64>,
+    end_to_end: f64,
 }
 
 /// The report's command line, shared by `examples/report.rs` and the peer crate:
@@ -872,12 +936,24 @@ pub fn report_main(
     } else {
         RunOptions::short()
     };
+    let ctx = Context::headless()?;
+    if !ctx.info().is_software() {
+        options = options.for_gpu();
+    }
+    if let Some(n) = value("--samples").and_then(|v| v.parse().ok()) {
+        options.samples = n;
+    }
+    if args.iter().any(|a| a == "--reference") {
+        options.reference = true;
+    }
+    if args.iter().any(|a| a == "--no-reference") {
+        options.reference = false;
+    }
     if let Some(only) = value("--only") {
         options
             .cases
             .retain(|c| c.op.name().contains(only.as_str()));
     }
-    let ctx = Context::headless()?;
     println!("adapter: {}", ctx.info());
     let start = Instant::now();
     let report = run(&ctx, &options, peer, |row| {
@@ -891,9 +967,10 @@ pub fn report_main(
         )
     })?;
     println!(
-        "\n{} version, median of {} samples, kernel time from {}:\n",
+        "\n{} version, median and minimum of {} samples after {} warm-up runs, kernel time from {}:\n",
         if full { "full" } else { "short" },
         options.samples,
+        options.warmup,
         if report.timestamps {
             "GPU timestamps"
         } else {
@@ -935,23 +1012,50 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| op | workload | min bytes | kernel | end to end | GB/s | / copy bw | vs CPU reference | vs {peer} |"
+            "| op | workload | min bytes | kernel | kernel min | end to end | GB/s | / copy bw | vs CPU reference | vs {peer} |"
         );
-        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.1} MB | {} | {} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {} | {:.1} MB | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
                 r.case.op.name(),
                 r.case.workload.name,
                 r.case.min_bytes() as f64 / 1e6,
                 r.kernel_s.map_or("-".into(), ms),
+                r.kernel_min_s.map_or("-".into(), ms),
                 ms(r.end_to_end_s),
                 r.gb_per_s(),
                 r.copy_fraction(),
                 ratio(r.vs_reference()),
                 ratio(r.vs_peer()),
             );
+        }
+        if !self.yardsticks.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nYardsticks (median kernel time, GB/s counting bytes read and written; \
+                 each row's \"/ copy bw\" is against the faster):\n"
+            );
+            let _ = writeln!(s, "| workload | copy kernel | driver copy |");
+            let _ = writeln!(s, "| --- | --- | --- |");
+            let cell = |t: Option<f64>, bytes: u64| {
+                t.map_or("-".into(), |t| {
+                    format!("{} ({:.0} GB/s)", ms(t), bytes as f64 / t / 1e9)
+                })
+            };
+            for y in &self.yardsticks {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    y.workload,
+                    cell(y.copy_kernel_s, y.bytes),
+                    cell(y.driver_copy_s, y.bytes)
+                );
+            }
         }
         s
     }
@@ -1132,6 +1236,7 @@ mod tests {
                 workload: Workload::single("x", &[1000], 0),
             },
             kernel_s: Some(3e-3),
+            kernel_min_s: Some(2.9e-3),
             end_to_end_s: 4e-3,
             copy: (Some(1e-3), 2e-3),
             reference_s: Some(8e-3),
@@ -1153,12 +1258,19 @@ mod tests {
                 workload: Workload::single("w<1>", &[1000], 0),
             },
             kernel_s: Some(kernel),
+            kernel_min_s: Some(kernel * 0.5),
             end_to_end_s: kernel * 2.0,
             copy: (Some(1e-3), 2e-3),
             reference_s: Some(1e-2),
             peer_s: (op == Op::WnForward).then_some(4e-3),
         };
         let report = Report {
+            yardsticks: vec![Yardstick {
+                workload: "w<1>".into(),
+                copy_kernel_s: Some(1e-3),
+                driver_copy_s: Some(2e-3),
+                bytes: 8_000_000,
+            }],
             adapter: "test adapter".into(),
             adapter_name: "test".into(),
             timestamps: true,
@@ -1170,12 +1282,17 @@ mod tests {
             ],
         };
         let table = report.table();
-        assert_eq!(table.lines().count(), 2 + 3);
+        // Header and 3 rows, a blank line, the yardsticks' sentence, blank, header, 1 row.
+        assert_eq!(table.lines().count(), 2 + 3 + 3 + 3, "{table}");
         // WN forward: 8 bytes in 1 ms against the copy's 8 in 1 ms; 2x the peer.
         assert!(
             table.contains(
-                "| wn_forward | w<1> | 0.0 MB | 1.00 ms | 2.00 ms | 0.01 | 1.00 | 5.00x | 2.00x |"
+                "| wn_forward | w<1> | 0.0 MB | 1.00 ms | 500.0 us | 2.00 ms | 0.01 | 1.00 | 5.00x | 2.00x |"
             ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| w<1> | 1.00 ms (8 GB/s) | 2.00 ms (4 GB/s) |"),
             "{table}"
         );
         let bars = report.svg_copy_fraction();

@@ -46,6 +46,12 @@ enum Command {
     },
     /// A time boundary (see [`Recording::boundary`]).
     Boundary,
+    /// The driver's buffer copy (`copy_buffer_to_buffer`), between compute passes.
+    Copy {
+        src: wgpu::Buffer,
+        dst: wgpu::Buffer,
+        bytes: u64,
+    },
 }
 
 /// Called after the submission with the time of every boundary, in seconds from the
@@ -119,6 +125,30 @@ impl<'c> Recording<'c> {
     /// How many dispatches have been recorded.
     pub fn dispatches(&self) -> usize {
         self.commands.len()
+    }
+
+    /// Records a copy of `src` into `dst` by the driver (`copy_buffer_to_buffer`): the
+    /// second bandwidth yardstick of the benchmarks, beside the copy kernel.
+    pub fn copy_tensor(&mut self, src: &crate::Tensor, dst: &crate::Tensor) -> Result<()> {
+        if src.shape() != dst.shape() {
+            return Err(Error::input(
+                "copy_tensor",
+                format!(
+                    "source shape {:?} and destination shape {:?} differ",
+                    src.shape(),
+                    dst.shape()
+                ),
+            ));
+        }
+        let bytes = src.len() as u64 * 4;
+        if bytes > 0 {
+            self.commands.push(Command::Copy {
+                src: src.buffer().clone(),
+                dst: dst.buffer().clone(),
+                bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Records one dispatch of `kernel` over `groups` workgroups (skipped when zero).
@@ -300,15 +330,19 @@ impl<'c> Recording<'c> {
     }
 }
 
-/// Encodes `commands` into compute passes; each boundary ends the pass and calls
-/// `at_boundary(encoder, index)` between passes.
+/// Encodes `commands` into compute passes; a buffer copy ends the pass and is encoded
+/// between passes, and so is each boundary, which calls `at_boundary(encoder, index)`.
 fn encode(
     encoder: &mut wgpu::CommandEncoder,
     commands: &[Command],
     mut at_boundary: impl FnMut(&mut wgpu::CommandEncoder, usize),
 ) {
     let mut slot = 0;
-    for segment in commands.split_inclusive(|c| matches!(c, Command::Boundary)) {
+    let breaks = |c: &Command| matches!(c, Command::Boundary | Command::Copy { .. });
+    for segment in commands.split_inclusive(breaks) {
+        if segment
+            .iter()
+            .any(|c| matches!(c, Command::Dispatch { .. }))
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("wgnorm.recording"),
@@ -327,9 +361,15 @@ fn encode(
                 }
             }
         }
-        if matches!(segment.last(), Some(Command::Boundary)) {
-            at_boundary(encoder, slot);
-            slot += 1;
+        match segment.last() {
+            Some(Command::Boundary) => {
+                at_boundary(encoder, slot);
+                slot += 1;
+            }
+            Some(Command::Copy { src, dst, bytes }) => {
+                encoder.copy_buffer_to_buffer(src, 0, dst, 0, *bytes);
+            }
+            _ => {}
         }
     }
 }
