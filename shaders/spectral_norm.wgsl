@@ -34,6 +34,7 @@ const MIN_NORMAL: f32 = 1.17549435e-38;
 #import elem
 #import element
 #import tree
+#import rows
 
 fn usable_sigma(sigma: f32) -> f32 {
     return select(1.0, sigma, abs(sigma) >= MIN_NORMAL);
@@ -120,6 +121,32 @@ fn mtv_partials(ids: Ids) {
             }
             cp_out[slot] = t;
         }
+    }
+}
+
+// ---- rows_dot: M v by rows, when M's rows are contiguous (axis 0) and short ---------
+//
+// `tpr` threads per row (rows.wgsl), each row read once: out[row] = vec4(M[row] . v,
+// 0, 0, 0), the layout `dot_partials` gives for longer or strided rows.
+
+@group(0) @binding(0) var<uniform> rd: RowParams;
+@group(0) @binding(1) var<storage, read> rd_m: array<V>;
+@group(0) @binding(2) var<storage, read> rd_v: array<V>;
+@group(0) @binding(3) var<storage, read_write> rd_out: array<vec4<f32>>;
+
+@compute @workgroup_size(RWG)
+fn rows_dot(ids: Ids) {
+    if (!rows_left(rd, ids)) {
+        return;
+    }
+    let slot = row_slot(rd, ids);
+    var acc = V(0.0);
+    for (var i = slot.tl; i < rd.len && slot.live; i += rd.tpr) {
+        acc = fma(rd_m[slot.base + i], rd_v[i], acc);
+    }
+    let total = row_sum(ids.lid, slot.tl, rd.tpr, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0)).x;
+    if (slot.tl == 0u && slot.live) {
+        rd_out[rd.first_row + slot.row] = vec4<f32>(total, 0.0, 0.0, 0.0);
     }
 }
 

@@ -692,6 +692,9 @@ pub struct RunOptions {
     pub samples: usize,
     /// Untimed runs first. Default 1.
     pub warmup: usize,
+    /// Keep warming up until this many seconds have passed (at least `warmup` runs):
+    /// a GPU raises its clocks only after some time under load. Default 0.
+    pub warmup_s: f64,
     /// Time the CPU reference too (one run per case). Default true.
     pub reference: bool,
 }
@@ -702,18 +705,21 @@ impl Default for RunOptions {
             cases: suite(),
             samples: 5,
             warmup: 1,
+            warmup_s: 0.0,
             reference: true,
         }
     }
 }
 
 impl RunOptions {
-    /// On hardware GPUs: at least 30 samples after 5 warm-up runs, and no CPU reference
-    /// between them (an idle GPU lowers its clocks while the CPU works, which made the
-    /// same kernel vary up to 2.3x between runs on an H100).
+    /// On hardware GPUs: at least 30 samples after at least 5 warm-up runs and 0.3 s of
+    /// warm-up, and no CPU reference between them (an idle GPU lowers its clocks while
+    /// the CPU works, which made the same kernel vary up to 2.3x between runs on an
+    /// H100).
     pub fn for_gpu(mut self) -> Self {
         self.samples = self.samples.max(30);
         self.warmup = self.warmup.max(5);
+        self.warmup_s = self.warmup_s.max(0.3);
         self.reference = false;
         self
     }
@@ -727,6 +733,7 @@ impl RunOptions {
             cases: suite().into_iter().filter(|c| keep(&c.workload)).collect(),
             samples: 3,
             warmup: 1,
+            warmup_s: 0.0,
             reference: true,
         }
     }
@@ -888,8 +895,11 @@ pub fn run(
 
 /// A prepared case's kernel seconds (median, minimum) and median end-to-end seconds.
 fn measure(prepared: &mut Prepared<'_>, options: &RunOptions) -> Result<Measured> {
-    for _ in 0..options.warmup {
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < options.warmup || start.elapsed().as_secs_f64() < options.warmup_s {
         prepared.run_timed()?;
+        runs += 1;
     }
     let (mut kernel, mut e2e) = (Vec::new(), Vec::new());
     for _ in 0..options.samples.max(1) {

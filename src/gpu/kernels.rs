@@ -149,6 +149,10 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     SnMtvPartialsVec4 => (SPECTRAL_NORM_VEC4, "wgnorm.spectral_norm.vec4.mtv_partials", "mtv_partials",
         [Uniform, Read, Read, ReadWrite], []);
+    SnRowsDot => (SPECTRAL_NORM, "wgnorm.spectral_norm.rows_dot", "rows_dot",
+        [Uniform, Read, Read, ReadWrite], []);
+    SnRowsDotVec4 => (SPECTRAL_NORM_VEC4, "wgnorm.spectral_norm.vec4.rows_dot", "rows_dot",
+        [Uniform, Read, Read, ReadWrite], []);
     SnMtvCombine => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_combine", "mtv_combine",
         [Uniform, Read, ReadWrite], []);
     SnNormalize => (SPECTRAL_NORM, "wgnorm.spectral_norm.normalize", "normalize",
@@ -209,6 +213,7 @@ impl Kernel {
             Kernel::WnRowsGrad => Some(Kernel::WnRowsGradVec4),
             Kernel::SnMtvPartials => Some(Kernel::SnMtvPartialsVec4),
             Kernel::SnScale => Some(Kernel::SnScaleVec4),
+            Kernel::SnRowsDot => Some(Kernel::SnRowsDotVec4),
             Kernel::SnGrad => Some(Kernel::SnGradVec4),
             Kernel::Copy => Some(Kernel::CopyVec4),
             _ => None,

@@ -119,10 +119,6 @@ struct ClParams {
     _pad: [u32; 2],
 }
 
-/// Elements a channels-last block aims at: enough work per workgroup, and shifted
-/// sums over few enough rows per thread to stay accurate.
-const CL_BLOCK_ELEMS: u64 = 16 * 1024;
-
 impl ChannelsLastPlan {
     fn new(layout: ChannelLayout, limits: &PlanLimits) -> Option<Self> {
         let ChannelLayout {
@@ -149,7 +145,11 @@ impl ChannelsLastPlan {
         let c4 = channels / 4;
         let group = c4.min(64);
         let tr = 64 / group;
-        let rows_per_block = (CL_BLOCK_ELEMS / channels).clamp(tr, 1024).min(window_rows);
+        // Elements a block aims at: the adapter's reduction item (enough workgroups in
+        // flight on a GPU, enough work per workgroup on a CPU), and shifted sums over
+        // few enough rows per thread to stay accurate.
+        let block_elems = limits.tuning.reduce_item_elems;
+        let rows_per_block = (block_elems / channels).clamp(tr, 1024).min(window_rows);
         let blocks = outer.div_ceil(rows_per_block);
         let per_box = (window_rows / rows_per_block).max(1);
         let mut boxes = Vec::new();

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::channel_stats::{record_dot, record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
-use super::layout::{check_channel_input, ChannelLayout};
+use super::layout::{check_channel_input, row_windows, ChannelLayout, RowGeometry, RowWindow};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor, WORKGROUP_SIZE};
 
@@ -15,7 +15,8 @@ const OP: &str = "spectral_norm";
 /// Columns per workgroup of the `M^T u` kernel (`TILE` in shaders/spectral_norm.wgsl).
 const COLUMN_TILE: u64 = 64;
 
-/// Partial sums per column of `M^T u`, at most (rows are split into this many blocks).
+/// Partial sums per column of `M^T u`, at most (rows are split into this many blocks),
+/// on software adapters; four times as many on GPUs.
 const MAX_ROW_BLOCKS: u64 = 64;
 
 /// Power iterations PyTorch runs when it registers spectral norm on a weight.
@@ -214,6 +215,9 @@ pub(crate) struct Matrix {
     pub boxes: Vec<ColumnBox>,
     /// The split of `M v`.
     pub rows_plan: ReducePlan,
+    /// When `M`'s rows are contiguous and short (axis 0, see `row_windows`), `M v`
+    /// by the row kernel instead: `tpr` threads per row, one read of each row.
+    pub row_windows: Option<Vec<RowWindow>>,
 }
 
 impl Matrix {
@@ -250,7 +254,14 @@ impl Matrix {
         let rj = r_n * j_n;
         // Row blocks: at most MAX_ROW_BLOCKS partials per column, and the partials
         // ([blocks, cols]) within one binding. Boxes may split a block.
-        let max_blocks = MAX_ROW_BLOCKS.min(limits.max_binding_elems / cols).max(1);
+        // GPUs need more workgroups in flight for tall matrices (the 50000 x 512
+        // embedding has 8 column tiles); a CPU adapter pays for each one.
+        let max_row_blocks = if limits.tuning.coalesced {
+            4 * MAX_ROW_BLOCKS
+        } else {
+            MAX_ROW_BLOCKS
+        };
+        let max_blocks = max_row_blocks.min(limits.max_binding_elems / cols).max(1);
         let row_block = r_n.div_ceil(max_blocks).max(32).min(r_n);
         let blocks = r_n.div_ceil(row_block);
         let mut boxes = Vec::new();
@@ -310,6 +321,7 @@ impl Matrix {
             blocks,
             boxes,
             rows_plan,
+            row_windows: row_windows(layout, limits),
         })
     }
 
@@ -508,7 +520,7 @@ impl SpectralNorm {
         } else {
             // PyTorch evaluation: sigma = u^T M v with u and v as stored.
             let sigma = Tensor::zeros(ctx, &[1])?;
-            let mv = record_dot(rec, OP, &m.rows_plan, weight.buffer(), state.v.buffer())?;
+            let mv = record_mv(rec, &m, weight, &state.v)?;
             rec.dispatch(
                 Kernel::SnDot,
                 &self.vector_params(m.rows(), Some(0), false),
@@ -855,7 +867,7 @@ impl SpectralNorm {
         self.record_normalize(rec, &raw, cols, to, factor)
     }
 
-    /// `u = normalize(M v)`: row dots (shared reduction), the normalization.
+    /// `u = normalize(M v)`: row dots (row kernel or shared reduction), the normalization.
     fn record_u_from_v(
         &self,
         rec: &mut Recording<'_>,
@@ -865,7 +877,7 @@ impl SpectralNorm {
         to: Normalized<'_>,
         factor: f32,
     ) -> Result<()> {
-        let raw = record_dot(rec, OP, &m.rows_plan, weight.buffer(), v.buffer())?;
+        let raw = record_mv(rec, m, weight, v)?;
         self.record_normalize(rec, &raw, m.rows(), to, factor)
     }
 
@@ -950,6 +962,36 @@ impl SplitMix {
             })
             .collect()
     }
+}
+
+/// `M v` as a vec4 per row of `M` (the product in the first component): the row kernel
+/// when `M`'s rows are contiguous and short, else the shared per-channel reduction.
+fn record_mv(
+    rec: &mut Recording<'_>,
+    m: &Matrix,
+    weight: &Tensor,
+    v: &Tensor,
+) -> Result<wgpu::Buffer> {
+    let Some(windows) = &m.row_windows else {
+        return record_dot(rec, OP, &m.rows_plan, weight.buffer(), v.buffer());
+    };
+    let out = vec4_buffer(rec.context(), OP, m.rows())?;
+    let geo = RowGeometry::new(&m.layout);
+    let mut first_row = 0;
+    for w in windows {
+        rec.dispatch(
+            geo.pick(Kernel::SnRowsDot),
+            &geo.params(w, first_row),
+            &[
+                Bind::window(weight.buffer(), w.start, w.len),
+                Bind::elems(v.buffer(), m.cols()),
+                Bind::elems(&out, m.rows() * 4),
+            ],
+            geo.groups(w),
+        )?;
+        first_row += w.rows;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
