@@ -177,7 +177,14 @@ fn mtv_combine(ids: Ids) {
     mc_out[c] = vec4<f32>(acc, 0.0, 0.0, 0.0);
 }
 
-// ---- normalize / dot: one workgroup over a vector ---------------------------------
+// ---- normalize / dot over a vector ------------------------------------------------
+//
+// Short vectors (parts = 0): one workgroup does everything. Long ones (the 50000 rows
+// of an embedding) would leave a GPU idle that way, so `vec_partials` first reduces
+// chunks of VEC_CHUNK elements in parallel, and `normalize` then runs one workgroup
+// per chunk, each adding the (few) partials itself before normalizing its chunk.
+
+const VEC_CHUNK: u32 = 4096u;
 
 // Mirrors `VectorParams` in src/ops/spectral_norm.rs.
 struct VectorParams {
@@ -188,7 +195,36 @@ struct VectorParams {
     factor: f32,
     sigma_index: u32,
     keep: u32,        // 1: also write the normalized vector to `keep`
-    _pad: u32,
+    parts: u32,       // 0: one workgroup; else the partials of `vec_partials`
+    dot: u32,         // vec_partials: 1 also sums x * vector (else vector is unused)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> vp: VectorParams;
+@group(0) @binding(1) var<storage, read> vp_raw: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> vp_vector: array<f32>;
+@group(0) @binding(3) var<storage, read_write> vp_out: array<vec4<f32>>;
+
+// Per chunk: (sum x^2, sum x * vector) of x = raw[i].x (vector: a dummy unless for a dot).
+@compute @workgroup_size(WG)
+fn vec_partials(ids: Ids) {
+    let first = group_id(ids) * VEC_CHUNK;
+    let last = min(first + VEC_CHUNK, vp.n);
+    var part = vec2<f32>(0.0);
+    for (var i = first + ids.lid; i < last; i += WG) {
+        let x = vp_raw[i].x;
+        var y = 0.0;
+        if (vp.dot == 1u) {
+            y = vp_vector[i];
+        }
+        part = fma(vec2<f32>(x), vec2<f32>(x, y), part);
+    }
+    let total = tree_sum(ids.lid, vec4<f32>(part, 0.0, 0.0));
+    if (ids.lid == 0u) {
+        vp_out[group_id(ids)] = total;
+    }
 }
 
 @group(0) @binding(0) var<uniform> np: VectorParams;
@@ -196,28 +232,39 @@ struct VectorParams {
 @group(0) @binding(2) var<storage, read_write> np_out: array<f32>;
 @group(0) @binding(3) var<storage, read_write> np_keep: array<f32>;
 @group(0) @binding(4) var<storage, read_write> np_sigma: array<f32>;
+@group(0) @binding(5) var<storage, read> np_partials: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn normalize(@builtin(local_invocation_index) lid: u32) {
+fn normalize(ids: Ids) {
     var part = 0.0;
-    for (var i = lid; i < np.n; i += WG) {
-        let x = np_raw[i].x;
-        part = fma(x, x, part);
+    var first = 0u;
+    var last = np.n;
+    if (np.parts == 0u) {
+        for (var i = ids.lid; i < np.n; i += WG) {
+            let x = np_raw[i].x;
+            part = fma(x, x, part);
+        }
+    } else {
+        for (var i = ids.lid; i < np.parts; i += WG) {
+            part += np_partials[i].x;
+        }
+        first = group_id(ids) * VEC_CHUNK;
+        last = min(first + VEC_CHUNK, np.n);
     }
-    let ss = tree_sum(lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
+    let ss = tree_sum(ids.lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
     let norm = sqrt(ss);
     var denom = norm + np.eps;
     if (np.pytorch == 1u) {
         denom = max(norm, np.eps);
     }
-    for (var i = lid; i < np.n; i += WG) {
+    for (var i = first + ids.lid; i < last; i += WG) {
         let y = np_raw[i].x / denom;
         np_out[i] = y;
         if (np.keep == 1u) {
             np_keep[i] = y;
         }
     }
-    if (np.write_sigma == 1u && lid == 0u) {
+    if (np.write_sigma == 1u && ids.lid == 0u && group_id(ids) == 0u) {
         np_sigma[np.sigma_index] = ss / denom / np.factor;
     }
 }
@@ -226,16 +273,23 @@ fn normalize(@builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(1) var<storage, read> dt_raw: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> dt_vector: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dt_sigma: array<f32>;
+@group(0) @binding(4) var<storage, read> dt_partials: array<vec4<f32>>;
 
 // sigma = vector . raw / factor (PyTorch's evaluation: u^T (M v) with u, v as stored).
 @compute @workgroup_size(WG)
-fn dot(@builtin(local_invocation_index) lid: u32) {
+fn dot(ids: Ids) {
     var part = 0.0;
-    for (var i = lid; i < dt.n; i += WG) {
-        part = fma(dt_raw[i].x, dt_vector[i], part);
+    if (dt.parts == 0u) {
+        for (var i = ids.lid; i < dt.n; i += WG) {
+            part = fma(dt_raw[i].x, dt_vector[i], part);
+        }
+    } else {
+        for (var i = ids.lid; i < dt.parts; i += WG) {
+            part += dt_partials[i].y;
+        }
     }
-    let total = tree_sum(lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
-    if (lid == 0u) {
+    let total = tree_sum(ids.lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
+    if (ids.lid == 0u) {
         dt_sigma[dt.sigma_index] = total / dt.factor;
     }
 }
@@ -279,13 +333,13 @@ struct GradCoefParams {
 @group(0) @binding(5) var<storage, read_write> gc_grad_gamma: array<f32>;
 
 @compute @workgroup_size(WG)
-fn grad_coef(@builtin(local_invocation_index) lid: u32) {
+fn grad_coef(ids: Ids) {
     var part = 0.0;
-    for (var i = lid; i < gc.slices; i += WG) {
+    for (var i = ids.lid; i < gc.slices; i += WG) {
         part += gc_sums[i].y;
     }
-    let d = tree_sum(lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
-    if (lid == 0u) {
+    let d = tree_sum(ids.lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
+    if (ids.lid == 0u) {
         let sigma = gc_sigma[0];
         let su = usable_sigma(sigma);
         var s = 1.0;

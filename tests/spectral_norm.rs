@@ -195,6 +195,26 @@ fn gpu_matches_reference_on_random_shapes() {
     }
 }
 
+/// Vectors longer than 16 Ki elements (`u` of a tall weight, `v` of a wide one) are
+/// normalized and dotted by many workgroups: the same results as one.
+#[test]
+fn long_vectors_match_the_reference() {
+    let ctx = ctx();
+    let mut rng = Rng::new(77);
+    for shape in [&[20_001usize, 3][..], &[2, 17_000], &[9000, 2, 2]] {
+        for config in configs(0) {
+            for training in [true, false] {
+                let case = Case {
+                    config,
+                    shape: shape.to_vec(),
+                    training,
+                };
+                check(&ctx, &case, &mut rng);
+            }
+        }
+    }
+}
+
 /// Bindings capped at 16 KiB (4096 elements, windows of 4032 after alignment) take
 /// every split of the large-tensor path: several `a` per box, runs of rows, and rows
 /// longer than a window. (`u` and `v` must each fit one binding.)

@@ -6,7 +6,8 @@
 
 #import grid
 
-const RWG: u32 = 64u;
+// Mirrors `ROW_WORKGROUP` in src/ops/layout.rs.
+const RWG: u32 = 256u;
 
 // Mirrors `RowParams` in src/ops/layout.rs.
 struct RowParams {

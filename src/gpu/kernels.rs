@@ -155,10 +155,12 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     SnMtvCombine => (SPECTRAL_NORM, "wgnorm.spectral_norm.mtv_combine", "mtv_combine",
         [Uniform, Read, ReadWrite], []);
-    SnNormalize => (SPECTRAL_NORM, "wgnorm.spectral_norm.normalize", "normalize",
-        [Uniform, Read, ReadWrite, ReadWrite, ReadWrite], []);
-    SnDot => (SPECTRAL_NORM, "wgnorm.spectral_norm.dot", "dot",
+    SnVecPartials => (SPECTRAL_NORM, "wgnorm.spectral_norm.vec_partials", "vec_partials",
         [Uniform, Read, Read, ReadWrite], []);
+    SnNormalize => (SPECTRAL_NORM, "wgnorm.spectral_norm.normalize", "normalize",
+        [Uniform, Read, ReadWrite, ReadWrite, ReadWrite, Read], []);
+    SnDot => (SPECTRAL_NORM, "wgnorm.spectral_norm.dot", "dot",
+        [Uniform, Read, Read, ReadWrite, Read], []);
     SnScale => (SPECTRAL_NORM, "wgnorm.spectral_norm.scale", "scale",
         [Uniform, Read, Read, Read, ReadWrite], []);
     SnScaleVec4 => (SPECTRAL_NORM_VEC4, "wgnorm.spectral_norm.vec4.scale", "scale",

@@ -120,7 +120,7 @@ pub(crate) struct ElementWindow {
 pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
 
 /// Threads per workgroup of the row kernels (their shaders' `RWG`).
-pub(crate) const ROW_WORKGROUP: u64 = 64;
+pub(crate) const ROW_WORKGROUP: u64 = 256;
 
 /// How a row kernel covers rows of `layout.inner` elements: by vec4 when rows are a
 /// multiple of 4 long (windows then start at multiples of 4 too), with `tpr` threads
@@ -139,11 +139,19 @@ pub(crate) struct RowGeometry {
 }
 
 impl RowGeometry {
-    pub fn new(layout: &ChannelLayout) -> Self {
+    /// Threads per row: about 8 loads each on software adapters, at most 64 (what
+    /// lavapipe was tuned with); about 4 loads each on GPUs, up to the whole workgroup,
+    /// so that a thread's loads are all in flight at once.
+    pub fn new(layout: &ChannelLayout, tuning: &crate::gpu::Tuning) -> Self {
         let vec4 = layout.inner.is_multiple_of(4);
         let unit = if vec4 { 4 } else { 1 };
         let len = layout.inner / unit;
-        let tpr = len.div_ceil(8).next_power_of_two().clamp(1, ROW_WORKGROUP);
+        let (loads, max_tpr) = if tuning.coalesced {
+            (4, ROW_WORKGROUP)
+        } else {
+            (8, 64)
+        };
+        let tpr = len.div_ceil(loads).next_power_of_two().clamp(1, max_tpr);
         RowGeometry {
             vec4,
             len: len as u32,

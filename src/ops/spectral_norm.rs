@@ -176,7 +176,50 @@ struct VectorParams {
     factor: f32,
     sigma_index: u32,
     keep: u32,
-    _pad: u32,
+    parts: u32,
+    dot: u32,
+    _pad: [u32; 3],
+}
+
+/// Vectors longer than this are normalized (and dotted) by many workgroups
+/// (`vec_partials`, then one workgroup per chunk) instead of one.
+const WIDE_VECTOR: u64 = 16 * 1024;
+
+/// Elements per workgroup of `vec_partials` and of the wide `normalize`
+/// (`VEC_CHUNK` in shaders/spectral_norm.wgsl).
+const VEC_CHUNK: u64 = 4096;
+
+/// For a vector of `n` elements (`raw`, a vec4 per element), the partials
+/// `(sum x^2, sum x * vector)` per chunk when it is long (see [`WIDE_VECTOR`]); `None`
+/// when one workgroup does the whole vector.
+fn record_vector_partials(
+    rec: &mut Recording<'_>,
+    params: &VectorParams,
+    raw: &wgpu::Buffer,
+    vector: Option<&Tensor>,
+) -> Result<Option<(wgpu::Buffer, u64)>> {
+    let n = u64::from(params.n);
+    if n <= WIDE_VECTOR {
+        return Ok(None);
+    }
+    let ctx = rec.context();
+    let parts = n.div_ceil(VEC_CHUNK);
+    let partials = vec4_buffer(ctx, OP, parts)?;
+    let params = VectorParams {
+        dot: u32::from(vector.is_some()),
+        ..*params
+    };
+    rec.dispatch(
+        Kernel::SnVecPartials,
+        &params,
+        &[
+            Bind::elems(raw, n * 4),
+            vector.map_or(Bind::elems(&ctx.dummy, 1), |v| Bind::elems(v.buffer(), n)),
+            Bind::elems(&partials, parts * 4),
+        ],
+        parts,
+    )?;
+    Ok(Some((partials, parts)))
 }
 
 // Mirrors `GradCoefParams` in shaders/spectral_norm.wgsl.
@@ -521,13 +564,21 @@ impl SpectralNorm {
             // PyTorch evaluation: sigma = u^T M v with u and v as stored.
             let sigma = Tensor::zeros(ctx, &[1])?;
             let mv = record_mv(rec, &m, weight, &state.v)?;
+            let mut params = self.vector_params(m.rows(), Some(0), false);
+            let partials = record_vector_partials(rec, &params, &mv, Some(&state.u))?;
+            params.parts = partials.as_ref().map_or(0, |p| p.1 as u32);
             rec.dispatch(
                 Kernel::SnDot,
-                &self.vector_params(m.rows(), Some(0), false),
+                &params,
                 &[
                     Bind::elems(&mv, m.rows() * 4),
                     Bind::elems(state.u.buffer(), m.rows()),
                     Bind::elems(sigma.buffer(), 1),
+                    // Unused without partials: any read-only buffer (the dummy is
+                    // bound read-write elsewhere).
+                    partials
+                        .as_ref()
+                        .map_or(Bind::elems(&mv, 4), |(b, n)| Bind::elems(b, n * 4)),
                 ],
                 1,
             )?;
@@ -892,6 +943,8 @@ impl SpectralNorm {
         let ctx = rec.context();
         let mut params = self.vector_params(n, to.sigma.map(|s| s.1), to.keep.is_some());
         params.factor = factor;
+        let partials = record_vector_partials(rec, &params, raw, None)?;
+        params.parts = partials.as_ref().map_or(0, |p| p.1 as u32);
         let (sigma_buf, sigma_len) = match to.sigma {
             Some((b, i)) => (b, u64::from(i) + 1),
             None => (&*ctx.dummy, 1),
@@ -907,8 +960,13 @@ impl SpectralNorm {
                     None => Bind::elems(&ctx.dummy, 1),
                 },
                 Bind::elems(sigma_buf, sigma_len),
+                // Unused without partials: any read-only buffer (the dummy may be
+                // bound read-write above).
+                partials
+                    .as_ref()
+                    .map_or(Bind::elems(raw, 4), |(b, n)| Bind::elems(b, n * 4)),
             ],
-            1,
+            partials.as_ref().map_or(1, |p| p.1),
         )
     }
 
@@ -921,7 +979,9 @@ impl SpectralNorm {
             factor: self.factor.unwrap_or(1.0),
             sigma_index: sigma_index.unwrap_or(0),
             keep: u32::from(keep),
-            _pad: 0,
+            parts: 0,
+            dot: 0,
+            _pad: [0; 3],
         }
     }
 }
@@ -976,7 +1036,7 @@ fn record_mv(
         return record_dot(rec, OP, &m.rows_plan, weight.buffer(), v.buffer());
     };
     let out = vec4_buffer(rec.context(), OP, m.rows())?;
-    let geo = RowGeometry::new(&m.layout);
+    let geo = RowGeometry::new(&m.layout, &rec.context().limits.tuning);
     let mut first_row = 0;
     for w in windows {
         rec.dispatch(

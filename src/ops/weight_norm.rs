@@ -330,7 +330,7 @@ impl WeightNorm {
         grad: Option<(&Tensor, &Tensor)>,
         out: &Tensor,
     ) -> Result<()> {
-        let geo = RowGeometry::new(layout);
+        let geo = RowGeometry::new(layout, &rec.context().limits.tuning);
         let rows = layout.channels;
         let mut first_row = 0;
         for w in windows {

@@ -302,7 +302,7 @@ impl WeightStandardization {
         grad_output: Option<&Tensor>,
     ) -> Result<Tensor> {
         let out = Tensor::zeros(rec.context(), weight.shape())?;
-        let geo = RowGeometry::new(layout);
+        let geo = RowGeometry::new(layout, &rec.context().limits.tuning);
         let (forward, grad) = (
             geo.pick(Kernel::WsRowsForward),
             geo.pick(Kernel::WsRowsGrad),
