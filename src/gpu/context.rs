@@ -174,6 +174,8 @@ pub struct Context {
     pub(crate) kernels: KernelCache,
     /// A small zeroed storage buffer bound where a kernel's optional input is unused.
     pub(crate) dummy: Arc<wgpu::Buffer>,
+    /// Output buffers of dropped tensors, for reuse.
+    pub(crate) pool: Arc<super::tensor::BufferPool>,
 }
 
 impl fmt::Debug for Context {
@@ -343,6 +345,7 @@ impl Context {
             limits: plan,
             kernels: KernelCache::default(),
             dummy: Arc::new(dummy),
+            pool: Arc::default(),
         })
     }
 
@@ -359,6 +362,12 @@ impl Context {
     /// The wgpu queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
+    }
+
+    /// Bytes of dropped outputs this context keeps for reuse (at most 1 GiB): new
+    /// outputs of the same size take them instead of allocating.
+    pub fn pooled_bytes(&self) -> u64 {
+        self.pool.bytes()
     }
 
     /// Blocks until all submitted work has finished.

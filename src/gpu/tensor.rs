@@ -1,6 +1,7 @@
 //! GPU tensors: an f32 storage buffer and a shape, uploaded from and downloaded to ndarray.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 
@@ -13,8 +14,59 @@ use crate::error::{Error, Result};
 /// made it; using it with another context is a GPU validation error.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    buffer: wgpu::Buffer,
+    storage: Arc<Storage>,
     shape: Vec<usize>,
+}
+
+/// A tensor's buffer; an op's output goes back to its context's [`BufferPool`] when the
+/// last tensor sharing it is dropped.
+#[derive(Debug)]
+struct Storage {
+    buffer: wgpu::Buffer,
+    pool: Option<Weak<BufferPool>>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.as_ref().and_then(Weak::upgrade) {
+            pool.put(self.buffer.clone());
+        }
+    }
+}
+
+/// Output buffers of dropped tensors, kept by size for the next op's outputs: creating
+/// a buffer of tens of MiB costs milliseconds on a GPU driver (about 5 ms for 64 MiB
+/// on an H100), several times the kernel. Reuse is safe: submissions run in order,
+/// and wgpu orders the accesses of one recording to a reused buffer with barriers.
+#[derive(Debug, Default)]
+pub(crate) struct BufferPool {
+    free: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
+}
+
+/// Bytes the pool keeps at most; buffers past it are released.
+const POOL_BYTES: u64 = 1 << 30;
+
+impl BufferPool {
+    fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let buffer = free.0.get_mut(&size)?.pop()?;
+        free.1 -= size;
+        Some(buffer)
+    }
+
+    fn put(&self, buffer: wgpu::Buffer) {
+        let size = buffer.size();
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.1 + size <= POOL_BYTES {
+            free.1 += size;
+            free.0.entry(size).or_default().push(buffer);
+        }
+    }
+
+    /// Bytes held for reuse.
+    pub fn bytes(&self) -> u64 {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
 }
 
 impl Tensor {
@@ -56,20 +108,33 @@ impl Tensor {
                 .copy_from_slice(bytemuck::cast_slice(data));
         }
         buffer.unmap();
-        Ok(Tensor {
-            buffer,
+        Ok(Tensor::wrap(buffer, shape, None))
+    }
+
+    fn wrap(buffer: wgpu::Buffer, shape: &[usize], pool: Option<Weak<BufferPool>>) -> Self {
+        Tensor {
+            storage: Arc::new(Storage { buffer, pool }),
             shape: shape.to_vec(),
-        })
+        }
+    }
+
+    /// An op's output: a buffer from the context's pool when one of the size is free,
+    /// else a new one. Its contents are unspecified: the op writes every element.
+    pub(crate) fn output(ctx: &Context, shape: &[usize]) -> Result<Self> {
+        let len = checked_len("output", shape)?;
+        let size = (len as u64 * 4).max(16);
+        let buffer = match ctx.pool.take(size) {
+            Some(b) => b,
+            None => ctx.storage_buffer("output", len as u64, false)?,
+        };
+        Ok(Tensor::wrap(buffer, shape, Some(Arc::downgrade(&ctx.pool))))
     }
 
     /// A tensor of zeros.
     pub fn zeros(ctx: &Context, shape: &[usize]) -> Result<Self> {
         let len = checked_len("zeros", shape)?;
         let buffer = ctx.storage_buffer("zeros", len as u64, false)?;
-        Ok(Tensor {
-            buffer,
-            shape: shape.to_vec(),
-        })
+        Ok(Tensor::wrap(buffer, shape, None))
     }
 
     /// The shape.
@@ -89,7 +154,7 @@ impl Tensor {
 
     /// The underlying buffer (f32, row-major; at least 16 bytes even when empty).
     pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
+        &self.storage.buffer
     }
 
     /// Downloads the tensor. Waits for all work submitted so far.

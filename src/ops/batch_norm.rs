@@ -472,7 +472,7 @@ impl BatchNorm {
             ],
             features.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let output = Tensor::zeros(ctx, x.shape())?;
+        let output = Tensor::output(ctx, x.shape())?;
         record_elementwise(
             rec,
             Kernel::BnNormalize,
@@ -558,7 +558,7 @@ impl BatchNorm {
             ],
             features.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let grad_input = Tensor::zeros(ctx, x.shape())?;
+        let grad_input = Tensor::output(ctx, x.shape())?;
         record_elementwise(
             rec,
             Kernel::BnGradInput,

@@ -588,7 +588,7 @@ impl SpectralNorm {
                 sigma,
             )
         };
-        let out = Tensor::zeros(ctx, weight.shape())?;
+        let out = Tensor::output(ctx, weight.shape())?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         // One slice of every element: a length that is a multiple of 4 moves vec4s.
         record_elementwise(
@@ -670,7 +670,7 @@ impl SpectralNorm {
             ],
             1,
         )?;
-        let grad = Tensor::zeros(ctx, weight.shape())?;
+        let grad = Tensor::output(ctx, weight.shape())?;
         // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
         record_elementwise(
             rec,

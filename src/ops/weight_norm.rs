@@ -233,7 +233,7 @@ impl WeightNorm {
         let layout = self.check_g(g.shape(), v.shape())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
-            let out = Tensor::zeros(ctx, v.shape())?;
+            let out = Tensor::output(ctx, v.shape())?;
             self.record_rows(rec, &layout, &windows, g, v, None, &out)?;
             return Ok(out);
         }
@@ -250,7 +250,7 @@ impl WeightNorm {
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let out = Tensor::zeros(ctx, v.shape())?;
+        let out = Tensor::output(ctx, v.shape())?;
         record_elementwise(
             rec,
             Kernel::WnApply,
@@ -276,7 +276,7 @@ impl WeightNorm {
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
             let grad_g = Tensor::zeros(ctx, g.shape())?;
-            let grad_v = Tensor::zeros(ctx, v.shape())?;
+            let grad_v = Tensor::output(ctx, v.shape())?;
             self.record_rows(
                 rec,
                 &layout,
@@ -304,7 +304,7 @@ impl WeightNorm {
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let grad_v = Tensor::zeros(ctx, v.shape())?;
+        let grad_v = Tensor::output(ctx, v.shape())?;
         record_elementwise(
             rec,
             Kernel::WnGradV,

@@ -236,7 +236,7 @@ impl WeightStandardization {
         norm: &wgpu::Buffer,
     ) -> Result<Tensor> {
         let ctx = rec.context();
-        let out = Tensor::zeros(ctx, weight.shape())?;
+        let out = Tensor::output(ctx, weight.shape())?;
         record_elementwise(
             rec,
             Kernel::WsNormalize,
@@ -268,7 +268,7 @@ impl WeightStandardization {
             weight.buffer(),
             Some(norm),
         )?;
-        let out = Tensor::zeros(ctx, weight.shape())?;
+        let out = Tensor::output(ctx, weight.shape())?;
         let extra = Extra {
             flag: 0,
             aux: [
@@ -301,7 +301,7 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let out = Tensor::zeros(rec.context(), weight.shape())?;
+        let out = Tensor::output(rec.context(), weight.shape())?;
         let geo = RowGeometry::new(layout, &rec.context().limits.tuning);
         let (forward, grad) = (
             geo.pick(Kernel::WsRowsForward),
