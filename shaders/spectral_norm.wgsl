@@ -150,7 +150,15 @@ fn rows_dot(ids: Ids) {
     }
 }
 
-// ---- mtv_combine: the column sums, one thread per column -------------------------
+// ---- mtv_combine: the column sums of the partials ---------------------------------
+//
+// A workgroup takes COMBINE_COLS consecutive columns; its WG / COMBINE_COLS lanes each
+// add every lanes-th block of them (consecutive threads on consecutive columns), then
+// the lanes are added in shared memory: the GPU has many loads in flight even for a
+// few hundred columns of many blocks (the 50000 x 512 embedding).
+
+const COMBINE_COLS: u32 = 16u;
+const COMBINE_LANES: u32 = WG / COMBINE_COLS;
 
 // Mirrors `CombineParams` in src/ops/spectral_norm.rs.
 struct CombineParams {
@@ -160,21 +168,32 @@ struct CombineParams {
     _pad1: u32,
 }
 
+var<workgroup> comb: array<f32, WG>;
+
 @group(0) @binding(0) var<uniform> mc: CombineParams;
 @group(0) @binding(1) var<storage, read> mc_partials: array<f32>;
 @group(0) @binding(2) var<storage, read_write> mc_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
 fn mtv_combine(ids: Ids) {
-    let c = linear_id(ids);
-    if (c >= mc.cols) {
-        return;
-    }
+    let col = ids.lid % COMBINE_COLS;
+    let lane_ = ids.lid / COMBINE_COLS;
+    let c = group_id(ids) * COMBINE_COLS + col;
     var acc = 0.0;
-    for (var b = 0u; b < mc.blocks; b += 1u) {
-        acc += mc_partials[b * mc.cols + c];
+    if (c < mc.cols) {
+        for (var b = lane_; b < mc.blocks; b += COMBINE_LANES) {
+            acc += mc_partials[b * mc.cols + c];
+        }
     }
-    mc_out[c] = vec4<f32>(acc, 0.0, 0.0, 0.0);
+    comb[ids.lid] = acc;
+    workgroupBarrier();
+    if (lane_ == 0u && c < mc.cols) {
+        var total = 0.0;
+        for (var k = 0u; k < COMBINE_LANES; k += 1u) {
+            total += comb[col + k * COMBINE_COLS];
+        }
+        mc_out[c] = vec4<f32>(total, 0.0, 0.0, 0.0);
+    }
 }
 
 // ---- normalize / dot over a vector ------------------------------------------------

@@ -8,12 +8,15 @@ use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
 use super::layout::{check_channel_input, row_windows, ChannelLayout, RowGeometry, RowWindow};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor};
 
 const OP: &str = "spectral_norm";
 
 /// Columns per workgroup of the `M^T u` kernel (`TILE` in shaders/spectral_norm.wgsl).
 const COLUMN_TILE: u64 = 64;
+
+/// Columns per workgroup of `mtv_combine` (`COMBINE_COLS` in shaders/spectral_norm.wgsl).
+const COMBINE_COLS: u64 = 16;
 
 /// Partial sums per column of `M^T u`, at most (rows are split into this many blocks),
 /// on software adapters; four times as many on GPUs.
@@ -913,7 +916,7 @@ impl SpectralNorm {
                 Bind::elems(&partials, m.blocks * cols),
                 Bind::elems(&raw, cols * 4),
             ],
-            cols.div_ceil(u64::from(WORKGROUP_SIZE)),
+            cols.div_ceil(COMBINE_COLS),
         )?;
         self.record_normalize(rec, &raw, cols, to, factor)
     }
