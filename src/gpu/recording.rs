@@ -229,6 +229,8 @@ impl<'c> Recording<'c> {
         } else {
             Some(self.submit_wall_timed()?)
         };
+        // Outputs dropped before this submission may now be reused by later recordings.
+        self.ctx.pool.promote();
         if let Some(e) = pollster::block_on(validation.pop()) {
             return Err(Error::Gpu {
                 during: "submit",

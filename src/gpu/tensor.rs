@@ -36,11 +36,16 @@ impl Drop for Storage {
 
 /// Output buffers of dropped tensors, kept by size for the next op's outputs: creating
 /// a buffer of tens of MiB costs milliseconds on a GPU driver (about 5 ms for 64 MiB
-/// on an H100), several times the kernel. Reuse is safe: submissions run in order,
-/// and wgpu orders the accesses of one recording to a reused buffer with barriers.
+/// on an H100), several times the kernel.
+///
+/// A dropped buffer waits in `pending` until the next submission, and only recordings
+/// made after that reuse it: submissions run in order, so its last reads and writes
+/// come first, and no recording reuses a buffer it already uses (which would make wgpu
+/// order two otherwise independent dispatches with a barrier).
 #[derive(Debug, Default)]
 pub(crate) struct BufferPool {
     free: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
+    pending: Mutex<Vec<wgpu::Buffer>>,
 }
 
 /// Bytes the pool keeps at most; buffers past it are released.
@@ -55,17 +60,35 @@ impl BufferPool {
     }
 
     fn put(&self, buffer: wgpu::Buffer) {
-        let size = buffer.size();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buffer);
+    }
+
+    /// Called after each submission: the buffers dropped before it become reusable.
+    pub fn promote(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.1 + size <= POOL_BYTES {
-            free.1 += size;
-            free.0.entry(size).or_default().push(buffer);
+        for buffer in pending {
+            let size = buffer.size();
+            if free.1 + size <= POOL_BYTES {
+                free.1 += size;
+                free.0.entry(size).or_default().push(buffer);
+            }
         }
     }
 
-    /// Bytes held for reuse.
+    /// Bytes held for reuse, now or after the next submission.
     pub fn bytes(&self) -> u64 {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).1
+        let pending: u64 = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(wgpu::Buffer::size)
+            .sum();
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).1 + pending
     }
 }
 
