@@ -390,3 +390,76 @@ impl Context {
         self.kernels.built()
     }
 }
+
+/// Checks a host params struct against its WGSL twin in a composed module: the same
+/// size, and each named field at the same offset (no GPU needed; naga reads the WGSL).
+#[cfg(test)]
+pub(crate) fn check_mirror(module: &str, name: &str, size: usize, fields: &[(&str, usize)]) {
+    let src = SHADERS
+        .iter()
+        .find(|s| s.name == module)
+        .unwrap_or_else(|| panic!("no shader module {module}"));
+    let parsed = naga::front::wgsl::parse_str(src.source).expect("composed modules parse");
+    let (_, ty) = parsed
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{module}: no struct {name}"));
+    let naga::TypeInner::Struct { members, span } = &ty.inner else {
+        panic!("{module}: {name} is not a struct");
+    };
+    assert_eq!(*span as usize, size, "{module}: size of {name}");
+    for (field, offset) in fields {
+        let member = members
+            .iter()
+            .find(|m| m.name.as_deref() == Some(*field))
+            .unwrap_or_else(|| panic!("{module}: {name} has no field {field}"));
+        assert_eq!(member.offset as usize, *offset, "{module}: {name}.{field}");
+    }
+}
+
+/// `mirror!("module", Type, [field, ...])`: [`check_mirror`] of the Rust struct `Type`
+/// against the WGSL struct of the same name.
+#[cfg(test)]
+macro_rules! mirror {
+    ($module:expr, $ty:ident, [$($field:ident),* $(,)?]) => {
+        $crate::gpu::kernels::check_mirror(
+            $module,
+            stringify!($ty),
+            std::mem::size_of::<$ty>(),
+            &[$((stringify!($field), std::mem::offset_of!($ty, $field))),*],
+        )
+    };
+}
+#[cfg(test)]
+pub(crate) use mirror;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel's `@workgroup_size` is the host's constant for its kind: the row
+    /// kernels', the reductions', or the elementwise kernels'.
+    #[test]
+    fn workgroup_sizes_match_the_host() {
+        for &kernel in Kernel::ALL {
+            let def = kernel.def();
+            let src = &SHADERS[def.shader];
+            let module = naga::front::wgsl::parse_str(src.source).expect("composed modules parse");
+            let ep = module
+                .entry_points
+                .iter()
+                .find(|e| e.name == def.entry)
+                .unwrap_or_else(|| panic!("{}: no entry point", def.label));
+            let want = if def.entry.starts_with("rows_") {
+                crate::ops::layout::ROW_WORKGROUP
+            } else if src.name.starts_with("channel_stats") {
+                crate::ops::channel_stats::REDUCE_WORKGROUP
+            } else {
+                u64::from(WORKGROUP_SIZE)
+            };
+            assert_eq!(u64::from(ep.workgroup_size[0]), want, "{}", def.label);
+            assert_eq!(ep.workgroup_size[1..], [1, 1], "{}", def.label);
+        }
+    }
+}

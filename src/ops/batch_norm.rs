@@ -666,3 +666,29 @@ impl PopulationStats {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_mirror_the_wgsl_structs() {
+        use crate::gpu::kernels::mirror;
+        mirror!(
+            "batch_norm",
+            FinalizeParams,
+            [
+                features,
+                from_batch,
+                update,
+                has_gamma,
+                has_beta,
+                eps,
+                weight,
+                var_correction
+            ]
+        );
+        mirror!("batch_norm", GradParams, [features, training, inv_n]);
+        mirror!("batch_norm", MergeParams, [features]);
+    }
+}

@@ -9,6 +9,9 @@ use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor, WORKGROUP
 
 use super::layout::ChannelLayout;
 
+/// Threads per workgroup of the reductions (`WG` in shaders/channel_stats.wgsl).
+pub(crate) const REDUCE_WORKGROUP: u64 = 64;
+
 // Mirrors `ReduceParams` in shaders/channel_stats.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -143,8 +146,8 @@ impl ChannelsLastPlan {
             return None;
         }
         let c4 = channels / 4;
-        let group = c4.min(64);
-        let tr = 64 / group;
+        let group = c4.min(REDUCE_WORKGROUP);
+        let tr = REDUCE_WORKGROUP / group;
         // Elements a block aims at: the adapter's reduction item (enough workgroups in
         // flight on a GPU, enough work per workgroup on a CPU), and shifted sums over
         // few enough rows per thread to stay accurate.
@@ -579,6 +582,54 @@ mod tests {
         }
         assert!(seen.iter().all(|&s| s == 1), "{layout:?}");
         assert!(slots.iter().all(|&s| s == 1), "{layout:?}");
+    }
+
+    #[test]
+    fn params_mirror_the_wgsl_structs() {
+        use crate::gpu::kernels::mirror;
+        mirror!(
+            "channel_stats",
+            ReduceParams,
+            [
+                channels,
+                inner,
+                row_stride,
+                outer,
+                rows_per_item,
+                row_chunk,
+                chunks_per_row,
+                partials_per_channel,
+                box_b0,
+                box_c0,
+                box_jc0,
+                box_nb,
+                box_nc,
+                box_njc,
+                base_delta,
+                blocks_per_batch
+            ]
+        );
+        mirror!(
+            "channel_stats",
+            CombineParams,
+            [channels, partials_per_channel]
+        );
+        mirror!(
+            "channel_stats",
+            ClParams,
+            [
+                c4,
+                rows,
+                rows_per_block,
+                group,
+                tr,
+                ngroups,
+                block0,
+                nblocks,
+                base_delta,
+                blocks
+            ]
+        );
     }
 
     #[test]

@@ -230,6 +230,21 @@ mod tests {
     }
 
     #[test]
+    fn params_mirror_the_wgsl_struct() {
+        use crate::gpu::kernels::mirror;
+        for module in ["copy", "batch_norm.cl", "weight_norm.vec4", "spectral_norm"] {
+            mirror!(
+                module,
+                ElementParams,
+                [
+                    count, channels, inner, outer, c_start, j_start, o_start, a_start, stride,
+                    step_j, step_c, step_o, step_a, step_fresh, flag, aux0, aux1
+                ]
+            );
+        }
+    }
+
+    #[test]
     fn walks_visit_every_unit_once_at_the_right_position() {
         let lim = |binding| crate::gpu::PlanLimits {
             max_binding_elems: binding,

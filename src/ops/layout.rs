@@ -277,6 +277,22 @@ impl RowGeometry {
 mod tests {
     use super::*;
 
+    #[test]
+    fn row_params_mirror_the_wgsl_struct() {
+        use crate::gpu::kernels::mirror;
+        for module in [
+            "weight_standardization",
+            "weight_norm.vec4",
+            "spectral_norm",
+        ] {
+            mirror!(
+                module,
+                RowParams,
+                [rows, len, skip, tpr, first_row, eps, inv_n, inv_divisor]
+            );
+        }
+    }
+
     fn limits(binding: u64, align: u64) -> PlanLimits {
         PlanLimits {
             max_binding_elems: binding,

@@ -1061,6 +1061,33 @@ fn record_mv(
 mod tests {
     use super::*;
 
+    #[test]
+    fn params_mirror_the_wgsl_structs() {
+        use crate::gpu::kernels::mirror;
+        mirror!(
+            "spectral_norm",
+            ColumnParams,
+            [rows, inner, rj, cols, row_block, r0, nr, c0, nc, bind_start, tiles]
+        );
+        mirror!("spectral_norm", CombineParams, [cols, blocks]);
+        mirror!(
+            "spectral_norm",
+            VectorParams,
+            [
+                n,
+                eps,
+                pytorch,
+                write_sigma,
+                factor,
+                sigma_index,
+                keep,
+                parts,
+                dot
+            ]
+        );
+        mirror!("spectral_norm", GradCoefParams, [slices, use_gamma, factor]);
+    }
+
     fn limits(binding: u64) -> PlanLimits {
         PlanLimits {
             max_binding_elems: binding,

@@ -396,3 +396,14 @@ impl WeightNorm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_mirror_the_wgsl_struct() {
+        use crate::gpu::kernels::mirror;
+        mirror!("weight_norm", SliceParams, [slices, eps]);
+    }
+}

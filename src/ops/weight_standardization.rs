@@ -330,3 +330,18 @@ impl WeightStandardization {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_mirror_the_wgsl_struct() {
+        use crate::gpu::kernels::mirror;
+        mirror!(
+            "weight_standardization",
+            FinalizeParams,
+            [channels, eps, divisor]
+        );
+    }
+}
