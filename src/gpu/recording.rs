@@ -41,8 +41,14 @@ impl<'a> Bind<'a> {
 enum Command {
     Dispatch {
         pipeline: Arc<Pipeline>,
-        bind_group: wgpu::BindGroup,
+        label: &'static str,
+        /// Bindings 1.. as (buffer, offset, size); binding 0 is `params`.
+        binds: Vec<(wgpu::Buffer, u64, u64)>,
+        /// The params' bytes in the recording's uniform data: (offset, size).
+        params: (u64, u64),
         grid: [u32; 3],
+        /// Made at submission, when the recording's one uniform buffer exists.
+        bind_group: Option<wgpu::BindGroup>,
     },
     /// A time boundary (see [`Recording::boundary`]).
     Boundary,
@@ -77,6 +83,10 @@ type TimingCallback<'c> = Box<dyn FnOnce(&[f64]) + 'c>;
 pub struct Recording<'c> {
     ctx: &'c Context,
     commands: Vec<Command>,
+    /// Every dispatch's params, each at a multiple of `uniform_align`: one uniform
+    /// buffer per recording instead of one per dispatch.
+    uniforms: Vec<u8>,
+    uniform_align: usize,
     boundaries: usize,
     timing: Vec<TimingCallback<'c>>,
 }
@@ -87,6 +97,9 @@ impl<'c> Recording<'c> {
         Recording {
             ctx,
             commands: Vec::new(),
+            uniforms: Vec::new(),
+            uniform_align: (ctx.device.limits().min_uniform_buffer_offset_alignment as usize)
+                .max(16),
             boundaries: 0,
             timing: Vec::new(),
         }
@@ -179,36 +192,19 @@ impl<'c> Recording<'c> {
         }
         let grid = self.ctx.grid(def.label, groups)?;
         let pipeline = self.ctx.pipeline(kernel, spec);
-        let device = &self.ctx.device;
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(def.label),
-            contents: bytemuck::bytes_of(params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = Vec::with_capacity(binds.len() + 1);
-        entries.push(wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform.as_entire_binding(),
-        });
-        for (i, b) in binds.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: b.buffer,
-                    offset: b.offset,
-                    size: wgpu::BufferSize::new(b.size),
-                }),
-            });
-        }
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(def.label),
-            layout: &pipeline.layout,
-            entries: &entries,
-        });
+        let offset = self.uniforms.len().next_multiple_of(self.uniform_align);
+        self.uniforms.resize(offset, 0);
+        self.uniforms.extend_from_slice(bytemuck::bytes_of(params));
         self.commands.push(Command::Dispatch {
             pipeline,
-            bind_group,
+            label: def.label,
+            binds: binds
+                .iter()
+                .map(|b| (b.buffer.clone(), b.offset, b.size))
+                .collect(),
+            params: (offset as u64, std::mem::size_of::<P>() as u64),
             grid,
+            bind_group: None,
         });
         Ok(())
     }
@@ -216,9 +212,10 @@ impl<'c> Recording<'c> {
     /// Encodes everything recorded into one command buffer and submits it. Does not
     /// wait: read results with [`Context::read_all`] or [`Tensor::to_array`](crate::Tensor::to_array).
     /// With time boundaries it waits for the work, and calls the timing callbacks.
-    pub fn submit(self) -> Result<()> {
+    pub fn submit(mut self) -> Result<()> {
         let device = &self.ctx.device;
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.make_bind_groups();
         let times = if self.boundaries == 0 {
             let mut encoder = self.encoder();
             encode(&mut encoder, &self.commands, |_, _| {});
@@ -243,6 +240,57 @@ impl<'c> Recording<'c> {
             }
         }
         Ok(())
+    }
+
+    /// Uploads every dispatch's params as one uniform buffer and makes the bind groups
+    /// (inside the submission's validation scope, so a bad binding is an error, not a
+    /// panic).
+    fn make_bind_groups(&mut self) {
+        if self.uniforms.is_empty() {
+            return;
+        }
+        let device = &self.ctx.device;
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wgnorm.params"),
+            contents: &self.uniforms,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        for command in &mut self.commands {
+            if let Command::Dispatch {
+                pipeline,
+                label,
+                binds,
+                params,
+                bind_group,
+                ..
+            } = command
+            {
+                let mut entries = Vec::with_capacity(binds.len() + 1);
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &uniform,
+                        offset: params.0,
+                        size: wgpu::BufferSize::new(params.1),
+                    }),
+                });
+                for (i, (buffer, offset, size)) in binds.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset: *offset,
+                            size: wgpu::BufferSize::new(*size),
+                        }),
+                    });
+                }
+                *bind_group = Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &pipeline.layout,
+                    entries: &entries,
+                }));
+            }
+        }
     }
 
     fn encoder(&self) -> wgpu::CommandEncoder {
@@ -353,8 +401,9 @@ fn encode(
             for command in segment {
                 if let Command::Dispatch {
                     pipeline,
-                    bind_group,
+                    bind_group: Some(bind_group),
                     grid,
+                    ..
                 } = command
                 {
                     pass.set_pipeline(&pipeline.pipeline);
