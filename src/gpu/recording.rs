@@ -153,15 +153,21 @@ impl<'c> Recording<'c> {
                 ),
             ));
         }
-        let bytes = src.len() as u64 * 4;
+        self.copy_buffer(src.buffer(), dst, src.len() as u64 * 4);
+        Ok(())
+    }
+
+    /// Records a copy of the first `bytes` of a buffer (scratch, for readback) into
+    /// `dst`, which must hold them.
+    pub(crate) fn copy_buffer(&mut self, src: &wgpu::Buffer, dst: &crate::Tensor, bytes: u64) {
+        debug_assert!(bytes <= dst.len() as u64 * 4);
         if bytes > 0 {
             self.commands.push(Command::Copy {
-                src: src.buffer().clone(),
+                src: src.clone(),
                 dst: dst.buffer().clone(),
                 bytes,
             });
         }
-        Ok(())
     }
 
     /// Records one dispatch of `kernel` over `groups` workgroups (skipped when zero).

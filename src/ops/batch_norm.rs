@@ -579,7 +579,7 @@ impl BatchNorm {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
             record_welford(rec, OP, &plan, x.buffer())
         })?;
-        let host = read_vec4(ctx, OP, &stats, layout.channels)?;
+        let host = read_vec4(ctx, &stats, layout.channels)?;
         Ok(ChannelStats {
             count: layout.per_channel() as f64,
             mean: host.outer_iter().map(|r| f64::from(r[0])).collect(),
@@ -643,7 +643,7 @@ impl PopulationStats {
         if state.running_mean.shape() != [f] || state.running_var.shape() != [f] {
             return Err(Error::input(OP, format!("state is not of {f} features")));
         }
-        let host = read_vec4(ctx, OP, &self.acc, f as u64)?;
+        let host = read_vec4(ctx, &self.acc, f as u64)?;
         let mut mean = Vec::with_capacity(f);
         let mut var = Vec::with_capacity(f);
         for r in host.outer_iter() {

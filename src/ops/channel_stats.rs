@@ -503,19 +503,18 @@ fn record_partials<'x>(
     Ok(out)
 }
 
-/// Downloads `count` vec4 of a scratch buffer, as a `[count, 4]` array.
+/// Downloads `count` vec4 of a scratch buffer, as a `[count, 4]` array, through a
+/// recording (one submission path, one validation scope) and the tensor readback.
 pub(crate) fn read_vec4(
     ctx: &Context,
-    op: &'static str,
     buffer: &wgpu::Buffer,
     count: u64,
 ) -> Result<ndarray::ArrayD<f32>> {
-    let t = Tensor::zeros(ctx, &[count as usize, 4])?;
-    let mut encoder = ctx
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(op) });
-    encoder.copy_buffer_to_buffer(buffer, 0, t.buffer(), 0, count * 16);
-    ctx.queue.submit([encoder.finish()]);
+    let t = Tensor::output(ctx, &[count as usize, 4])?;
+    ctx.run(|rec| {
+        rec.copy_buffer(buffer, &t, count * 16);
+        Ok(())
+    })?;
     t.to_array(ctx)
 }
 
