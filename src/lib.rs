@@ -61,6 +61,7 @@ pub mod gpu;
 pub mod hooks;
 pub mod ops;
 pub mod reference;
+pub mod rng;
 pub mod shapes;
 pub mod state;
 

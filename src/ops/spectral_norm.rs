@@ -490,7 +490,7 @@ impl SpectralNorm {
         seed: u64,
     ) -> Result<SpectralNormState> {
         let m = self.matrix(ctx, weight.shape())?;
-        let mut rng = SplitMix(seed);
+        let mut rng = crate::rng::Rng::new(seed);
         let mut u = rng.normal_vec(m.rows() as usize);
         let mut v = rng.normal_vec(m.cols() as usize);
         if self.flavor == SpectralFlavor::PyTorch {
@@ -998,33 +998,6 @@ fn normalize_host(x: &mut [f32], eps: f32) {
         .sqrt();
     let d = norm.max(f64::from(eps));
     x.iter_mut().for_each(|a| *a = (f64::from(*a) / d) as f32);
-}
-
-/// SplitMix64 with Box-Muller: seeded standard normal vectors.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    fn normal_vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let (a, b) = (self.uniform(), self.uniform());
-                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
-            })
-            .collect()
-    }
 }
 
 /// `M v` as a vec4 per row of `M` (the product in the first component): the row kernel

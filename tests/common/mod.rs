@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: a context, seeded data, comparisons.
 #![allow(dead_code)]
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 use wgnorm::{Context, ContextOptions, Tuning};
 
 /// The default adapter. Tests fail, never skip, when there is none: CI installs one.
@@ -39,42 +39,9 @@ pub fn ctx_other_layout() -> Context {
     ctx_with_binding(u64::MAX)
 }
 
-/// A small seeded generator (SplitMix64), so the data never depends on a crate version.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    pub fn array(&mut self, shape: &[usize], mean: f32, std: f32) -> ArrayD<f32> {
-        ArrayD::from_shape_simple_fn(IxDyn(shape), || mean + std * self.normal())
-    }
-}
+/// The crate's seeded generator (SplitMix64, Box-Muller), shared with the library.
+#[allow(unused_imports)]
+pub use wgnorm::rng::Rng;
 
 /// Asserts `|got - want| <= atol + rtol |want|` element-wise, reporting the first few
 /// mismatches with their index.
