@@ -161,6 +161,24 @@ pub(crate) struct PlanLimits {
     pub tuning: Tuning,
 }
 
+#[cfg(test)]
+impl PlanLimits {
+    /// Limits for planning tests: bindings of `binding` elements aligned to `align`,
+    /// the software adapters' tuning unless `coalesced`.
+    pub(crate) fn for_tests(binding: u64, align: u64, coalesced: bool) -> Self {
+        PlanLimits {
+            max_binding_elems: binding,
+            align_elems: align,
+            max_groups_per_dim: 65535,
+            max_buffer_bytes: u64::MAX,
+            tuning: Tuning {
+                coalesced,
+                reduce_item_elems: if coalesced { 2048 } else { 16384 },
+            },
+        }
+    }
+}
+
 /// A GPU context: adapter, device, queue, and the cache of compiled kernels.
 ///
 /// Cheap to share: wrap it in an `Arc` (or borrow it) from several threads; every

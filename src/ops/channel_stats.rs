@@ -523,16 +523,7 @@ mod tests {
     use super::*;
 
     fn limits(binding: u64, align: u64) -> PlanLimits {
-        PlanLimits {
-            max_binding_elems: binding,
-            align_elems: align,
-            max_groups_per_dim: 65535,
-            max_buffer_bytes: u64::MAX,
-            tuning: crate::gpu::Tuning {
-                coalesced: false,
-                reduce_item_elems: 16384,
-            },
-        }
+        PlanLimits::for_tests(binding, align, false)
     }
 
     /// Every element of every slice is covered by exactly one item of one box, every

@@ -246,16 +246,7 @@ mod tests {
 
     #[test]
     fn walks_visit_every_unit_once_at_the_right_position() {
-        let lim = |binding| crate::gpu::PlanLimits {
-            max_binding_elems: binding,
-            align_elems: 64,
-            max_groups_per_dim: 65535,
-            max_buffer_bytes: u64::MAX,
-            tuning: crate::gpu::Tuning {
-                coalesced: true,
-                reduce_item_elems: 4096,
-            },
-        };
+        let lim = |binding| crate::gpu::PlanLimits::for_tests(binding, 64, true);
         for (batch, outer, channels, inner) in [
             (1, 1, 7, 5),
             (1, 3, 3, 1),

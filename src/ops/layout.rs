@@ -294,16 +294,7 @@ mod tests {
     }
 
     fn limits(binding: u64, align: u64) -> PlanLimits {
-        PlanLimits {
-            max_binding_elems: binding,
-            align_elems: align,
-            max_groups_per_dim: 65535,
-            max_buffer_bytes: u64::MAX,
-            tuning: crate::gpu::Tuning {
-                coalesced: false,
-                reduce_item_elems: 16384,
-            },
-        }
+        PlanLimits::for_tests(binding, align, false)
     }
 
     /// Row windows cover every row exactly once, whole, inside one binding, from an

@@ -294,16 +294,7 @@ mod tests {
     use super::*;
 
     fn limits(binding: u64) -> PlanLimits {
-        PlanLimits {
-            max_binding_elems: binding,
-            align_elems: 64,
-            max_groups_per_dim: 65535,
-            max_buffer_bytes: u64::MAX,
-            tuning: crate::gpu::Tuning {
-                coalesced: false,
-                reduce_item_elems: 16384,
-            },
-        }
+        PlanLimits::for_tests(binding, 64, false)
     }
 
     /// Every element of M is in exactly one box, inside the box's window; partials fit
