@@ -569,3 +569,91 @@ fn recomputed_averages_are_the_population_statistics() {
         );
     }
 }
+
+/// External statistics that cannot come from data are refused, with the state left as
+/// it was: a NaN or infinite count (which used to write NaN into every running
+/// variance), non-finite means, negative m2, and `m2` shorter than `mean` (which made
+/// `ChannelStats::combine` index out of bounds).
+#[test]
+fn impossible_external_statistics_are_refused() {
+    use wgnorm::ChannelStats;
+    let ctx = ctx();
+    let bn = BatchNorm::pytorch();
+    let mut state = BatchNormState::new(&ctx, 3).unwrap();
+    let x = Tensor::from_array(&ctx, &ArrayD::<f32>::ones(IxDyn(&[4, 3]))).unwrap();
+    let g = vec_tensor(&ctx, &[1.0; 3]);
+    let good = ChannelStats {
+        count: 8.0,
+        mean: vec![0.0, 1.0, 2.0],
+        m2: vec![1.0, 2.0, 3.0],
+    };
+    let bad = [
+        ChannelStats {
+            count: f64::NAN,
+            ..good.clone()
+        },
+        ChannelStats {
+            count: f64::INFINITY,
+            ..good.clone()
+        },
+        ChannelStats {
+            mean: vec![0.0, f64::NAN, 2.0],
+            ..good.clone()
+        },
+        ChannelStats {
+            m2: vec![1.0, -2.0, 3.0],
+            ..good.clone()
+        },
+        ChannelStats {
+            m2: vec![1.0, 2.0],
+            ..good.clone()
+        },
+    ];
+    for stats in &bad {
+        let r = bn.forward_with_stats(&ctx, &x, Some(&g), Some(&g), Some(&mut state), stats);
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidInput {
+                    op: "batch_norm",
+                    ..
+                })
+            ),
+            "{stats:?} accepted"
+        );
+        assert!(good.combine(stats).is_err(), "{stats:?} combined");
+        assert!(stats.combine(&good).is_err(), "{stats:?} combined");
+    }
+    assert_eq!(state.num_updates, 0);
+    assert_eq!(state.running_mean.to_array(&ctx).unwrap().sum(), 0.0);
+    assert_eq!(state.running_var.to_array(&ctx).unwrap().sum(), 3.0);
+    bn.forward_with_stats(&ctx, &x, Some(&g), Some(&g), Some(&mut state), &good)
+        .unwrap();
+    assert_eq!(state.num_updates, 1);
+}
+
+/// A step that fails on the GPU (here: statistics scratch past a storage binding on
+/// software adapters, whose bindings are 128 MiB) is an error, not a panic, and leaves
+/// `num_updates` where it was; where it succeeds, the step counts.
+#[test]
+fn a_step_that_fails_on_the_gpu_counts_no_update() {
+    let ctx = ctx();
+    let bn = BatchNorm {
+        center: false,
+        scale: false,
+        ..BatchNorm::pytorch()
+    };
+    let mut state = BatchNormState::new(&ctx, 16384).unwrap();
+    let x =
+        Tensor::from_array(&ctx, &ArrayD::<f32>::from_elem(IxDyn(&[1024, 16384]), 0.5)).unwrap();
+    match bn.forward(&ctx, &x, None, None, Some(&mut state), Mode::Train) {
+        Ok(_) => assert_eq!(state.num_updates, 1),
+        Err(e) => {
+            assert!(
+                matches!(e, Error::Gpu { .. } | Error::TooLarge { .. }),
+                "{e}"
+            );
+            assert_eq!(state.num_updates, 0);
+        }
+    }
+}

@@ -123,6 +123,8 @@ pub struct ChannelStats {
 impl ChannelStats {
     /// Chan's parallel combine of two sets of statistics of the same features.
     pub fn combine(&self, other: &ChannelStats) -> Result<ChannelStats> {
+        self.check()?;
+        other.check()?;
         if self.mean.len() != other.mean.len() {
             return Err(Error::input(
                 OP,
@@ -151,10 +153,68 @@ impl ChannelStats {
         Ok(ChannelStats { count: n, mean, m2 })
     }
 
+    /// Refuses statistics that cannot come from data: `mean` and `m2` of different
+    /// lengths, a count that is not finite and non-negative, a mean that is not finite,
+    /// or an `m2` that is negative or not finite.
+    pub fn check(&self) -> Result<()> {
+        if self.mean.len() != self.m2.len() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "statistics with {} means and {} m2 values",
+                    self.mean.len(),
+                    self.m2.len()
+                ),
+            ));
+        }
+        if !self.count.is_finite() || self.count < 0.0 {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "the count of the statistics must be finite and >= 0, got {}",
+                    self.count
+                ),
+            ));
+        }
+        if let Some(i) = self.mean.iter().position(|m| !m.is_finite()) {
+            return Err(Error::input(
+                OP,
+                format!("mean[{i}] of the statistics is {}", self.mean[i]),
+            ));
+        }
+        if let Some(i) = self.m2.iter().position(|m| !m.is_finite() || *m < 0.0) {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "m2[{i}] of the statistics is {} (must be finite and >= 0)",
+                    self.m2[i]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The biased variance per feature.
     pub fn variance(&self) -> Vec<f64> {
         self.m2.iter().map(|m| m / self.count).collect()
     }
+}
+
+/// Runs `f` (which records and submits a forward pass) and puts `num_updates` back when
+/// it fails, so that a refused or failed step leaves the whole state as it was (the
+/// running statistics on the GPU are only written by a submission that succeeds).
+fn with_updates_restored<T>(
+    mut state: Option<&mut BatchNormState>,
+    f: impl FnOnce(Option<&mut BatchNormState>) -> Result<T>,
+) -> Result<T> {
+    let before = state.as_ref().map(|s| s.num_updates);
+    let result = f(state.as_deref_mut());
+    if result.is_err() {
+        if let (Some(st), Some(n)) = (state, before) {
+            st.num_updates = n;
+        }
+    }
+    result
 }
 
 /// What a forward pass leaves for its backward pass.
@@ -315,7 +375,9 @@ impl BatchNorm {
         state: Option<&mut BatchNormState>,
         mode: Mode,
     ) -> Result<BatchNormForward> {
-        ctx.run(|rec| self.record_forward(rec, x, gamma, beta, state, mode))
+        with_updates_restored(state, |state| {
+            ctx.run(|rec| self.record_forward(rec, x, gamma, beta, state, mode))
+        })
     }
 
     /// Records [`Self::forward`]. `state.num_updates` is advanced when the step is
@@ -344,8 +406,10 @@ impl BatchNorm {
         state: Option<&mut BatchNormState>,
         stats: &ChannelStats,
     ) -> Result<BatchNormForward> {
-        ctx.run(|rec| {
-            self.record_forward_with(rec, x, gamma, beta, state, Mode::Train, Some(stats))
+        with_updates_restored(state, |state| {
+            ctx.run(|rec| {
+                self.record_forward_with(rec, x, gamma, beta, state, Mode::Train, Some(stats))
+            })
         })
     }
 
@@ -369,6 +433,7 @@ impl BatchNorm {
         let update = self.track_running_stats && mode == Mode::Train;
         let n = layout.per_channel();
         if let Some(s) = external {
+            s.check()?;
             if s.mean.len() as u64 != features || s.m2.len() as u64 != features {
                 return Err(Error::input(
                     OP,
