@@ -18,8 +18,9 @@
 //
 // Output `scale`: W * gamma / sigma. A sigma whose magnitude is below the smallest
 // normal f32 (an all-zero weight, or u orthogonal to every column of M) is replaced
-// by 1: the weight passes through unscaled instead of becoming NaN or Inf. (A
-// negative sigma, possible in PyTorch's evaluation with arbitrary stored u and v, is
+// by 1: the weight passes through unscaled instead of becoming NaN or Inf. A NaN
+// sigma (a NaN in W) is used as it is: the output is NaN, as in PyTorch and Chainer.
+// (A negative sigma, possible in PyTorch's evaluation with arbitrary stored u and v, is
 // used as it is, as PyTorch does.)
 //
 // Backward, with s = gamma (or 1), D = <G, W>, u and v constant:
@@ -37,7 +38,9 @@ const MIN_NORMAL: f32 = 1.17549435e-38;
 #import rows
 
 fn usable_sigma(sigma: f32) -> f32 {
-    return select(1.0, sigma, abs(sigma) >= MIN_NORMAL);
+    // Written as "below" so that a NaN sigma (a NaN in W) is used, and propagates as in
+    // PyTorch and Chainer, instead of passing W through.
+    return select(sigma, 1.0, abs(sigma) < MIN_NORMAL);
 }
 
 // ---- mtv_partials: partial column sums of M^T u over a block of rows ---------------
@@ -367,7 +370,7 @@ fn grad_coef(ids: Ids) {
             gc_grad_gamma[0] = d / su;
         }
         var b = 0.0;
-        if (abs(sigma) >= MIN_NORMAL) {
+        if (!(abs(sigma) < MIN_NORMAL)) {
             b = s * d / (su * su * gc.factor);
         }
         gc_coef[0] = vec4<f32>(s / su, b, 0.0, 0.0);

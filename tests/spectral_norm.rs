@@ -392,6 +392,33 @@ fn init_state_follows_each_framework() {
 
 /// An all-zero weight: no NaN or Inf; the weight passes through (zero), sigma is 0,
 /// the gradient is gamma * grad.
+/// A NaN anywhere in W makes sigma NaN and the output NaN everywhere, as in PyTorch
+/// and Chainer (it used to be taken for a zero sigma and W passed through unscaled).
+#[test]
+fn a_nan_in_the_weight_gives_nan() {
+    let ctx = ctx();
+    let mut w = ArrayD::from_shape_fn(IxDyn(&[6, 4, 3]), |i| (i[0] + 2 * i[1] + i[2]) as f32);
+    w[[2, 1, 0]] = f32::NAN;
+    let tw = Tensor::from_array(&ctx, &w).unwrap();
+    for config in [SpectralNorm::chainer(), SpectralNorm::pytorch()] {
+        let mut state = config
+            .init_state(
+                &ctx,
+                &Tensor::from_array(&ctx, &w.mapv(|x| if x.is_nan() { 1.0 } else { x })).unwrap(),
+                1,
+            )
+            .unwrap();
+        let fwd = config.forward(&ctx, &tw, &mut state, true).unwrap();
+        let got = ctx.read_all(&[&fwd.weight, &fwd.sigma]).unwrap();
+        assert!(got[1][[0]].is_nan(), "{config:?}: sigma {}", got[1][[0]]);
+        assert!(
+            got[0].iter().all(|x| x.is_nan()),
+            "{config:?}: {:?}",
+            got[0]
+        );
+    }
+}
+
 #[test]
 fn zero_weight_is_finite() {
     let ctx = ctx();
