@@ -156,27 +156,26 @@ fn welford_partials(ids: Ids) {
     if (it.count == 0u) {
         return;
     }
-    // Per thread: sums of (x - shift) and its square, shifted by the item's first
-    // element so that they stay of the order of the spread, not of the offset; then
-    // (mean, m2) per thread, and Chan's combine across threads and partials.
-    let shift = lane0(wp_x[it.base]);
-    var s1 = V(0.0);
-    var s2 = V(0.0);
-    var n = 0u;
+    // Per thread: runs of RESHIFT units summed as (x - shift) and its square, shifted by
+    // the run's first unit so that the sums stay of the order of the spread, not of the
+    // offset, and an outlier spoils only its own run's sums; each run folded into the
+    // thread's (mean, m2, n) by Chan's combine, then across threads and partials. The
+    // result does not depend on which element comes first beyond rounding.
+    var acc = vec4<f32>(0.0);
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
-        let d = wp_x[walk_index(wp, it, w)] - shift;
-        s1 += d;
-        s2 = fma(d, d, s2);
-        n += LANES;
-        walk_next(&w, it.cols);
-    }
-    var acc = vec4<f32>(0.0);
-    if (n > 0u) {
-        let nf = f32(n);
-        let t1 = hsum(s1);
-        let dm = t1 / nf;
-        acc = vec4<f32>(shift + dm, max(hsum(s2) - t1 * dm, 0.0), nf, 0.0);
+        let shift = lane0(wp_x[walk_index(wp, it, w)]);
+        var s1 = V(0.0);
+        var s2 = V(0.0);
+        var n = 0u;
+        for (var k = 0u; k < RESHIFT && w.row < w.rows; k += 1u) {
+            let d = wp_x[walk_index(wp, it, w)] - shift;
+            s1 += d;
+            s2 = fma(d, d, s2);
+            n += LANES;
+            walk_next(&w, it.cols);
+        }
+        acc = chan(acc, welford_state(shift, hsum(s1), hsum(s2), n));
     }
     let total = tree_welford(ids.lid, acc);
     if (ids.lid == 0u) {
@@ -378,25 +377,38 @@ fn welford_partials_cl(ids: Ids) {
         return;
     }
     let t = cl_thread(wcl, linear, ids.lid);
-    var shift = vec4<f32>(0.0);
-    var acc = mat3x4<f32>(); // sum d, sum d^2, count
-    if (t.live) {
-        shift = wcl_x[t.first];
-        for (var r = t.r0 + t.tr; r < t.r1; r += wcl.tr) {
+    // Per thread: sums shifted by its own first row (4 features at once), turned into a
+    // Welford state per feature: (mean, m2, count) as three vec4s.
+    var acc = mat3x4<f32>();
+    let r_first = t.r0 + t.tr;
+    if (t.live && r_first < t.r1) {
+        let shift = wcl_x[t.first + t.tr * wcl.c4];
+        var s1 = vec4<f32>(0.0);
+        var s2 = vec4<f32>(0.0);
+        var n = 0.0;
+        for (var r = r_first; r < t.r1; r += wcl.tr) {
             let d = wcl_x[t.first + (r - t.r0) * wcl.c4] - shift;
-            acc[0] += d;
-            acc[1] = fma(d, d, acc[1]);
-            acc[2] += vec4<f32>(1.0);
+            s1 += d;
+            s2 = fma(d, d, s2);
+            n += 1.0;
         }
+        let dm = s1 / n;
+        acc = mat3x4<f32>(shift + dm, max(s2 - s1 * dm, vec4<f32>(0.0)), vec4<f32>(n));
     }
-    let s = cl_rows_sum(wcl, t, ids.lid, acc);
+    cl_red[ids.lid] = acc;
+    workgroupBarrier();
     if (t.live && t.tr == 0u) {
-        let n = s[2].x;
-        let dm = s[0] / n;
-        let mean = shift + dm;
-        let m2 = max(s[1] - s[0] * dm, vec4<f32>(0.0));
+        // Chan's combine of the `tr` threads of this channel group, 4 features at once.
+        for (var k = 1u; k < wcl.tr; k += 1u) {
+            let b = cl_red[ids.lid + k * wcl.group];
+            let nb = b[2];
+            let n = acc[2] + nb;
+            let wb = select(vec4<f32>(0.0), nb / n, n > vec4<f32>(0.0));
+            let d = b[0] - acc[0];
+            acc = mat3x4<f32>(acc[0] + d * wb, acc[1] + b[1] + d * d * acc[2] * wb, n);
+        }
         for (var i = 0u; i < 4u; i += 1u) {
-            wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(mean[i], m2[i], n, 0.0);
+            wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(acc[0][i], acc[1][i], acc[2][i], 0.0);
         }
     }
 }

@@ -15,10 +15,14 @@
 // The sums are centred (channel_stats' centred sums, or the row kernels' shifted sums),
 // so a large common offset in the weight costs no precision.
 //
-// Row numerics: the sums are shifted by the row's first element, s1 = sum (x - x0) and
-// s2 = sum (x - x0)^2, so they are of the order of the spread and not of a common
-// offset; then mean = x0 + s1 / n and sum (x - mean)^2 = s2 - s1^2 / n (the shifted-
-// data algorithm); sum g (x - mean) = sum g (x - x0) - (mean - x0) sum g.
+// Numerics, whatever the order of the elements: each thread sums runs of RESHIFT of
+// its elements shifted by the run's first element (sums of the order of the spread,
+// not of a common offset), folds each run into a Welford state (mean, M2, n), and
+// Chan's combine merges the threads' states. An outlier therefore only spoils the sums
+// of its own run instead of the whole row's. Backward also needs G = sum g and
+// C = sum g (x - mean): each thread keeps its own (G, C about its own mean), and the
+// combine carries them along with Welford's state, as a co-moment:
+// C = C_a + C_b + (mean_a - mean) G_a + (mean_b - mean) G_b, one tree for everything.
 
 const WG: u32 = 256u;
 
@@ -89,11 +93,47 @@ fn grad(ids: Ids) {
 
 // ---- row kernels ------------------------------------------------------------------
 
-// (mean, 1 / sqrt(var + eps)) from the shifted sums (s1, s2).
-fn row_norm(p: RowParams, shift: f32, s1: f32, s2: f32) -> vec2<f32> {
-    let dm = s1 * p.inv_n;
-    let var_ = max(s2 - s1 * dm, 0.0) * p.inv_divisor;
-    return vec2<f32>(shift + dm, 1.0 / sqrt(var_ + p.eps));
+// Welford's state plus (G, C), for the backward's single tree.
+struct GradState {
+    w: vec4<f32>, // (mean, m2, n, 0)
+    g: vec2<f32>, // (sum g, sum g (x - mean))
+}
+
+fn chan_grad(a: GradState, b: GradState) -> GradState {
+    if (b.w.z == 0.0) {
+        return a;
+    }
+    if (a.w.z == 0.0) {
+        return b;
+    }
+    let n = a.w.z + b.w.z;
+    let wb = b.w.z / n;
+    let d = b.w.x - a.w.x;
+    var r: GradState;
+    r.w = vec4<f32>(a.w.x + d * wb, a.w.y + b.w.y + d * d * a.w.z * wb, n, 0.0);
+    // mean - mean_a = d wb, mean - mean_b = -d (1 - wb).
+    r.g = vec2<f32>(a.g.x + b.g.x, a.g.y + b.g.y - d * wb * a.g.x + d * (1.0 - wb) * b.g.x);
+    return r;
+}
+
+var<workgroup> row_red_g: array<vec2<f32>, RWG>;
+
+// `row_welford` with (G, C) carried along.
+fn row_welford_grad(lid: u32, tl: u32, tpr: u32, v: GradState) -> GradState {
+    row_red[lid] = v.w;
+    row_red_g[lid] = v.g;
+    workgroupBarrier();
+    for (var s = tpr / 2u; s > 0u; s >>= 1u) {
+        if (tl < s) {
+            let c = chan_grad(GradState(row_red[lid], row_red_g[lid]), GradState(row_red[lid + s], row_red_g[lid + s]));
+            row_red[lid] = c.w;
+            row_red_g[lid] = c.g;
+        }
+        workgroupBarrier();
+    }
+    let total = GradState(row_red[lid - tl], row_red_g[lid - tl]);
+    workgroupBarrier();
+    return total;
 }
 
 @group(0) @binding(0) var<uniform> rp: RowParams;
@@ -107,18 +147,27 @@ fn rows_forward(ids: Ids) {
     }
     let slot = row_slot(rp, ids);
     let base = slot.base;
-    let shift = lane0(rp_x[base]);
-    var s1 = V(0.0);
-    var s2 = V(0.0);
-    for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
-        let d = rp_x[base + i] - shift;
-        s1 += d;
-        s2 = fma(d, d, s2);
+    var own = vec4<f32>(0.0);
+    var i = slot.tl;
+    while (i < rp.len && slot.live) {
+        let shift = lane0(rp_x[base + i]);
+        var s1 = V(0.0);
+        var s2 = V(0.0);
+        var n = 0u;
+        for (var k = 0u; k < RESHIFT && i < rp.len; k += 1u) {
+            let d = rp_x[base + i] - shift;
+            s1 += d;
+            s2 = fma(d, d, s2);
+            n += LANES;
+            i += rp.tpr;
+        }
+        own = chan(own, welford_state(shift, hsum(s1), hsum(s2), n));
     }
-    let t = row_sum(ids.lid, slot.tl, rp.tpr, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
-    let m = row_norm(rp, shift, t.x, t.y);
+    let st = row_welford(ids.lid, slot.tl, rp.tpr, own);
+    let mean = st.x;
+    let rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
     for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
-        rp_y[base + i] = (rp_x[base + i] - m.x) * m.y;
+        rp_y[base + i] = (rp_x[base + i] - mean) * rstd;
     }
 }
 
@@ -135,25 +184,40 @@ fn rows_grad(ids: Ids) {
     }
     let slot = row_slot(rg, ids);
     let base = slot.base;
-    let shift = lane0(rg_x[base]);
-    var sd = V(0.0);
-    var sdd = V(0.0);
-    var sg = V(0.0);
-    var sgd = V(0.0);
-    for (var i = slot.tl; i < rg.len && slot.live; i += rg.tpr) {
-        let d = rg_x[base + i] - shift;
-        let g = rg_g[base + i];
-        sd += d;
-        sdd = fma(d, d, sdd);
-        sg += g;
-        sgd = fma(g, d, sgd);
+    var own = GradState(vec4<f32>(0.0), vec2<f32>(0.0));
+    var i = slot.tl;
+    while (i < rg.len && slot.live) {
+        let shift = lane0(rg_x[base + i]);
+        var sd = V(0.0);
+        var sdd = V(0.0);
+        var sg = V(0.0);
+        var sgd = V(0.0);
+        var n = 0u;
+        for (var k = 0u; k < RESHIFT && i < rg.len; k += 1u) {
+            let d = rg_x[base + i] - shift;
+            let g = rg_g[base + i];
+            sd += d;
+            sdd = fma(d, d, sdd);
+            sg += g;
+            sgd = fma(g, d, sgd);
+            n += LANES;
+            i += rg.tpr;
+        }
+        var run: GradState;
+        run.w = welford_state(shift, hsum(sd), hsum(sdd), n);
+        let tg = hsum(sg);
+        // sum g (x - run mean) = sum g (x - shift) - (run mean - shift) sum g.
+        run.g = vec2<f32>(tg, hsum(sgd) - (run.w.x - shift) * tg);
+        own = chan_grad(own, run);
     }
-    let t = row_sum(ids.lid, slot.tl, rg.tpr, vec4<f32>(hsum(sd), hsum(sdd), hsum(sg), hsum(sgd)));
-    let m = row_norm(rg, shift, t.x, t.y);
-    let a = t.z * rg.inv_n;
-    let b = m.y * (t.w - (m.x - shift) * t.z) * rg.inv_divisor;
+    let st = row_welford_grad(ids.lid, slot.tl, rg.tpr, own);
+    let mean = st.w.x;
+    let rstd = 1.0 / sqrt(st.w.y * rg.inv_divisor + rg.eps);
+    let t = st.g;
+    let a = t.x * rg.inv_n;
+    let b = rstd * t.y * rg.inv_divisor;
     for (var i = slot.tl; i < rg.len && slot.live; i += rg.tpr) {
-        let y = (rg_x[base + i] - m.x) * m.y;
-        rg_dx[base + i] = m.y * (rg_g[base + i] - a - y * b);
+        let y = (rg_x[base + i] - mean) * rstd;
+        rg_dx[base + i] = rstd * (rg_g[base + i] - a - y * b);
     }
 }

@@ -657,3 +657,78 @@ fn a_step_that_fails_on_the_gpu_counts_no_update() {
         }
     }
 }
+
+/// Norm-relative error allowed whatever the order of the elements: a few times the f32
+/// floor of the data of `statistics_do_not_depend_on_element_order`.
+const ORDER_RTOL: f64 = 2e-5;
+
+/// Batch statistics do not depend on which element comes first: features of 16383
+/// values `1e4 + N(0, 1e-2)`, each with one value set to 0, first, in the middle or
+/// last, normalize to within a few times the f32 floor of the f64 reference (about
+/// 6e-6 of the output's norm, see the weight-standardization test of the same name), in
+/// NCHW-like and channels-last layouts, in both thread layouts (with the outlier first,
+/// the sums used to be shifted by it: 1.2e-4 to 1.6e-4).
+#[test]
+fn statistics_do_not_depend_on_element_order() {
+    let bn = BatchNorm {
+        center: false,
+        scale: false,
+        track_running_stats: false,
+        ..BatchNorm::pytorch()
+    };
+    for (name, ctx) in [
+        ("default", ctx()),
+        ("other layout", common::ctx_other_layout()),
+    ] {
+        for (shape, axis) in [(vec![3, 4, 5461], 1), (vec![16383, 4], 1)] {
+            for outlier in [0, 5000, 16382] {
+                let mut rng = Rng::new(4);
+                let mut x = rng.array(&shape, 1e4, 1e-2);
+                let flat = x.as_slice_mut().unwrap();
+                let features = shape[axis];
+                let inner: usize = shape[axis + 1..].iter().product();
+                // One outlier per feature, at the same place among its values (a
+                // feature of 1e4 + N(0, 1e-2) alone has f32 inputs as coarse as its
+                // spread).
+                let (o, j) = (outlier / inner, outlier % inner);
+                for c in 0..features {
+                    flat[(o * features + c) * inner + j] = 0.0;
+                }
+                let config = BatchNorm {
+                    feature_axis: axis,
+                    ..bn
+                };
+                let tx = Tensor::from_array(&ctx, &x).unwrap();
+                let got = config
+                    .forward(&ctx, &tx, None, None, None, Mode::Train)
+                    .unwrap()
+                    .output
+                    .to_array(&ctx)
+                    .unwrap();
+                let (ones, zeros) = (vec![1.0f32; features], vec![0.0f32; features]);
+                let want = reference::forward(
+                    &config,
+                    x.view(),
+                    None,
+                    None,
+                    &zeros,
+                    &ones,
+                    0,
+                    Mode::Train,
+                )
+                .unwrap()
+                .output;
+                let err = (&got - &want)
+                    .mapv(|d| f64::from(d) * f64::from(d))
+                    .sum()
+                    .sqrt();
+                let norm = want.mapv(|d| f64::from(d) * f64::from(d)).sum().sqrt();
+                assert!(
+                    err <= ORDER_RTOL * norm,
+                    "{name} {shape:?}, outlier at {outlier}: relative error {}",
+                    err / norm
+                );
+            }
+        }
+    }
+}

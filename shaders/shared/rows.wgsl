@@ -5,9 +5,11 @@
 // `len` and `skip` count units (elements, or vec4s in VEC4 variants).
 
 #import grid
+#import welford
 
-// Mirrors `ROW_WORKGROUP` in src/ops/layout.rs.
-const RWG: u32 = 256u;
+// Threads per workgroup, set per adapter by the host (`RowGeometry` in
+// src/ops/layout.rs: 256 on GPUs, 64 on software adapters).
+override RWG: u32 = 256u;
 
 // Mirrors `RowParams` in src/ops/layout.rs.
 struct RowParams {
@@ -43,6 +45,22 @@ fn row_slot(p: RowParams, ids: Ids) -> RowSlot {
 // Whether the workgroup has any row (uniform: an early return before the barriers).
 fn rows_left(p: RowParams, ids: Ids) -> bool {
     return group_id(ids) * (RWG / p.tpr) < p.rows;
+}
+
+// Chan's combine of the Welford states vec4(mean, m2, count, 0) of the `tpr` threads of
+// each row; each of them gets its row's state.
+fn row_welford(lid: u32, tl: u32, tpr: u32, v: vec4<f32>) -> vec4<f32> {
+    row_red[lid] = v;
+    workgroupBarrier();
+    for (var s = tpr / 2u; s > 0u; s >>= 1u) {
+        if (tl < s) {
+            row_red[lid] = chan(row_red[lid], row_red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let total = row_red[lid - tl];
+    workgroupBarrier();
+    return total;
 }
 
 // Sum over the `tpr` threads of each row; each of them gets its row's total.

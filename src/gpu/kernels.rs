@@ -251,17 +251,21 @@ pub(crate) struct Spec {
     pub layout: Option<u32>,
     /// `BATCHED`: slices are `a * channels + c` with a batch over the rows.
     pub batched: bool,
+    /// `Some(RWG)`: the row kernels' workgroup size (`shaders/shared/rows.wgsl`).
+    pub rows: Option<u32>,
 }
 
 impl Spec {
     fn constants(&self) -> Vec<(&'static str, f64)> {
-        match self.layout {
-            None => Vec::new(),
-            Some(layout) => vec![
-                ("LAYOUT", f64::from(layout)),
-                ("BATCHED", f64::from(u8::from(self.batched))),
-            ],
+        let mut c = Vec::new();
+        if let Some(layout) = self.layout {
+            c.push(("LAYOUT", f64::from(layout)));
+            c.push(("BATCHED", f64::from(u8::from(self.batched))));
         }
+        if let Some(rwg) = self.rows {
+            c.push(("RWG", f64::from(rwg)));
+        }
+        c
     }
 }
 
@@ -451,9 +455,20 @@ mod tests {
                 .iter()
                 .find(|e| e.name == def.entry)
                 .unwrap_or_else(|| panic!("{}: no entry point", def.label));
-            let want = if def.entry.starts_with("rows_") {
-                crate::ops::layout::ROW_WORKGROUP
-            } else if src.name.starts_with("channel_stats") {
+            if def.entry.starts_with("rows_") {
+                // The row kernels' size is the `RWG` override, set per adapter.
+                assert!(
+                    ep.workgroup_size_overrides.is_some(),
+                    "{}: row kernels take RWG",
+                    def.label
+                );
+                assert!(module
+                    .overrides
+                    .iter()
+                    .any(|(_, o)| o.name.as_deref() == Some("RWG")));
+                continue;
+            }
+            let want = if src.name.starts_with("channel_stats") {
                 crate::ops::channel_stats::REDUCE_WORKGROUP
             } else {
                 u64::from(WORKGROUP_SIZE)

@@ -157,6 +157,7 @@ pub(crate) fn record_elementwise(
                 _ => 2,
             }),
             batched: layout.batch > 1,
+            rows: None,
         };
         let mut binds: Vec<Bind<'_>> = windowed
             .iter()

@@ -119,8 +119,13 @@ pub(crate) struct ElementWindow {
 /// 16 Ki f32 (64 KiB) stays in a GPU's L2 and a CPU's L2 between the passes over it.
 pub(crate) const ROW_KERNEL_MAX_LEN: u64 = 16 * 1024;
 
-/// Threads per workgroup of the row kernels (their shaders' `RWG`).
+/// Threads per workgroup of the row kernels on GPUs (the shaders' `RWG` override,
+/// whose default this is); software adapters use [`ROW_WORKGROUP_CPU`].
 pub(crate) const ROW_WORKGROUP: u64 = 256;
+
+/// Threads per workgroup of the row kernels on software adapters (what lavapipe was
+/// tuned with: fewer rows per workgroup, fewer invocations per barrier).
+pub(crate) const ROW_WORKGROUP_CPU: u64 = 64;
 
 /// How a row kernel covers rows of `layout.inner` elements: by vec4 when rows are a
 /// multiple of 4 long (windows then start at multiples of 4 too), with `tpr` threads
@@ -136,6 +141,8 @@ pub(crate) struct RowGeometry {
     pub tpr: u32,
     unit: u64,
     rows_per_group: u64,
+    /// Threads per workgroup (the `RWG` override).
+    pub workgroup: u32,
 }
 
 impl RowGeometry {
@@ -146,18 +153,19 @@ impl RowGeometry {
         let vec4 = layout.inner.is_multiple_of(4);
         let unit = if vec4 { 4 } else { 1 };
         let len = layout.inner / unit;
-        let (loads, max_tpr) = if tuning.coalesced {
+        let (loads, workgroup) = if tuning.coalesced {
             (4, ROW_WORKGROUP)
         } else {
-            (8, 64)
+            (8, ROW_WORKGROUP_CPU)
         };
-        let tpr = len.div_ceil(loads).next_power_of_two().clamp(1, max_tpr);
+        let tpr = len.div_ceil(loads).next_power_of_two().clamp(1, workgroup);
         RowGeometry {
             vec4,
             len: len as u32,
             tpr: tpr as u32,
             unit,
-            rows_per_group: ROW_WORKGROUP / tpr,
+            rows_per_group: workgroup / tpr,
+            workgroup: workgroup as u32,
         }
     }
 
@@ -255,6 +263,14 @@ pub(crate) struct RowParams {
 }
 
 impl RowGeometry {
+    /// The pipeline specialisation of the row kernels: their workgroup size.
+    pub fn spec(&self) -> crate::gpu::Spec {
+        crate::gpu::Spec {
+            rows: Some(self.workgroup),
+            ..Default::default()
+        }
+    }
+
     /// `kernel`, or its vec4 variant when rows are a multiple of 4 long.
     pub fn pick(&self, kernel: crate::gpu::Kernel) -> crate::gpu::Kernel {
         kernel.vec4_twin().filter(|_| self.vec4).unwrap_or(kernel)

@@ -345,7 +345,7 @@ impl WeightNorm {
             match grad {
                 None => {
                     let kernel = geo.pick(Kernel::WnRowsForward);
-                    rec.dispatch(kernel, &params, &[gb, vb, ob], groups)?;
+                    rec.dispatch_spec(kernel, geo.spec(), &params, &[gb, vb, ob], groups)?;
                 }
                 Some((grad_w, grad_g)) => {
                     let kernel = geo.pick(Kernel::WnRowsGrad);
@@ -356,7 +356,7 @@ impl WeightNorm {
                         Bind::elems(grad_g.buffer(), rows),
                         ob,
                     ];
-                    rec.dispatch(kernel, &params, &binds, groups)?;
+                    rec.dispatch_spec(kernel, geo.spec(), &params, &binds, groups)?;
                 }
             }
             first_row += w.rows;

@@ -318,9 +318,10 @@ impl WeightStandardization {
             let x = Bind::window(weight.buffer(), w.start, w.len);
             let y = Bind::window(out.buffer(), w.start, w.len);
             match grad_output {
-                None => rec.dispatch(forward, &params, &[x, y], groups)?,
-                Some(g) => rec.dispatch(
+                None => rec.dispatch_spec(forward, geo.spec(), &params, &[x, y], groups)?,
+                Some(g) => rec.dispatch_spec(
                     grad,
+                    geo.spec(),
                     &params,
                     &[x, Bind::window(g.buffer(), w.start, w.len), y],
                     groups,

@@ -274,8 +274,9 @@ pub(super) fn record_mv(
     let geo = RowGeometry::new(&m.layout, &rec.context().limits.tuning);
     let mut first_row = 0;
     for w in windows {
-        rec.dispatch(
+        rec.dispatch_spec(
             geo.pick(Kernel::SnRowsDot),
+            geo.spec(),
             &geo.params(w, first_row),
             &[
                 Bind::window(weight.buffer(), w.start, w.len),
