@@ -68,3 +68,12 @@ pub fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, rtol: f32
         bad.join(", ")
     );
 }
+
+/// `||got - want|| / ||want||` in f64 (2-norms over every element).
+pub fn relative_error(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f64 {
+    assert_eq!(got.shape(), want.shape());
+    let sq = |a: f32| f64::from(a) * f64::from(a);
+    let err: f64 = got.iter().zip(want.iter()).map(|(g, w)| sq(g - w)).sum();
+    let norm: f64 = want.iter().map(|&w| sq(w)).sum();
+    (err / norm).sqrt()
+}
