@@ -1,5 +1,6 @@
 //! The criterion driver the bench targets share: one group per op family, each with
-//! the copy kernel on the same workloads (the bandwidth yardstick), every op of the
+//! both bandwidth yardsticks on the same workloads (the copy kernel, `copy/...`, and
+//! the driver's buffer copy, `driver_copy/...`), every op of the
 //! family as kernel time (GPU timestamps, where the adapter has them) and end-to-end
 //! time (recording, submission, completion), and the CPU reference. Throughput counts
 //! the bytes each op must move at minimum ([`wgnorm::bench::Op::bytes_per_element`]).
@@ -41,16 +42,7 @@ pub fn bench_family(c: &mut Criterion, family: &str) {
             if timestamps {
                 group.bench_function(
                     BenchmarkId::new(format!("{name}/kernel"), &workload.name),
-                    |b| {
-                        b.iter_custom(|iters| {
-                            (0..iters)
-                                .map(|_| {
-                                    let (kernel, _) = prepared.run_timed().expect("run");
-                                    Duration::from_secs_f64(kernel.expect("timestamps"))
-                                })
-                                .sum()
-                        })
-                    },
+                    |b| b.iter_custom(|iters| kernel_time(&mut prepared, iters)),
                 );
             }
             group.bench_function(
@@ -62,8 +54,25 @@ pub fn bench_family(c: &mut Criterion, family: &str) {
                     BenchmarkId::new(format!("{name}/cpu_reference"), &workload.name),
                     |b| b.iter(|| prepared.run_reference().expect("reference")),
                 );
+            } else if timestamps {
+                // The second yardstick: the same copy by the driver.
+                prepared.driver_copy = true;
+                group.bench_function(
+                    BenchmarkId::new("driver_copy/kernel", &workload.name),
+                    |b| b.iter_custom(|iters| kernel_time(&mut prepared, iters)),
+                );
             }
         }
     }
     group.finish();
+}
+
+/// GPU time of `iters` runs of `prepared` (timestamps around its passes).
+fn kernel_time(prepared: &mut Prepared<'_>, iters: u64) -> Duration {
+    (0..iters)
+        .map(|_| {
+            let (kernel, _) = prepared.run_timed().expect("run");
+            Duration::from_secs_f64(kernel.expect("timestamps"))
+        })
+        .sum()
 }
