@@ -44,6 +44,19 @@ pub enum Error {
         /// What wgpu said.
         reason: String,
     },
+    /// A tensor made on one [`Context`](crate::Context) was given to another: its
+    /// buffer belongs to another device.
+    #[error("{op}: {tensor} belongs to context #{tensor_context}, not to this context (#{context}); make it on this context or read it back and upload it")]
+    ForeignTensor {
+        /// The op that refused it.
+        op: &'static str,
+        /// Which input (`weight`, `running_mean`, ...).
+        tensor: String,
+        /// The context that made the tensor.
+        tensor_context: u64,
+        /// The context the op ran on.
+        context: u64,
+    },
     /// A conformance case or state file could not be read.
     #[error("{path}: {problem}")]
     File {

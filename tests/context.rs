@@ -69,3 +69,85 @@ fn dropped_outputs_are_reused_without_changing_results() {
         assert_eq!(y.to_array(&ctx).unwrap(), want);
     }
 }
+
+/// A tensor made on one context and given to another is refused by every op and by
+/// the readback with a typed error naming the op, the input and both contexts (it used
+/// to read or overwrite the other context's unrelated buffers, or panic in wgpu-core).
+#[test]
+fn tensors_of_another_context_are_refused() {
+    use wgnorm::{
+        BatchNorm, BatchNormState, Error, Mode, SpectralNorm, Tensor, WeightNorm,
+        WeightStandardization,
+    };
+    let (a, b) = (common::ctx(), common::ctx());
+    assert_ne!(a.id(), b.id());
+    let mut rng = common::Rng::new(9);
+    let host = rng.array(&[8, 6], 0.0, 1.0);
+    let (xa, xb) = (
+        Tensor::from_array(&a, &host).unwrap(),
+        Tensor::from_array(&b, &host).unwrap(),
+    );
+    assert_eq!(xa.context_id(), a.id());
+    let foreign = |r: Result<(), Error>, op: &str, input: &str| match r {
+        Err(Error::ForeignTensor {
+            op: o,
+            tensor,
+            tensor_context,
+            context,
+        }) => {
+            assert_eq!((o, tensor.as_str()), (op, input));
+            assert_eq!((tensor_context, context), (a.id(), b.id()));
+        }
+        other => panic!("{op} {input}: {other:?}"),
+    };
+    let ws = WeightStandardization::default();
+    foreign(
+        ws.forward(&b, &xa).map(drop),
+        "weight_standardization",
+        "weight",
+    );
+    foreign(
+        ws.backward(&b, &xb, &xa).map(drop),
+        "weight_standardization",
+        "grad_output",
+    );
+    let wn = WeightNorm::default();
+    let ga = Tensor::from_array(&a, &ndarray::Array2::<f32>::ones((8, 1))).unwrap();
+    foreign(wn.forward(&b, &ga, &xb).map(drop), "weight_norm", "g");
+    let bn = BatchNorm::pytorch();
+    let (gb, bb) = (
+        Tensor::from_slice(&b, &[6], &[1.0; 6]).unwrap(),
+        Tensor::from_slice(&b, &[6], &[0.0; 6]).unwrap(),
+    );
+    let mut state_a = BatchNormState::new(&a, 6).unwrap();
+    foreign(
+        bn.forward(
+            &b,
+            &xb,
+            Some(&gb),
+            Some(&bb),
+            Some(&mut state_a),
+            Mode::Train,
+        )
+        .map(drop),
+        "batch_norm",
+        "running_mean",
+    );
+    assert_eq!(state_a.num_updates, 0);
+    let sn = SpectralNorm::default();
+    let mut sn_state = sn.init_state(&a, &xa, 0).unwrap();
+    foreign(
+        sn.forward(&b, &xb, &mut sn_state, true).map(drop),
+        "spectral_norm",
+        "u",
+    );
+    foreign(
+        b.run(|rec| wgnorm::ops::copy::record_copy(rec, &xa))
+            .map(drop),
+        "copy",
+        "source",
+    );
+    foreign(b.read_all(&[&xb, &xa]).map(drop), "readback", "tensor 1");
+    // B's own tensors are untouched and still work.
+    assert_eq!(xb.to_array(&b).unwrap(), host);
+}

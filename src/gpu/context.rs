@@ -185,6 +185,8 @@ impl PlanLimits {
 /// op takes `&Context`. Make one with [`Context::headless`] or, when your program
 /// already has a device, with [`Context::from_device`].
 pub struct Context {
+    /// Unique per context in this process: tensors carry it (see [`Context::id`]).
+    id: u64,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     report: AdapterReport,
@@ -356,7 +358,9 @@ impl Context {
             contents: &[0u8; 16],
             usage: wgpu::BufferUsages::STORAGE,
         });
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Context {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             device,
             queue,
             report,
@@ -365,6 +369,31 @@ impl Context {
             dummy: Arc::new(dummy),
             pool: Arc::default(),
         })
+    }
+
+    /// This context's number, unique in the process; every [`Tensor`](crate::Tensor)
+    /// remembers the context that made it ([`Tensor::context_id`](crate::Tensor::context_id)).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Refuses tensors made on another context, naming the op and the input.
+    pub(crate) fn check_tensors(
+        &self,
+        op: &'static str,
+        tensors: &[(&str, &crate::Tensor)],
+    ) -> Result<()> {
+        for (name, t) in tensors {
+            if t.context_id() != self.id {
+                return Err(Error::ForeignTensor {
+                    op,
+                    tensor: (*name).to_string(),
+                    tensor_context: t.context_id(),
+                    context: self.id,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What adapter and capabilities this context has.

@@ -143,6 +143,8 @@ impl<'c> Recording<'c> {
     /// Records a copy of `src` into `dst` by the driver (`copy_buffer_to_buffer`): the
     /// second bandwidth yardstick of the benchmarks, beside the copy kernel.
     pub fn copy_tensor(&mut self, src: &crate::Tensor, dst: &crate::Tensor) -> Result<()> {
+        self.ctx
+            .check_tensors("copy_tensor", &[("source", src), ("destination", dst)])?;
         if src.shape() != dst.shape() {
             return Err(Error::input(
                 "copy_tensor",

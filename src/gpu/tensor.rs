@@ -11,11 +11,13 @@ use crate::error::{Error, Result};
 /// A dense row-major f32 tensor in GPU memory.
 ///
 /// Cloning is cheap and shares the buffer. A tensor belongs to the [`Context`] that
-/// made it; using it with another context is a GPU validation error.
+/// made it; every op and readback refuses a tensor of another context with
+/// [`Error::ForeignTensor`].
 #[derive(Clone, Debug)]
 pub struct Tensor {
     storage: Arc<Storage>,
     shape: Vec<usize>,
+    context: u64,
 }
 
 /// A tensor's buffer; an op's output goes back to its context's [`BufferPool`] when the
@@ -131,14 +133,25 @@ impl Tensor {
                 .copy_from_slice(bytemuck::cast_slice(data));
         }
         buffer.unmap();
-        Ok(Tensor::wrap(buffer, shape, None))
+        Ok(Tensor::wrap(ctx, buffer, shape, None))
     }
 
-    fn wrap(buffer: wgpu::Buffer, shape: &[usize], pool: Option<Weak<BufferPool>>) -> Self {
+    fn wrap(
+        ctx: &Context,
+        buffer: wgpu::Buffer,
+        shape: &[usize],
+        pool: Option<Weak<BufferPool>>,
+    ) -> Self {
         Tensor {
             storage: Arc::new(Storage { buffer, pool }),
             shape: shape.to_vec(),
+            context: ctx.id(),
         }
+    }
+
+    /// The [`Context::id`] of the context that made this tensor.
+    pub fn context_id(&self) -> u64 {
+        self.context
     }
 
     /// An op's output: a buffer from the context's pool when one of the size is free,
@@ -150,14 +163,19 @@ impl Tensor {
             Some(b) => b,
             None => ctx.storage_buffer("output", len as u64, false)?,
         };
-        Ok(Tensor::wrap(buffer, shape, Some(Arc::downgrade(&ctx.pool))))
+        Ok(Tensor::wrap(
+            ctx,
+            buffer,
+            shape,
+            Some(Arc::downgrade(&ctx.pool)),
+        ))
     }
 
     /// A tensor of zeros.
     pub fn zeros(ctx: &Context, shape: &[usize]) -> Result<Self> {
         let len = checked_len("zeros", shape)?;
         let buffer = ctx.storage_buffer("zeros", len as u64, false)?;
-        Ok(Tensor::wrap(buffer, shape, None))
+        Ok(Tensor::wrap(ctx, buffer, shape, None))
     }
 
     /// The shape.
@@ -237,6 +255,13 @@ impl Context {
 
     /// Downloads several tensors with one submission and one wait.
     pub fn read_all(&self, tensors: &[&Tensor]) -> Result<Vec<ArrayD<f32>>> {
+        let named: Vec<(String, &Tensor)> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("tensor {i}"), *t))
+            .collect();
+        let named: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        self.check_tensors("readback", &named)?;
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -425,6 +425,14 @@ impl BatchNorm {
         external: Option<&ChannelStats>,
     ) -> Result<BatchNormForward> {
         // Every check before anything is recorded or any state is touched.
+        let mut tensors = vec![("x", x)];
+        tensors.extend(gamma.map(|t| ("gamma", t)));
+        tensors.extend(beta.map(|t| ("beta", t)));
+        if let Some(st) = state.as_ref() {
+            tensors.push(("running_mean", &st.running_mean));
+            tensors.push(("running_var", &st.running_var));
+        }
+        rec.context().check_tensors(OP, &tensors)?;
         let layout = self.layout(x.shape())?;
         let features = layout.channels;
         self.check_vector("gamma", gamma, features, self.scale)?;
@@ -580,6 +588,14 @@ impl BatchNorm {
         grad_output: &Tensor,
         forward: &BatchNormForward,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        rec.context().check_tensors(
+            OP,
+            &[
+                ("x", x),
+                ("grad_output", grad_output),
+                ("output", &forward.output),
+            ],
+        )?;
         let layout = self.layout(x.shape())?;
         if x.shape() != forward.shape.as_slice() || grad_output.shape() != x.shape() {
             return Err(Error::input(
@@ -639,6 +655,7 @@ impl BatchNorm {
     /// This batch's per-feature statistics, downloaded (for [`ChannelStats::combine`]
     /// across devices and [`Self::forward_with_stats`]).
     pub fn batch_statistics(&self, ctx: &Context, x: &Tensor) -> Result<ChannelStats> {
+        ctx.check_tensors(OP, &[("x", x)])?;
         let layout = self.layout(x.shape())?;
         let stats = ctx.run(|rec| {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
@@ -675,6 +692,7 @@ pub struct PopulationStats {
 impl PopulationStats {
     /// Merges the statistics of batch `x` (same feature axis and count).
     pub fn add(&mut self, ctx: &Context, x: &Tensor) -> Result<()> {
+        ctx.check_tensors(OP, &[("x", x)])?;
         let layout = self.config.layout(x.shape())?;
         if layout.channels != self.features as u64 {
             return Err(Error::input(
@@ -704,6 +722,13 @@ impl PopulationStats {
     /// Writes the population mean and variance (unbiased or biased as the config says)
     /// into `state`, replacing the exponential averages.
     pub fn finish(&self, ctx: &Context, state: &mut BatchNormState) -> Result<()> {
+        ctx.check_tensors(
+            OP,
+            &[
+                ("running_mean", &state.running_mean),
+                ("running_var", &state.running_var),
+            ],
+        )?;
         let f = self.features;
         if state.running_mean.shape() != [f] || state.running_var.shape() != [f] {
             return Err(Error::input(OP, format!("state is not of {f} features")));

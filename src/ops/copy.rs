@@ -12,6 +12,7 @@ use super::layout::ChannelLayout;
 /// bandwidth as a fraction of this kernel's, or of the driver's buffer copy where
 /// that is faster.
 pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
+    rec.context().check_tensors("copy", &[("source", src)])?;
     let dst = Tensor::output(rec.context(), src.shape())?;
     // One slice of every element: a length that is a multiple of 4 moves vec4s.
     let layout = ChannelLayout::new(src.shape(), None);

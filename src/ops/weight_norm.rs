@@ -230,6 +230,7 @@ impl WeightNorm {
         g: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
+        rec.context().check_tensors(OP, &[("g", g), ("v", v)])?;
         let layout = self.check_g(g.shape(), v.shape())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
@@ -271,6 +272,8 @@ impl WeightNorm {
         v: &Tensor,
         grad_w: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        rec.context()
+            .check_tensors(OP, &[("g", g), ("v", v), ("grad_w", grad_w)])?;
         let layout = self.check_g(g.shape(), v.shape())?;
         self.check_same("grad_w", grad_w.shape(), v.shape())?;
         let ctx = rec.context();
@@ -370,6 +373,7 @@ impl WeightNorm {
         rec: &mut Recording<'_>,
         weight: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        rec.context().check_tensors(OP, &[("weight", weight)])?;
         let layout = self.layout(weight.shape())?;
         let ctx = rec.context();
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;

@@ -135,6 +135,7 @@ impl WeightStandardization {
 
     /// Records the forward pass into `rec` (nothing runs until `rec` is submitted).
     pub fn record_forward(&self, rec: &mut Recording<'_>, weight: &Tensor) -> Result<Tensor> {
+        rec.context().check_tensors(OP, &[("weight", weight)])?;
         let layout = self.check(weight.shape())?;
         if let Some(windows) = row_windows(layout, &rec.context().limits) {
             return self.record_rows(rec, &layout, &windows, weight, None);
@@ -184,6 +185,8 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: &Tensor,
     ) -> Result<ReducePlan> {
+        rec.context()
+            .check_tensors(OP, &[("weight", weight), ("grad_output", grad_output)])?;
         let layout = self.check(weight.shape())?;
         if grad_output.shape() != weight.shape() {
             return Err(Error::input(

@@ -248,6 +248,7 @@ impl SpectralNorm {
         weight: &Tensor,
         seed: u64,
     ) -> Result<SpectralNormState> {
+        ctx.check_tensors(OP, &[("weight", weight)])?;
         let m = self.matrix(ctx, weight.shape())?;
         let mut rng = crate::rng::Rng::new(seed);
         let mut u = rng.normal_vec(m.rows() as usize);
@@ -318,6 +319,9 @@ impl SpectralNorm {
         training: bool,
     ) -> Result<SpectralNormOutput> {
         let ctx = rec.context();
+        let mut tensors = vec![("weight", weight), ("u", &state.u), ("v", &state.v)];
+        tensors.extend(state.gamma.as_ref().map(|g| ("gamma", g)));
+        ctx.check_tensors(OP, &tensors)?;
         let m = self.matrix(ctx, weight.shape())?;
         self.check_state(&m, state, weight.shape())?;
         let (u, v, sigma) = if training || self.flavor == SpectralFlavor::Chainer {
@@ -387,6 +391,15 @@ impl SpectralNorm {
         state: &SpectralNormState,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let ctx = rec.context();
+        let mut tensors = vec![
+            ("weight", weight),
+            ("grad_output", grad_output),
+            ("forward u", &forward.u),
+            ("forward v", &forward.v),
+            ("sigma", &forward.sigma),
+        ];
+        tensors.extend(state.gamma.as_ref().map(|g| ("gamma", g)));
+        ctx.check_tensors(OP, &tensors)?;
         let factor = self.check()?;
         let m = self.matrix(ctx, weight.shape())?;
         if grad_output.shape() != weight.shape() {
@@ -464,6 +477,7 @@ impl SpectralNorm {
         rtol: f32,
         max_iterations: usize,
     ) -> Result<SigmaEstimate> {
+        ctx.check_tensors(OP, &[("weight", weight), ("u", u)])?;
         let m = self.matrix(ctx, weight.shape())?;
         self.check_vector("u", u, m.rows(), weight.shape())?;
         if max_iterations == 0 {
