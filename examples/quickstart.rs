@@ -64,9 +64,9 @@ fn main() -> wgnorm::Result<()> {
     let mut rec = Recording::new(&ctx);
     let mut outputs = Vec::new();
     for (w, g) in tw.iter().zip(&tg) {
-        let (out, grad) = ws.record_forward_backward(&mut rec, w, g)?;
-        outputs.push(out);
-        outputs.push(grad);
+        let step = ws.record_forward_backward(&mut rec, w, g)?;
+        outputs.push(step.output);
+        outputs.push(step.grad);
     }
     let dispatches = rec.dispatches();
     rec.submit()?;

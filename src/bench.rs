@@ -33,7 +33,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, Recording, Tensor};
-use crate::ops::batch_norm::{BatchNorm, BatchNormForward, BatchNormState, Mode};
+use crate::ops::batch_norm::{BatchNorm, BatchNormForward, BatchNormMode, BatchNormState};
 use crate::ops::copy::record_copy;
 use crate::ops::spectral_norm::{SpectralNorm, SpectralNormOutput, SpectralNormState};
 use crate::ops::weight_norm::WeightNorm;
@@ -420,7 +420,7 @@ impl<'c> Prepared<'c> {
                         Some(&gamma),
                         Some(&beta),
                         Some(&mut state),
-                        Mode::Train,
+                        BatchNormMode::Train,
                     )?;
                     let host_grad = pseudo_random(shape, seed + 1);
                     Item::Bn {
@@ -491,9 +491,9 @@ impl<'c> Prepared<'c> {
                     match op {
                         Op::BnForwardTrain | Op::BnForwardEval => {
                             let mode = if op == Op::BnForwardTrain {
-                                Mode::Train
+                                BatchNormMode::Train
                             } else {
-                                Mode::Eval
+                                BatchNormMode::Eval
                             };
                             config.record_forward(
                                 rec,
@@ -632,13 +632,13 @@ impl<'c> Prepared<'c> {
                             Some(host_gamma),
                             &mean,
                             &var,
-                            Mode::Train,
+                            BatchNormMode::Train,
                         )?);
                     } else {
                         let mode = if op == Op::BnForwardTrain {
-                            Mode::Train
+                            BatchNormMode::Train
                         } else {
-                            Mode::Eval
+                            BatchNormMode::Eval
                         };
                         drop(reference::batch_norm::forward(
                             &config,

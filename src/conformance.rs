@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, Tensor};
-use crate::ops::batch_norm::{BatchNorm, BatchNormState, Mode, Momentum, RunningVar};
+use crate::ops::batch_norm::{BatchNorm, BatchNormMode, BatchNormState, Momentum, RunningVar};
 use crate::ops::spectral_norm::{SpectralNorm, SpectralNormState};
 use crate::ops::weight_norm::WeightNorm;
 use crate::ops::weight_standardization::{Variance, WeightStandardization};
@@ -319,7 +319,8 @@ fn run_weight_standardization(ctx: &Context, case: &Case) -> Produced {
     let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
         let w = Tensor::from_array(ctx, case.input("weight")?)?;
         let g = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let (out, grad) = config.forward_backward(ctx, &w, &g)?;
+        let crate::WeightStandardizationStep { output: out, grad } =
+            config.forward_backward(ctx, &w, &g)?;
         let mut r = ctx.read_all(&[&out, &grad])?.into_iter();
         let mut m = BTreeMap::new();
         m.insert("output".to_string(), r.next().expect("two tensors read"));
@@ -343,7 +344,13 @@ fn run_weight_norm(ctx: &Context, case: &Case) -> Produced {
         let g = Tensor::from_array(ctx, case.input("g")?)?;
         let v = Tensor::from_array(ctx, case.input("v")?)?;
         let gw = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let (w, (grad_g, grad_v)) = ctx.run(|rec| {
+        let (
+            w,
+            crate::WeightNormGrads {
+                g: grad_g,
+                v: grad_v,
+            },
+        ) = ctx.run(|rec| {
             Ok((
                 config.record_forward(rec, &g, &v)?,
                 config.record_backward(rec, &g, &v, &gw)?,
@@ -400,7 +407,13 @@ fn run_spectral_norm(ctx: &Context, case: &Case) -> Produced {
             gamma,
             sigma: None,
         };
-        let (fwd, (grad, grad_gamma)) = ctx.run(|rec| {
+        let (
+            fwd,
+            crate::SpectralNormGrads {
+                weight: grad,
+                gamma: grad_gamma,
+            },
+        ) = ctx.run(|rec| {
             let fwd = config.record_forward(rec, &w, &mut state, training)?;
             let grads = config.record_backward(rec, &w, &gw, &fwd, &state)?;
             Ok((fwd, grads))
@@ -440,7 +453,7 @@ fn run_weight_norm_decompose(ctx: &Context, case: &Case) -> Produced {
     let config = weight_norm_config(case);
     let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
         let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let (g, v) = config.decompose(ctx, &w)?;
+        let crate::WeightNormParams { g, v } = config.decompose(ctx, &w)?;
         let mut r = ctx.read_all(&[&g, &v])?.into_iter();
         let mut m = BTreeMap::new();
         m.insert("g".to_string(), r.next().expect("two tensors read"));
@@ -480,7 +493,11 @@ fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
             running_var: Tensor::from_array(ctx, case.input("running_var")?)?,
             num_updates: case.param_f64("num_updates").unwrap_or(0.0) as u64,
         };
-        let mode = if training { Mode::Train } else { Mode::Eval };
+        let mode = if training {
+            BatchNormMode::Train
+        } else {
+            BatchNormMode::Eval
+        };
         let fwd = config.forward(ctx, &x, Some(&gamma), Some(&beta), Some(&mut state), mode)?;
         let mut names = vec!["output", "running_mean", "running_var"];
         let mut tensors = vec![
@@ -490,9 +507,9 @@ fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
         ];
         if let Some(dy) = case.inputs.get("grad_output") {
             let dy = Tensor::from_array(ctx, dy)?;
-            let (gi, gg, gb) = config.backward(ctx, &x, &dy, &fwd)?;
+            let grads = config.backward(ctx, &x, &dy, &fwd)?;
             names.extend(["grad_input", "grad_gamma", "grad_beta"]);
-            tensors.extend([gi, gg, gb]);
+            tensors.extend([grads.input, grads.gamma, grads.beta]);
         }
         let arrays = ctx.read_all(&tensors.iter().collect::<Vec<_>>())?;
         Ok(names.into_iter().map(String::from).zip(arrays).collect())

@@ -72,13 +72,14 @@ pub use hooks::{
     WeightStandardizationHook,
 };
 pub use ops::batch_norm::{
-    BatchNorm, BatchNormForward, BatchNormState, ChannelStats, Mode, Momentum, PopulationStats,
-    RunningVar,
+    BatchNorm, BatchNormForward, BatchNormGrads, BatchNormMode, BatchNormState, ChannelStats, Mode,
+    Momentum, PopulationStats, RunningVar,
 };
 pub use ops::spectral_norm::{
-    SigmaEstimate, SpectralFlavor, SpectralNorm, SpectralNormOutput, SpectralNormState,
+    SigmaEstimate, SpectralFlavor, SpectralNorm, SpectralNormGrads, SpectralNormOutput,
+    SpectralNormState,
 };
-pub use ops::weight_norm::{NormAxes, WeightNorm};
-pub use ops::weight_standardization::{Variance, WeightStandardization};
+pub use ops::weight_norm::{NormAxes, WeightNorm, WeightNormGrads, WeightNormParams};
+pub use ops::weight_standardization::{Variance, WeightStandardization, WeightStandardizationStep};
 /// The wgpu this crate is built on, for callers that bring their own device.
 pub use wgpu;

@@ -5,7 +5,7 @@ mod common;
 use common::{assert_close, ctx, ctx_with_binding, Rng};
 use ndarray::{Array1, ArrayD, IxDyn};
 use wgnorm::reference::batch_norm as reference;
-use wgnorm::{BatchNorm, BatchNormState, Context, Error, Mode, Momentum, Tensor};
+use wgnorm::{BatchNorm, BatchNormMode, BatchNormState, Context, Error, Momentum, Tensor};
 
 /// f32 kernels against the f64 reference.
 const RTOL: f32 = 1e-4;
@@ -21,7 +21,7 @@ fn check(
     ctx: &Context,
     config: &BatchNorm,
     shape: &[usize],
-    mode: Mode,
+    mode: BatchNormMode,
     rng: &mut Rng,
     offset: f32,
 ) {
@@ -66,9 +66,9 @@ fn check(
             &fwd.output,
             &state.running_mean,
             &state.running_var,
-            &grads.0,
-            &grads.1,
-            &grads.2,
+            &grads.input,
+            &grads.gamma,
+            &grads.beta,
         ])
         .unwrap();
     let want = reference::forward(config, x.view(), gamma, beta, &rm, &rv, updates, mode).unwrap();
@@ -113,7 +113,7 @@ fn check(
         GRAD_RTOL,
         1e-4 * scale(&wdb),
     );
-    if mode == Mode::Train && config.track_running_stats {
+    if mode == BatchNormMode::Train && config.track_running_stats {
         assert_eq!(state.num_updates, updates + 1);
     } else {
         assert_eq!(state.num_updates, updates);
@@ -167,7 +167,11 @@ fn random_shapes_match_the_reference() {
                 feature_axis: *axis,
                 ..*preset
             };
-            let mode = [Mode::Train, Mode::Eval, Mode::Frozen][(i + j) % 3];
+            let mode = [
+                BatchNormMode::Train,
+                BatchNormMode::Eval,
+                BatchNormMode::Frozen,
+            ][(i + j) % 3];
             check(&ctx, &config, shape, mode, &mut rng, 0.0);
         }
     }
@@ -182,7 +186,7 @@ fn large_offset_is_stable() {
         &ctx,
         &BatchNorm::pytorch(),
         &[16, 4, 17, 17],
-        Mode::Train,
+        BatchNormMode::Train,
         &mut rng,
         1000.0,
     );
@@ -197,7 +201,7 @@ fn split_bindings_match_the_reference() {
         &ctx,
         &BatchNorm::pytorch(),
         &[4, 3, 40, 41],
-        Mode::Train,
+        BatchNormMode::Train,
         &mut rng,
         0.0,
     );
@@ -208,7 +212,7 @@ fn split_bindings_match_the_reference() {
             ..BatchNorm::keras()
         },
         &[4, 40, 41, 3],
-        Mode::Train,
+        BatchNormMode::Train,
         &mut rng,
         0.0,
     );
@@ -221,7 +225,7 @@ fn split_bindings_match_the_reference() {
                 ..BatchNorm::pytorch()
             },
             &shape,
-            Mode::Train,
+            BatchNormMode::Train,
             &mut rng,
             0.0,
         );
@@ -230,7 +234,7 @@ fn split_bindings_match_the_reference() {
         &ctx,
         &BatchNorm::chainer(),
         &[4, 3, 40, 41],
-        Mode::Eval,
+        BatchNormMode::Eval,
         &mut rng,
         0.0,
     );
@@ -269,7 +273,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g4),
             Some(&g3),
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "gamma has shape [4]",
     );
@@ -280,7 +284,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g4),
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "beta has shape [4]",
     );
@@ -291,7 +295,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             None,
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "beta is required",
     );
@@ -302,7 +306,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g3),
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "more than one value",
     );
@@ -313,12 +317,19 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g3),
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "more than one value",
     );
     expect(
-        bn.forward(&ctx, &x(&[4, 3]), Some(&g3), Some(&g3), None, Mode::Train),
+        bn.forward(
+            &ctx,
+            &x(&[4, 3]),
+            Some(&g3),
+            Some(&g3),
+            None,
+            BatchNormMode::Train,
+        ),
         "no state",
     );
     let bad_axis = BatchNorm {
@@ -332,7 +343,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g3),
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "feature axis 2",
     );
@@ -345,7 +356,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
                 Some(&g3),
                 Some(&g3),
                 Some(&mut state),
-                Mode::Train,
+                BatchNormMode::Train,
             ),
             "eps",
         );
@@ -362,7 +373,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
                 Some(&g3),
                 Some(&g3),
                 Some(&mut state),
-                Mode::Train,
+                BatchNormMode::Train,
             ),
             "momentum",
         );
@@ -375,7 +386,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g3),
             Some(&mut wrong),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "running_mean has shape [4]",
     );
@@ -386,7 +397,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g3),
             Some(&mut state),
-            Mode::Train,
+            BatchNormMode::Train,
         ),
         "rank >= 2",
     );
@@ -417,7 +428,7 @@ fn a_failed_call_leaves_the_running_statistics_unchanged() {
             Some(&g3),
             Some(&g3),
             Some(&mut state),
-            Mode::Eval
+            BatchNormMode::Eval
         )
         .is_ok());
 }
@@ -467,7 +478,7 @@ fn statistics_from_two_contexts_combine_to_the_whole_batch() {
             Some(&g),
             Some(&z),
             Some(&mut whole_state),
-            Mode::Train,
+            BatchNormMode::Train,
         )
         .unwrap()
         .output
@@ -646,7 +657,7 @@ fn a_step_that_fails_on_the_gpu_counts_no_update() {
     let mut state = BatchNormState::new(&ctx, 16384).unwrap();
     let x =
         Tensor::from_array(&ctx, &ArrayD::<f32>::from_elem(IxDyn(&[1024, 16384]), 0.5)).unwrap();
-    match bn.forward(&ctx, &x, None, None, Some(&mut state), Mode::Train) {
+    match bn.forward(&ctx, &x, None, None, Some(&mut state), BatchNormMode::Train) {
         Ok(_) => assert_eq!(state.num_updates, 1),
         Err(e) => {
             assert!(
@@ -700,7 +711,7 @@ fn statistics_do_not_depend_on_element_order() {
                 };
                 let tx = Tensor::from_array(&ctx, &x).unwrap();
                 let got = config
-                    .forward(&ctx, &tx, None, None, None, Mode::Train)
+                    .forward(&ctx, &tx, None, None, None, BatchNormMode::Train)
                     .unwrap()
                     .output
                     .to_array(&ctx)
@@ -714,7 +725,7 @@ fn statistics_do_not_depend_on_element_order() {
                     &zeros,
                     &ones,
                     0,
-                    Mode::Train,
+                    BatchNormMode::Train,
                 )
                 .unwrap()
                 .output;

@@ -76,7 +76,7 @@ fn dropped_outputs_are_reused_without_changing_results() {
 #[test]
 fn tensors_of_another_context_are_refused() {
     use wgnorm::{
-        BatchNorm, BatchNormState, Error, Mode, SpectralNorm, Tensor, WeightNorm,
+        BatchNorm, BatchNormMode, BatchNormState, Error, SpectralNorm, Tensor, WeightNorm,
         WeightStandardization,
     };
     let (a, b) = (common::ctx(), common::ctx());
@@ -127,7 +127,7 @@ fn tensors_of_another_context_are_refused() {
             Some(&gb),
             Some(&bb),
             Some(&mut state_a),
-            Mode::Train,
+            BatchNormMode::Train,
         )
         .map(drop),
         "batch_norm",

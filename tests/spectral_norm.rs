@@ -5,7 +5,9 @@ mod common;
 use common::{assert_close, ctx, ctx_with_binding, Rng};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgnorm::reference::spectral_norm as reference;
-use wgnorm::{Context, Error, SpectralFlavor, SpectralNorm, SpectralNormState, Tensor};
+use wgnorm::{
+    Context, Error, SpectralFlavor, SpectralNorm, SpectralNormGrads, SpectralNormState, Tensor,
+};
 
 /// f32 kernels against the f64 reference. Outputs are O(1) (W / sigma); the vectors
 /// are unit vectors; one power iteration amplifies f32 rounding only mildly.
@@ -51,7 +53,13 @@ fn check(ctx: &Context, case: &Case, rng: &mut Rng) {
     let (u0, v0, gamma, mut state) = state_for(ctx, config, shape, rng);
     let tw = Tensor::from_array(ctx, &w).unwrap();
     let tgw = Tensor::from_array(ctx, &gw).unwrap();
-    let (fwd, (grad, grad_gamma)) = ctx
+    let (
+        fwd,
+        SpectralNormGrads {
+            weight: grad,
+            gamma: grad_gamma,
+        },
+    ) = ctx
         .run(|rec| {
             let fwd = config.record_forward(rec, &tw, &mut state, *training)?;
             let grads = config.record_backward(rec, &tw, &tgw, &fwd, &state)?;
@@ -440,7 +448,10 @@ fn zero_weight_is_finite() {
             .map_or(1.0, |t| t.to_array(&ctx).unwrap()[[0]]);
         assert_eq!(gamma, if config.use_gamma { 0.0 } else { 1.0 });
         let fwd = config.forward(&ctx, &tw, &mut state, true).unwrap();
-        let (grad, _) = config.backward(&ctx, &tw, &tg, &fwd, &state).unwrap();
+        let grad = config
+            .backward(&ctx, &tw, &tg, &fwd, &state)
+            .unwrap()
+            .weight;
         let got = ctx
             .read_all(&[&fwd.weight, &fwd.sigma, &grad, &state.u])
             .unwrap();

@@ -5,7 +5,7 @@ mod common;
 use common::{assert_close, ctx, ctx_with_binding, Rng};
 use ndarray::{ArrayD, IxDyn};
 use wgnorm::reference::weight_norm as reference;
-use wgnorm::{Context, Error, Tensor, WeightNorm};
+use wgnorm::{Context, Error, Tensor, WeightNorm, WeightNormGrads, WeightNormParams};
 
 /// f32 kernels against the f64 reference; outputs and gradients are O(|g|).
 const RTOL: f32 = 1e-4;
@@ -21,7 +21,13 @@ fn check(ctx: &Context, config: &WeightNorm, shape: &[usize], rng: &mut Rng) {
         Tensor::from_array(ctx, &v).unwrap(),
         Tensor::from_array(ctx, &gw).unwrap(),
     );
-    let (w, (grad_g, grad_v)) = ctx
+    let (
+        w,
+        WeightNormGrads {
+            g: grad_g,
+            v: grad_v,
+        },
+    ) = ctx
         .run(|rec| {
             Ok((
                 config.record_forward(rec, &tg, &tv)?,
@@ -136,7 +142,7 @@ fn decompose_then_fold_is_the_identity() {
     ] {
         let w = rng.array(&shape, 0.0, 1.0);
         let tw = Tensor::from_array(&ctx, &w).unwrap();
-        let (g, v) = config.decompose(&ctx, &tw).unwrap();
+        let WeightNormParams { g, v } = config.decompose(&ctx, &tw).unwrap();
         assert_eq!(g.shape(), config.g_shape(&shape).unwrap().as_slice());
         let (want_g, _) = reference::decompose(&config, w.view()).unwrap();
         assert_close("g", &g.to_array(&ctx).unwrap(), &want_g, RTOL, ATOL);
@@ -166,8 +172,11 @@ fn zero_norm_slice_is_defined_not_nan() {
         .unwrap()
         .to_array(&ctx)
         .unwrap();
-    let (gg, gv) = config.backward(&ctx, &tg, &tv, &tgw).unwrap();
-    let (gg, gv) = (gg.to_array(&ctx).unwrap(), gv.to_array(&ctx).unwrap());
+    let grads = config.backward(&ctx, &tg, &tv, &tgw).unwrap();
+    let (gg, gv) = (
+        grads.g.to_array(&ctx).unwrap(),
+        grads.v.to_array(&ctx).unwrap(),
+    );
     assert!(w.iter().chain(&gg).chain(&gv).all(|x| x.is_finite()));
     assert!(w.index_axis(ndarray::Axis(0), 1).iter().all(|&x| x == 0.0));
     assert_eq!(gg[[1, 0]], 0.0);

@@ -22,8 +22,8 @@ fn check(ctx: &Context, config: &WeightStandardization, w: &ArrayD<f32>, g: &Arr
     let tw = Tensor::from_array(ctx, w).unwrap();
     let tg = Tensor::from_array(ctx, g).unwrap();
     // The fused path here; forward and backward alone are checked by the tests below.
-    let (out, grad) = config.forward_backward(ctx, &tw, &tg).unwrap();
-    let got = ctx.read_all(&[&out, &grad]).unwrap();
+    let step = config.forward_backward(ctx, &tw, &tg).unwrap();
+    let got = ctx.read_all(&[&step.output, &step.grad]).unwrap();
     let want_out = reference::forward(config, w.view()).unwrap();
     let want_grad = reference::backward(config, w.view(), g.view()).unwrap();
     // Gradients are of order |g| * rstd; scale the absolute tolerance with them.
@@ -323,8 +323,8 @@ fn statistics_do_not_depend_on_element_order() {
             let g = rng.array(&[2, 16383], 0.0, 1.0);
             let tw = Tensor::from_array(&ctx, &w).unwrap();
             let tg = Tensor::from_array(&ctx, &g).unwrap();
-            let (out, grad) = config.forward_backward(&ctx, &tw, &tg).unwrap();
-            let got = ctx.read_all(&[&out, &grad]).unwrap();
+            let step = config.forward_backward(&ctx, &tw, &tg).unwrap();
+            let got = ctx.read_all(&[&step.output, &step.grad]).unwrap();
             let want = [
                 reference::forward(&config, w.view()).unwrap(),
                 reference::backward(&config, w.view(), g.view()).unwrap(),

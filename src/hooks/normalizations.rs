@@ -150,9 +150,9 @@ impl WeightHook for SpectralNormHook {
             .state
             .as_ref()
             .expect("a forward ran, so the state exists");
-        let (g, gg) = self.config.record_backward(rec, input, grad, fwd, state)?;
-        self.grad_gamma = gg;
-        Ok(g)
+        let grads = self.config.record_backward(rec, input, grad, fwd, state)?;
+        self.grad_gamma = grads.gamma;
+        Ok(grads.weight)
     }
 
     fn param_grads(&self) -> Vec<(String, Tensor)> {
@@ -269,7 +269,7 @@ impl WeightHook for WeightNormHook {
     }
 
     fn initialize(&mut self, ctx: &Context, _weight: &str, data: &Tensor) -> Result<()> {
-        self.g = Some(self.config.decompose(ctx, data)?.0);
+        self.g = Some(self.config.decompose(ctx, data)?.g);
         Ok(())
     }
 
@@ -298,9 +298,9 @@ impl WeightHook for WeightNormHook {
             .g
             .as_ref()
             .ok_or_else(|| Error::input("weight_norm", "backward before any forward"))?;
-        let (grad_g, grad_v) = self.config.record_backward(rec, g, input, grad)?;
-        self.grad_g = Some(grad_g);
-        Ok(grad_v)
+        let grads = self.config.record_backward(rec, g, input, grad)?;
+        self.grad_g = Some(grads.g);
+        Ok(grads.v)
     }
 
     fn param_grads(&self) -> Vec<(String, Tensor)> {

@@ -35,7 +35,7 @@ pub enum RunningVar {
 
 /// Which statistics a forward pass normalizes with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub enum BatchNormMode {
     /// Batch statistics, then update the running averages (unless the config does
     /// not track them).
     Train,
@@ -46,6 +46,9 @@ pub enum Mode {
     /// and never updates them.
     Frozen,
 }
+
+/// The old name of [`BatchNormMode`], kept so that existing code compiles.
+pub type Mode = BatchNormMode;
 
 /// Batch Normalization. Presets match the frameworks' documented defaults:
 ///
@@ -217,6 +220,18 @@ fn with_updates_restored<T>(
     result
 }
 
+/// The gradients of a batch-norm backward pass.
+#[derive(Clone, Debug)]
+pub struct BatchNormGrads {
+    /// With respect to the input, shaped like it.
+    pub input: Tensor,
+    /// With respect to gamma: `sum(dy * x_hat)` per feature (computed whether or not
+    /// the config scales).
+    pub gamma: Tensor,
+    /// With respect to beta: `sum(dy)` per feature.
+    pub beta: Tensor,
+}
+
 /// What a forward pass leaves for its backward pass.
 #[derive(Debug)]
 pub struct BatchNormForward {
@@ -364,7 +379,7 @@ impl BatchNorm {
         w as f32
     }
 
-    /// Normalizes `x` and, in [`Mode::Train`], updates `state` (in the same submission).
+    /// Normalizes `x` and, in [`BatchNormMode::Train`], updates `state` (in the same submission).
     /// Nothing is changed when an error is returned.
     pub fn forward(
         &self,
@@ -373,7 +388,7 @@ impl BatchNorm {
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
         state: Option<&mut BatchNormState>,
-        mode: Mode,
+        mode: BatchNormMode,
     ) -> Result<BatchNormForward> {
         with_updates_restored(state, |state| {
             ctx.run(|rec| self.record_forward(rec, x, gamma, beta, state, mode))
@@ -389,12 +404,12 @@ impl BatchNorm {
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
         state: Option<&mut BatchNormState>,
-        mode: Mode,
+        mode: BatchNormMode,
     ) -> Result<BatchNormForward> {
         self.record_forward_with(rec, x, gamma, beta, state, mode, None)
     }
 
-    /// Synchronised batch norm: like [`Self::forward`] in [`Mode::Train`], but
+    /// Synchronised batch norm: like [`Self::forward`] in [`BatchNormMode::Train`], but
     /// normalizing with `stats` (for example combined across devices with
     /// [`ChannelStats::combine`]) instead of this batch's own statistics.
     pub fn forward_with_stats(
@@ -408,7 +423,15 @@ impl BatchNorm {
     ) -> Result<BatchNormForward> {
         with_updates_restored(state, |state| {
             ctx.run(|rec| {
-                self.record_forward_with(rec, x, gamma, beta, state, Mode::Train, Some(stats))
+                self.record_forward_with(
+                    rec,
+                    x,
+                    gamma,
+                    beta,
+                    state,
+                    BatchNormMode::Train,
+                    Some(stats),
+                )
             })
         })
     }
@@ -421,7 +444,7 @@ impl BatchNorm {
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
         state: Option<&mut BatchNormState>,
-        mode: Mode,
+        mode: BatchNormMode,
         external: Option<&ChannelStats>,
     ) -> Result<BatchNormForward> {
         // Every check before anything is recorded or any state is touched.
@@ -437,8 +460,8 @@ impl BatchNorm {
         let features = layout.channels;
         self.check_vector("gamma", gamma, features, self.scale)?;
         self.check_vector("beta", beta, features, self.center)?;
-        let from_batch = !self.track_running_stats || mode == Mode::Train;
-        let update = self.track_running_stats && mode == Mode::Train;
+        let from_batch = !self.track_running_stats || mode == BatchNormMode::Train;
+        let update = self.track_running_stats && mode == BatchNormMode::Train;
         let n = layout.per_channel();
         if let Some(s) = external {
             s.check()?;
@@ -576,7 +599,7 @@ impl BatchNorm {
         x: &Tensor,
         grad_output: &Tensor,
         forward: &BatchNormForward,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<BatchNormGrads> {
         ctx.run(|rec| self.record_backward(rec, x, grad_output, forward))
     }
 
@@ -587,7 +610,7 @@ impl BatchNorm {
         x: &Tensor,
         grad_output: &Tensor,
         forward: &BatchNormForward,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<BatchNormGrads> {
         rec.context().check_tensors(
             OP,
             &[
@@ -649,7 +672,11 @@ impl BatchNorm {
             grad_input.buffer(),
             Extra::default(),
         )?;
-        Ok((grad_input, grad_gamma, grad_beta))
+        Ok(BatchNormGrads {
+            input: grad_input,
+            gamma: grad_gamma,
+            beta: grad_beta,
+        })
     }
 
     /// This batch's per-feature statistics, downloaded (for [`ChannelStats::combine`]

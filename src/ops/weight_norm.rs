@@ -53,8 +53,8 @@ pub enum NormAxes {
 /// // PyTorch `weight_norm(linear, dim=0)` and Jittor `weight_norm(linear, dim=-1)`:
 /// let torch = WeightNorm::pytorch(Some(0));
 /// let jittor = WeightNorm::jittor(-1);
-/// let (g, v) = torch.decompose(&ctx, &w)?; // g: [64, 1], v: a copy of w
-/// let again = torch.forward(&ctx, &g, &v)?; // == w
+/// let p = torch.decompose(&ctx, &w)?; // p.g: [64, 1], p.v: a copy of w
+/// let again = torch.forward(&ctx, &p.g, &p.v)?; // == w
 /// # let _ = jittor; Ok(()) }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,6 +70,24 @@ impl Default for WeightNorm {
     fn default() -> Self {
         Self::pytorch(Some(0))
     }
+}
+
+/// The gradients of a weight-norm backward pass.
+#[derive(Clone, Debug)]
+pub struct WeightNormGrads {
+    /// With respect to `g`, shaped like it.
+    pub g: Tensor,
+    /// With respect to `v`, shaped like it.
+    pub v: Tensor,
+}
+
+/// A weight as weight norm's parameters ([`WeightNorm::decompose`]): `W = g * v / ||v||`.
+#[derive(Clone, Debug)]
+pub struct WeightNormParams {
+    /// The norms (PyTorch's `weight_g`).
+    pub g: Tensor,
+    /// The direction (PyTorch's `weight_v`), a copy of the weight.
+    pub v: Tensor,
 }
 
 // Mirrors `SliceParams` in shaders/weight_norm.wgsl.
@@ -206,14 +224,14 @@ impl WeightNorm {
         g: &Tensor,
         v: &Tensor,
         grad_w: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<WeightNormGrads> {
         ctx.run(|rec| self.record_backward(rec, g, v, grad_w))
     }
 
     /// Registering weight norm on an existing weight: `g = ||W||`, `v = W` (a copy), so
     /// that `forward(g, v)` gives the weight back (PyTorch's `weight_norm` /
     /// `right_inverse`; the `weight_norm_decompose` conformance cases).
-    pub fn decompose(&self, ctx: &Context, weight: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn decompose(&self, ctx: &Context, weight: &Tensor) -> Result<WeightNormParams> {
         ctx.run(|rec| self.record_decompose(rec, weight))
     }
 
@@ -271,7 +289,7 @@ impl WeightNorm {
         g: &Tensor,
         v: &Tensor,
         grad_w: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<WeightNormGrads> {
         rec.context()
             .check_tensors(OP, &[("g", g), ("v", v), ("grad_w", grad_w)])?;
         let layout = self.check_g(g.shape(), v.shape())?;
@@ -289,7 +307,10 @@ impl WeightNorm {
                 Some((grad_w, &grad_g)),
                 &grad_v,
             )?;
-            return Ok((grad_g, grad_v));
+            return Ok(WeightNormGrads {
+                g: grad_g,
+                v: grad_v,
+            });
         }
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         // One pass over v and grad_w: <grad_w, v> and |v|^2 per slice.
@@ -317,7 +338,10 @@ impl WeightNorm {
             grad_v.buffer(),
             Extra::default(),
         )?;
-        Ok((grad_g, grad_v))
+        Ok(WeightNormGrads {
+            g: grad_g,
+            v: grad_v,
+        })
     }
 
     /// One workgroup per row (see `row_windows`): `out = W`, or with
@@ -372,7 +396,7 @@ impl WeightNorm {
         &self,
         rec: &mut Recording<'_>,
         weight: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<WeightNormParams> {
         rec.context().check_tensors(OP, &[("weight", weight)])?;
         let layout = self.layout(weight.shape())?;
         let ctx = rec.context();
@@ -389,7 +413,7 @@ impl WeightNorm {
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let v = record_copy(rec, weight)?;
-        Ok((g, v))
+        Ok(WeightNormParams { g, v })
     }
 
     fn slice_params(&self, layout: &ChannelLayout) -> SliceParams {

@@ -56,6 +56,15 @@ impl Default for WeightStandardization {
     }
 }
 
+/// A training step's output and gradient ([`WeightStandardization::forward_backward`]).
+#[derive(Clone, Debug)]
+pub struct WeightStandardizationStep {
+    /// The standardized weight.
+    pub output: Tensor,
+    /// The gradient with respect to the raw weight.
+    pub grad: Tensor,
+}
+
 // Mirrors `FinalizeParams` in shaders/weight_standardization.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -129,7 +138,7 @@ impl WeightStandardization {
         ctx: &Context,
         weight: &Tensor,
         grad_output: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<WeightStandardizationStep> {
         ctx.run(|rec| self.record_forward_backward(rec, weight, grad_output))
     }
 
@@ -166,17 +175,17 @@ impl WeightStandardization {
         rec: &mut Recording<'_>,
         weight: &Tensor,
         grad_output: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<WeightStandardizationStep> {
         let plan = self.check_backward(rec, weight, grad_output)?;
         if let Some(windows) = row_windows(plan.layout, &rec.context().limits) {
             let out = self.record_rows(rec, &plan.layout, &windows, weight, None)?;
             let grad = self.record_rows(rec, &plan.layout, &windows, weight, Some(grad_output))?;
-            return Ok((out, grad));
+            return Ok(WeightStandardizationStep { output: out, grad });
         }
         let norm = self.record_norm(rec, &plan, weight)?;
         let out = self.record_output(rec, &plan.layout, weight, &norm)?;
         let grad = self.record_grad(rec, &plan, weight, grad_output, &norm)?;
-        Ok((out, grad))
+        Ok(WeightStandardizationStep { output: out, grad })
     }
 
     fn check_backward(

@@ -3,7 +3,7 @@
 use ndarray::{Array1, ArrayD, ArrayViewD, Axis, Zip};
 
 use crate::error::Result;
-use crate::ops::batch_norm::{BatchNorm, Mode, RunningVar};
+use crate::ops::batch_norm::{BatchNorm, BatchNormMode, RunningVar};
 
 /// The result of [`forward`]: the output and the running statistics after the step.
 #[derive(Clone, Debug)]
@@ -40,11 +40,11 @@ pub fn forward(
     running_mean: &[f32],
     running_var: &[f32],
     num_updates: u64,
-    mode: Mode,
+    mode: BatchNormMode,
 ) -> Result<Forward> {
     let x = x.mapv(f64::from);
-    let from_batch = !config.track_running_stats || mode == Mode::Train;
-    let update = config.track_running_stats && mode == Mode::Train;
+    let from_batch = !config.track_running_stats || mode == BatchNormMode::Train;
+    let update = config.track_running_stats && mode == BatchNormMode::Train;
     let (mean, var) = if from_batch {
         batch_stats(config, &x)
     } else {
@@ -92,11 +92,11 @@ pub fn backward(
     gamma: Option<&[f32]>,
     running_mean: &[f32],
     running_var: &[f32],
-    mode: Mode,
+    mode: BatchNormMode,
 ) -> Result<(ArrayD<f32>, Array1<f32>, Array1<f32>)> {
     let x = x.mapv(f64::from);
     let dy = dy.mapv(f64::from);
-    let from_batch = !config.track_running_stats || mode == Mode::Train;
+    let from_batch = !config.track_running_stats || mode == BatchNormMode::Train;
     let (mean, var) = if from_batch {
         batch_stats(config, &x)
     } else {
@@ -167,7 +167,7 @@ mod tests {
             Some(&gamma),
             &rm,
             &rv,
-            Mode::Train,
+            BatchNormMode::Train,
         )
         .unwrap();
         let loss = |x: &ArrayD<f32>, gamma: &[f32]| -> f64 {
@@ -179,7 +179,7 @@ mod tests {
                 &rm,
                 &rv,
                 0,
-                Mode::Train,
+                BatchNormMode::Train,
             )
             .unwrap()
             .output;

@@ -20,6 +20,15 @@ const OP: &str = "spectral_norm";
 /// Power iterations PyTorch runs when it registers spectral norm on a weight.
 pub const PYTORCH_WARMUP_ITERATIONS: u32 = 15;
 
+/// The gradients of a spectral-norm backward pass.
+#[derive(Clone, Debug)]
+pub struct SpectralNormGrads {
+    /// With respect to the raw weight (through sigma, `u` and `v` held constant).
+    pub weight: Tensor,
+    /// With respect to gamma, with `use_gamma`.
+    pub gamma: Option<Tensor>,
+}
+
 /// Which framework's power iteration [`SpectralNorm`] follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpectralFlavor {
@@ -304,7 +313,7 @@ impl SpectralNorm {
         grad_output: &Tensor,
         forward: &SpectralNormOutput,
         state: &SpectralNormState,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<SpectralNormGrads> {
         ctx.run(|rec| self.record_backward(rec, weight, grad_output, forward, state))
     }
 
@@ -389,7 +398,7 @@ impl SpectralNorm {
         grad_output: &Tensor,
         forward: &SpectralNormOutput,
         state: &SpectralNormState,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<SpectralNormGrads> {
         let ctx = rec.context();
         let mut tensors = vec![
             ("weight", weight),
@@ -460,7 +469,10 @@ impl SpectralNorm {
             grad.buffer(),
             Extra::default(),
         )?;
-        Ok((grad, grad_gamma))
+        Ok(SpectralNormGrads {
+            weight: grad,
+            gamma: grad_gamma,
+        })
     }
 
     /// Iterates from `u` (Chainer's order: `v = normalize(M^T u)`, then
