@@ -3,9 +3,9 @@
 //! the CPU reference. Prints a Markdown table and writes two SVG plots.
 //!
 //! ```text
-//! cargo run --release --example report                    # short version, into target/report
-//! cargo run --release --example report -- --full --out benches/plots
-//! cargo run --release --example report -- --only bn_      # the ops whose name contains bn_
+//! cargo run --release --features bench --example report                    # short version, into target/report
+//! cargo run --release --features bench --example report -- --full --out benches/plots
+//! cargo run --release --features bench --example report -- --only bn_      # the ops whose name contains bn_
 //! ```
 //!
 //! The burn column comes from the peer crate, which runs this same report with burn

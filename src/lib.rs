@@ -19,10 +19,11 @@
 //! through the chain, a timer hook); [`state`] saves and loads their state under
 //! PyTorch's names with safetensors.
 //!
-//! [`bench`](mod@bench) is the benchmark suite (every op at realistic sizes, the bytes each must
-//! move, kernel and end-to-end time against a copy kernel, the CPU reference and a
-//! peer, a report with SVG plots) behind `cargo bench`, the `report` example and the
-//! burn peer crate in `benches/peer`.
+//! `wgnorm::bench`, behind the `bench` feature, is the benchmark suite (every op at
+//! realistic sizes, the bytes each must move, kernel and end-to-end time against a
+//! copy kernel and the driver's copy, the CPU reference and a peer, a report with SVG
+//! plots) behind `cargo bench --features bench`, the `report` example and the burn peer
+//! crate in `benches/peer`.
 //!
 //! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
 //! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
@@ -54,6 +55,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod conformance;
 mod error;

@@ -5,7 +5,7 @@
 //! time (recording, submission, completion), and the CPU reference. Throughput counts
 //! the bytes each op must move at minimum ([`wgnorm::bench::Op::bytes_per_element`]).
 //!
-//! Short runs: `cargo bench --bench <name> -- --warm-up-time 1 --measurement-time 3`.
+//! Short runs: `cargo bench --features bench --bench <name> -- --warm-up-time 1 --measurement-time 3`.
 
 use std::time::Duration;
 
