@@ -14,11 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Context, Tensor};
-use crate::ops::batch_norm::{BatchNorm, BatchNormMode, BatchNormState, Momentum, RunningVar};
-use crate::ops::spectral_norm::{SpectralNorm, SpectralNormState};
-use crate::ops::weight_norm::WeightNorm;
-use crate::ops::weight_standardization::{Variance, WeightStandardization};
+use crate::gpu::Context;
 
 /// One golden case.
 #[derive(Clone, Debug)]
@@ -254,26 +250,39 @@ pub fn compare(
     }
 }
 
-/// The ops this version can run.
-pub const SUPPORTED_OPS: &[&str] = &[
-    "weight_standardization",
-    "weight_norm",
-    "weight_norm_decompose",
-    "batch_norm",
-    "spectral_norm",
-    "spectral_norm_sigma",
+mod batch_norm;
+mod spectral_norm;
+mod weight_norm;
+mod weight_standardization;
+
+/// Runs one case's op, returning the tensors it produced by name.
+type Handler = fn(&Context, &Case) -> Produced;
+
+/// Every family's handlers: a new normalization adds its file and one line here.
+const FAMILIES: &[&[(&str, Handler)]] = &[
+    weight_standardization::HANDLERS,
+    weight_norm::HANDLERS,
+    batch_norm::HANDLERS,
+    spectral_norm::HANDLERS,
 ];
+
+/// The ops this version can run (every registered handler).
+pub fn supported_ops() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.iter().map(|(op, _)| *op))
+        .collect()
+}
 
 /// Runs `case` through the public API on `ctx` and checks every expected tensor.
 pub fn run_case(ctx: &Context, case: &Case) -> CaseOutcome {
-    let produced = match case.op.as_str() {
-        "weight_standardization" => run_weight_standardization(ctx, case),
-        "weight_norm" => run_weight_norm(ctx, case),
-        "weight_norm_decompose" => run_weight_norm_decompose(ctx, case),
-        "batch_norm" => run_batch_norm(ctx, case),
-        "spectral_norm" => run_spectral_norm(ctx, case),
-        "spectral_norm_sigma" => run_spectral_norm_sigma(ctx, case),
-        other => Err(format!("op `{other}` is not implemented yet")),
+    let handler = FAMILIES
+        .iter()
+        .flat_map(|f| f.iter())
+        .find(|(op, _)| *op == case.op);
+    let produced = match handler {
+        Some((_, run)) => run(ctx, case),
+        None => Err(format!("op `{}` is not implemented yet", case.op)),
     };
     let mut outcome = CaseOutcome {
         case: case.name.clone(),
@@ -304,218 +313,8 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseOutcome {
     outcome
 }
 
+/// What a handler produced: tensors by expected name, or why it could not run.
 type Produced = std::result::Result<BTreeMap<String, ArrayD<f32>>, String>;
-
-fn run_weight_standardization(ctx: &Context, case: &Case) -> Produced {
-    let config = WeightStandardization {
-        eps: case.param_f64("eps").unwrap_or(1e-5) as f32,
-        variance: match case.param_str("variance") {
-            None | Some("biased") => Variance::Biased,
-            Some("unbiased") => Variance::Unbiased,
-            Some(v) => return Err(format!("unknown variance `{v}`")),
-        },
-        axis: case.param_f64("axis").unwrap_or(0.0) as usize,
-    };
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let g = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let crate::WeightStandardizationStep { output: out, grad } =
-            config.forward_backward(ctx, &w, &g)?;
-        let mut r = ctx.read_all(&[&out, &grad])?.into_iter();
-        let mut m = BTreeMap::new();
-        m.insert("output".to_string(), r.next().expect("two tensors read"));
-        m.insert(
-            "grad_weight".to_string(),
-            r.next().expect("two tensors read"),
-        );
-        Ok(m)
-    };
-    run().map_err(|e| e.to_string())
-}
-
-/// PyTorch's `dim` from the case params: a number, or null for one norm over everything.
-fn weight_norm_config(case: &Case) -> WeightNorm {
-    WeightNorm::pytorch(case.param_f64("dim").map(|d| d as usize))
-}
-
-fn run_weight_norm(ctx: &Context, case: &Case) -> Produced {
-    let config = weight_norm_config(case);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let g = Tensor::from_array(ctx, case.input("g")?)?;
-        let v = Tensor::from_array(ctx, case.input("v")?)?;
-        let gw = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let (
-            w,
-            crate::WeightNormGrads {
-                g: grad_g,
-                v: grad_v,
-            },
-        ) = ctx.run(|rec| {
-            Ok((
-                config.record_forward(rec, &g, &v)?,
-                config.record_backward(rec, &g, &v, &gw)?,
-            ))
-        })?;
-        let mut r = ctx.read_all(&[&w, &grad_g, &grad_v])?.into_iter();
-        let mut m = BTreeMap::new();
-        for name in ["output", "grad_g", "grad_v"] {
-            m.insert(name.to_string(), r.next().expect("three tensors read"));
-        }
-        Ok(m)
-    };
-    run().map_err(|e| e.to_string())
-}
-
-fn spectral_norm_config(case: &Case) -> SpectralNorm {
-    let mut config = if case.flavor == "pytorch" {
-        SpectralNorm::pytorch()
-    } else {
-        SpectralNorm::chainer()
-    };
-    if let Some(n) = case.param_f64("n_power_iterations") {
-        config.n_power_iterations = n as u32;
-    }
-    if let Some(eps) = case.param_f64("eps") {
-        config.eps = eps as f32;
-    }
-    if let Some(axis) = case.param_f64("axis") {
-        config.axis = axis as usize;
-    }
-    config.factor = case.param_f64("factor").map(|f| f as f32);
-    config.use_gamma = case.params.get("use_gamma").and_then(Value::as_bool) == Some(true);
-    config
-}
-
-fn run_spectral_norm(ctx: &Context, case: &Case) -> Produced {
-    let config = spectral_norm_config(case);
-    let training = case.params.get("training").and_then(Value::as_bool) == Some(true);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let gw = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let u = Tensor::from_array(ctx, case.input("u")?)?;
-        let v = match case.inputs.get("v") {
-            Some(v) => Tensor::from_array(ctx, v)?,
-            None => Tensor::zeros(ctx, &[config.matrix_shape(w.shape())?.1])?,
-        };
-        let gamma = match case.inputs.get("gamma") {
-            Some(g) => Some(Tensor::from_array(ctx, g)?),
-            None => None,
-        };
-        let mut state = SpectralNormState {
-            u,
-            v,
-            gamma,
-            sigma: None,
-        };
-        let (
-            fwd,
-            crate::SpectralNormGrads {
-                weight: grad,
-                gamma: grad_gamma,
-            },
-        ) = ctx.run(|rec| {
-            let fwd = config.record_forward(rec, &w, &mut state, training)?;
-            let grads = config.record_backward(rec, &w, &gw, &fwd, &state)?;
-            Ok((fwd, grads))
-        })?;
-        // Expected `u` is the state after the call (unchanged in evaluation); `v` is
-        // the one the forward used.
-        let mut tensors = vec![&fwd.weight, &state.u, &fwd.v, &fwd.sigma, &grad];
-        let mut names = vec!["output", "u", "v", "sigma", "grad_weight"];
-        if let Some(gg) = &grad_gamma {
-            tensors.push(gg);
-            names.push("grad_gamma");
-        }
-        let got = ctx.read_all(&tensors)?;
-        Ok(names.into_iter().map(String::from).zip(got).collect())
-    };
-    run().map_err(|e| e.to_string())
-}
-
-fn run_spectral_norm_sigma(ctx: &Context, case: &Case) -> Produced {
-    let config = spectral_norm_config(case);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let u = Tensor::from_array(ctx, case.input("u")?)?;
-        // Iterate to convergence, at most `n_power_iterations` times.
-        let est = config.estimate_sigma(ctx, &w, &u, 1e-7, config.n_power_iterations as usize)?;
-        let mut m = BTreeMap::new();
-        m.insert(
-            "sigma".to_string(),
-            ArrayD::from_shape_vec(IxDyn(&[1]), vec![est.sigma]).expect("one element"),
-        );
-        Ok(m)
-    };
-    run().map_err(|e| e.to_string())
-}
-
-fn run_weight_norm_decompose(ctx: &Context, case: &Case) -> Produced {
-    let config = weight_norm_config(case);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let crate::WeightNormParams { g, v } = config.decompose(ctx, &w)?;
-        let mut r = ctx.read_all(&[&g, &v])?.into_iter();
-        let mut m = BTreeMap::new();
-        m.insert("g".to_string(), r.next().expect("two tensors read"));
-        m.insert("v".to_string(), r.next().expect("two tensors read"));
-        Ok(m)
-    };
-    run().map_err(|e| e.to_string())
-}
-
-fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
-    let momentum = case.param_f64("momentum").map(|m| m as f32);
-    let config = BatchNorm {
-        feature_axis: case.param_f64("feature_axis").unwrap_or(1.0) as usize,
-        eps: case.param_f64("eps").unwrap_or(1e-5) as f32,
-        momentum: match (case.param_str("momentum_weights"), momentum) {
-            (Some("batch"), Some(m)) => Momentum::Batch(m),
-            (Some("batch"), None) => Momentum::Cumulative,
-            (Some("running"), Some(m)) => Momentum::Running(m),
-            other => return Err(format!("unknown momentum convention {other:?}")),
-        },
-        debias_momentum: case.params.get("debias_momentum").and_then(Value::as_bool) == Some(true),
-        running_var: match case.param_str("running_var") {
-            Some("biased") => RunningVar::Biased,
-            _ => RunningVar::Unbiased,
-        },
-        center: true,
-        scale: true,
-        track_running_stats: true,
-    };
-    let training = case.params.get("training").and_then(Value::as_bool) != Some(false);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let x = Tensor::from_array(ctx, case.input("input")?)?;
-        let gamma = Tensor::from_array(ctx, case.input("gamma")?)?;
-        let beta = Tensor::from_array(ctx, case.input("beta")?)?;
-        let mut state = BatchNormState {
-            running_mean: Tensor::from_array(ctx, case.input("running_mean")?)?,
-            running_var: Tensor::from_array(ctx, case.input("running_var")?)?,
-            num_updates: case.param_f64("num_updates").unwrap_or(0.0) as u64,
-        };
-        let mode = if training {
-            BatchNormMode::Train
-        } else {
-            BatchNormMode::Eval
-        };
-        let fwd = config.forward(ctx, &x, Some(&gamma), Some(&beta), Some(&mut state), mode)?;
-        let mut names = vec!["output", "running_mean", "running_var"];
-        let mut tensors = vec![
-            fwd.output.clone(),
-            state.running_mean.clone(),
-            state.running_var.clone(),
-        ];
-        if let Some(dy) = case.inputs.get("grad_output") {
-            let dy = Tensor::from_array(ctx, dy)?;
-            let grads = config.backward(ctx, &x, &dy, &fwd)?;
-            names.extend(["grad_input", "grad_gamma", "grad_beta"]);
-            tensors.extend([grads.input, grads.gamma, grads.beta]);
-        }
-        let arrays = ctx.read_all(&tensors.iter().collect::<Vec<_>>())?;
-        Ok(names.into_iter().map(String::from).zip(arrays).collect())
-    };
-    run().map_err(|e| e.to_string())
-}
 
 /// Per-op counts of a conformance run.
 #[derive(Clone, Debug, Default)]
