@@ -63,19 +63,28 @@ impl Tuning {
     }
 
     /// GPUs: coalesced, 2048-element reduction items (measured best among 1024 to
-    /// 16384 for batch norm on an H100). Software adapters: runs, 16384-element items
-    /// (what lavapipe was tuned with).
+    /// 16384 for batch norm on an H100).
+    pub fn gpu() -> Self {
+        Tuning {
+            coalesced: true,
+            reduce_item_elems: 2 * 1024,
+        }
+    }
+
+    /// Software adapters: runs, 16384-element items (what lavapipe was tuned with).
+    pub fn software() -> Self {
+        Tuning {
+            coalesced: false,
+            reduce_item_elems: 16 * 1024,
+        }
+    }
+
+    /// [`Tuning::software`] on software adapters, else [`Tuning::gpu`].
     pub fn for_adapter(report: &AdapterReport) -> Self {
         if report.is_software() {
-            Tuning {
-                coalesced: false,
-                reduce_item_elems: 16 * 1024,
-            }
+            Tuning::software()
         } else {
-            Tuning {
-                coalesced: true,
-                reduce_item_elems: 2 * 1024,
-            }
+            Tuning::gpu()
         }
     }
 }

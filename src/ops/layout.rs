@@ -248,6 +248,22 @@ pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec
     out
 }
 
+/// Refuses a gradient (or any second input) whose shape is not the weight's, naming both.
+pub(crate) fn check_same_shape(
+    op: &'static str,
+    what: &str,
+    got: &[usize],
+    weight: &[usize],
+) -> Result<()> {
+    if got != weight {
+        return Err(Error::input(
+            op,
+            format!("{what} has shape {got:?} but the weight has shape {weight:?}"),
+        ));
+    }
+    Ok(())
+}
+
 // Mirrors `RowParams` in shaders/shared/rows.wgsl (WS and WN row kernels).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]

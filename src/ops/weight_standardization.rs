@@ -5,7 +5,8 @@ use bytemuck::{Pod, Zeroable};
 use super::channel_stats::{record_sums, record_welford, vec4_buffer, ReducePlan};
 use super::element::{record_elementwise, Extra};
 use super::layout::{
-    check_channel_input, row_windows, ChannelLayout, RowGeometry, RowParams, RowWindow,
+    check_channel_input, check_same_shape, row_windows, ChannelLayout, RowGeometry, RowParams,
+    RowWindow,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
@@ -197,16 +198,7 @@ impl WeightStandardization {
         rec.context()
             .check_tensors(OP, &[("weight", weight), ("grad_output", grad_output)])?;
         let layout = self.check(weight.shape())?;
-        if grad_output.shape() != weight.shape() {
-            return Err(Error::input(
-                OP,
-                format!(
-                    "grad_output has shape {:?} but the weight has shape {:?}",
-                    grad_output.shape(),
-                    weight.shape()
-                ),
-            ));
-        }
+        check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
         ReducePlan::new(OP, layout, &rec.context().limits)
     }
 

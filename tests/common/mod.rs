@@ -16,15 +16,9 @@ pub fn ctx() -> Context {
 pub fn ctx_with_binding(bytes: u64) -> Context {
     let default = ctx().info().tuning;
     let other = if default.coalesced {
-        Tuning {
-            coalesced: false,
-            reduce_item_elems: 16 * 1024,
-        }
+        Tuning::software()
     } else {
-        Tuning {
-            coalesced: true,
-            reduce_item_elems: 4 * 1024,
-        }
+        Tuning::gpu()
     };
     Context::headless_with(ContextOptions {
         max_binding_bytes: Some(bytes),

@@ -11,7 +11,7 @@ use self::power::{normalize_host, record_vector_partials, Normalized};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
-use super::layout::{check_channel_input, ChannelLayout};
+use super::layout::{check_channel_input, check_same_shape, ChannelLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor};
 
@@ -411,16 +411,7 @@ impl SpectralNorm {
         ctx.check_tensors(OP, &tensors)?;
         let factor = self.check()?;
         let m = self.matrix(ctx, weight.shape())?;
-        if grad_output.shape() != weight.shape() {
-            return Err(Error::input(
-                OP,
-                format!(
-                    "grad_output has shape {:?} but the weight has shape {:?}",
-                    grad_output.shape(),
-                    weight.shape()
-                ),
-            ));
-        }
+        check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
         self.check_vector("the forward's u", &forward.u, m.rows(), weight.shape())?;
         self.check_vector("the forward's v", &forward.v, m.cols(), weight.shape())?;
         if forward.sigma.shape() != [1] {
