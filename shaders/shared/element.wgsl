@@ -15,7 +15,8 @@ const PER_THREAD: u32 = 4u;
 
 // Set per dispatch by the host (`Spec` in src/gpu/kernels.rs), so that the paths a
 // layout does not take are compiled out. LAYOUT: 0 runs (stride 1), 1 coalesced
-// (stride WG), 2 any stride. BATCHED: slices are a * channels + c over a batch of
+// (stride WG), 2 any stride, 3 channels last a row at a time (inner = 1, stride =
+// channels). BATCHED: slices are a * channels + c over a batch of
 // rows (Jittor's weight norm over a middle axis); else a is always 0.
 override LAYOUT: u32 = 0u;
 override BATCHED: bool = false;
@@ -81,13 +82,26 @@ fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
     var w: Cursor;
     w.e = range.x;
     w.end = range.y;
-    let u = p.j_start + w.e;
-    let qj = u / p.inner;
-    w.j = u - qj * p.inner;
-    let q = p.c_start + qj;
-    let qc = q / p.channels;
-    w.c = q - qc * p.channels;
-    let r = p.o_start + qc;
+    var r: u32;
+    if (LAYOUT == 3u) {
+        // Channels last (inner = 1), a row per step: the thread's feature group and
+        // first row without another division.
+        let t = linear_id(ids);
+        let b = t / p.channels;
+        let g = p.c_start + (t - b * p.channels);
+        let wrap = g >= p.channels;
+        w.j = 0u;
+        w.c = select(g, g - p.channels, wrap);
+        r = p.o_start + b * PER_THREAD + u32(wrap);
+    } else {
+        let u = p.j_start + w.e;
+        let qj = u / p.inner;
+        w.j = u - qj * p.inner;
+        let q = p.c_start + qj;
+        let qc = q / p.channels;
+        w.c = q - qc * p.channels;
+        r = p.o_start + qc;
+    }
     if (BATCHED) {
         let qo = r / p.outer;
         w.o = r - qo * p.outer;
@@ -106,23 +120,57 @@ fn cursor_live(w: Cursor) -> bool {
 }
 
 fn cursor_next(p: ElementParams, w: ptr<function, Cursor>) {
-    (*w).e += p.stride;
-    let j = (*w).j + p.step_j;
-    let cj = j >= p.inner;
-    (*w).j = select(j, j - p.inner, cj);
-    let c = (*w).c + p.step_c + u32(cj);
-    let cc = c >= p.channels;
-    (*w).c = select(c, c - p.channels, cc);
-    let o = (*w).o + p.step_o + u32(cc);
-    if (BATCHED) {
-        let co = o >= p.outer;
-        (*w).o = select(o, o - p.outer, co);
-        (*w).a += p.step_a + u32(co);
+    if (LAYOUT == 0u) {
+        // Runs (stride 1): an odometer, a unit at a time; the fewest operations per
+        // unit, which is what a software adapter's SIMD lanes pay for.
+        (*w).e += 1u;
+        let j = (*w).j + 1u;
+        let cj = j == p.inner;
+        (*w).j = select(j, 0u, cj);
+        let c = (*w).c + u32(cj);
+        let cc = c == p.channels;
+        (*w).c = select(c, 0u, cc);
+        (*w).o += u32(cc);
+        if (BATCHED) {
+            let co = (*w).o == p.outer;
+            (*w).o = select((*w).o, 0u, co);
+            (*w).a += u32(co);
+        }
+        (*w).fresh = cj;
+    } else if (LAYOUT == 3u) {
+        // A row at a time (stride = channels * inner, channels last on a software
+        // adapter): the same slice, the next row.
+        (*w).e += p.stride;
+        (*w).o += 1u;
+        if (BATCHED) {
+            let co = (*w).o == p.outer;
+            (*w).o = select((*w).o, 0u, co);
+            (*w).a += u32(co);
+        }
+        (*w).fresh = BATCHED;
     } else {
-        (*w).o = o;
+        (*w).e += p.stride;
+        let j = (*w).j + p.step_j;
+        let cj = j >= p.inner;
+        (*w).j = select(j, j - p.inner, cj);
+        let c = (*w).c + p.step_c + u32(cj);
+        let cc = c >= p.channels;
+        (*w).c = select(c, c - p.channels, cc);
+        let o = (*w).o + p.step_o + u32(cc);
+        if (BATCHED) {
+            let co = o >= p.outer;
+            (*w).o = select(o, o - p.outer, co);
+            (*w).a += p.step_a + u32(co);
+        } else {
+            (*w).o = o;
+        }
+        // The slice changes with c, hence with a carry out of j or a step of channels;
+        // a step that moves only a (batched layouts) is counted in `step_fresh`.
+        (*w).fresh = cj || p.step_fresh == 1u;
     }
-    // The slice changes with c, hence with a carry out of j or a step of channels; a
-    // step that moves only a (batched layouts) is counted in `step_fresh` by the host.
-    (*w).fresh = cj || p.step_fresh == 1u;
-    (*w).slice = (*w).a * p.channels + (*w).c;
+    if (BATCHED) {
+        (*w).slice = (*w).a * p.channels + (*w).c;
+    } else {
+        (*w).slice = (*w).c;
+    }
 }

@@ -247,7 +247,8 @@ pub const WORKGROUP_SIZE: u32 = 256;
 /// `Spec::default()` and get no constants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub(crate) struct Spec {
-    /// `Some(LAYOUT)`: 0 runs (stride 1), 1 coalesced (stride WG), 2 any stride.
+    /// `Some(LAYOUT)`: 0 runs (stride 1), 1 coalesced (stride WG), 2 any stride, 3 a
+    /// row at a time.
     pub layout: Option<u32>,
     /// `BATCHED`: slices are `a * channels + c` with a batch over the rows.
     pub batched: bool,

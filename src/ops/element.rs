@@ -154,6 +154,7 @@ pub(crate) fn record_elementwise(
             layout: Some(match params.stride {
                 1 => 0,
                 s if s == WORKGROUP_SIZE => 1,
+                s if variant == Variant::ChannelsLast && s == params.channels => 3,
                 _ => 2,
             }),
             batched: layout.batch > 1,
