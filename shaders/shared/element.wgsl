@@ -62,8 +62,8 @@ struct Cursor {
     fresh: bool,
 }
 
-// The thread's units: `first`, `first + stride`, ... below `end`; the two strides the
-// host uses (1 and WG) need no division.
+// The thread's units: `first`, `first + stride`, ... below `end`; runs (stride 1) and
+// the coalesced layout (stride WG) need no division.
 fn units(p: ElementParams, ids: Ids) -> vec2<u32> {
     var first: u32;
     if (LAYOUT == 0u) {
@@ -78,22 +78,26 @@ fn units(p: ElementParams, ids: Ids) -> vec2<u32> {
 }
 
 fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
-    let range = units(p, ids);
     var w: Cursor;
-    w.e = range.x;
-    w.end = range.y;
     var r: u32;
     if (LAYOUT == 3u) {
-        // Channels last (inner = 1), a row per step: the thread's feature group and
-        // first row without another division.
+        // Channels last (inner = 1), a row per step: the thread's row block b and
+        // feature group from one division; the group's offset from the window's first
+        // feature wraps at most once.
         let t = linear_id(ids);
         let b = t / p.channels;
-        let g = p.c_start + (t - b * p.channels);
-        let wrap = g >= p.channels;
+        let g = t - b * p.channels;
+        w.e = b * p.channels * PER_THREAD + g;
+        w.end = min(w.e + PER_THREAD * p.stride, p.count);
+        let cg = p.c_start + g;
+        let wrap = cg >= p.channels;
         w.j = 0u;
-        w.c = select(g, g - p.channels, wrap);
+        w.c = select(cg, cg - p.channels, wrap);
         r = p.o_start + b * PER_THREAD + u32(wrap);
     } else {
+        let range = units(p, ids);
+        w.e = range.x;
+        w.end = range.y;
         let u = p.j_start + w.e;
         let qj = u / p.inner;
         w.j = u - qj * p.inner;
