@@ -151,3 +151,32 @@ fn tensors_of_another_context_are_refused() {
     // B's own tensors are untouched and still work.
     assert_eq!(xb.to_array(&b).unwrap(), host);
 }
+
+/// An output dropped while its recording is still open is not handed to another op
+/// before that recording is submitted: the open recording would later write into the
+/// other op's output (seen with the pool's first version: `b` below came back as
+/// `ws(x)` instead of `ws(y)`).
+#[test]
+fn buffers_of_an_open_recording_are_not_reused() {
+    use wgnorm::{Recording, Tensor, WeightStandardization};
+    let ctx = common::ctx();
+    let mut rng = common::Rng::new(12);
+    let (hx, hy) = (
+        rng.array(&[32, 40], 0.0, 1.0),
+        rng.array(&[32, 40], 5.0, 3.0),
+    );
+    let (x, y) = (
+        Tensor::from_array(&ctx, &hx).unwrap(),
+        Tensor::from_array(&ctx, &hy).unwrap(),
+    );
+    let ws = WeightStandardization::default();
+    let want = ws.forward(&ctx, &y).unwrap().to_array(&ctx).unwrap();
+    let mut open = Recording::new(&ctx);
+    drop(ws.record_forward(&mut open, &x).unwrap());
+    // Other work submitted while `open` is still open.
+    let a = ws.forward(&ctx, &y).unwrap();
+    let b = ws.forward(&ctx, &y).unwrap();
+    open.submit().unwrap();
+    assert_eq!(a.to_array(&ctx).unwrap(), want);
+    assert_eq!(b.to_array(&ctx).unwrap(), want);
+}

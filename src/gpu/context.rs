@@ -168,6 +168,8 @@ pub(crate) struct PlanLimits {
     pub max_buffer_bytes: u64,
     /// The adapter's thread layout.
     pub tuning: Tuning,
+    /// Offsets of uniform bindings are multiples of this many bytes (at least 16).
+    pub uniform_align: u64,
 }
 
 #[cfg(test)]
@@ -180,10 +182,12 @@ impl PlanLimits {
             align_elems: align,
             max_groups_per_dim: 65535,
             max_buffer_bytes: u64::MAX,
-            tuning: Tuning {
-                coalesced,
-                reduce_item_elems: if coalesced { 2048 } else { 16384 },
+            tuning: if coalesced {
+                Tuning::gpu()
+            } else {
+                Tuning::software()
             },
+            uniform_align: 256,
         }
     }
 }
@@ -345,10 +349,8 @@ impl Context {
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             max_binding_bytes: max_binding,
             max_buffer_bytes: limits.max_buffer_size,
-            tuning: Tuning {
-                coalesced: true,
-                reduce_item_elems: 4096,
-            },
+            // Set below, from the report itself.
+            tuning: Tuning::gpu(),
         };
         let mut report = report;
         report.tuning = options
@@ -361,6 +363,7 @@ impl Context {
             max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_buffer_bytes: limits.max_buffer_size,
             tuning: report.tuning,
+            uniform_align: u64::from(limits.min_uniform_buffer_offset_alignment).max(16),
         };
         let dummy = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("wgnorm.dummy"),

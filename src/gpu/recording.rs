@@ -83,10 +83,9 @@ type TimingCallback<'c> = Box<dyn FnOnce(&[f64]) + 'c>;
 pub struct Recording<'c> {
     ctx: &'c Context,
     commands: Vec<Command>,
-    /// Every dispatch's params, each at a multiple of `uniform_align`: one uniform
-    /// buffer per recording instead of one per dispatch.
+    /// Every dispatch's params, each at the device's uniform offset alignment: one
+    /// uniform buffer per recording instead of one per dispatch.
     uniforms: Vec<u8>,
-    uniform_align: usize,
     boundaries: usize,
     timing: Vec<TimingCallback<'c>>,
 }
@@ -94,12 +93,11 @@ pub struct Recording<'c> {
 impl<'c> Recording<'c> {
     /// An empty recording on `ctx`.
     pub fn new(ctx: &'c Context) -> Self {
+        ctx.pool.open();
         Recording {
             ctx,
             commands: Vec::new(),
             uniforms: Vec::new(),
-            uniform_align: (ctx.device.limits().min_uniform_buffer_offset_alignment as usize)
-                .max(16),
             boundaries: 0,
             timing: Vec::new(),
         }
@@ -200,7 +198,8 @@ impl<'c> Recording<'c> {
         }
         let grid = self.ctx.grid(def.label, groups)?;
         let pipeline = self.ctx.pipeline(kernel, spec);
-        let offset = self.uniforms.len().next_multiple_of(self.uniform_align);
+        let align = self.ctx.limits.uniform_align as usize;
+        let offset = self.uniforms.len().next_multiple_of(align);
         self.uniforms.resize(offset, 0);
         self.uniforms.extend_from_slice(bytemuck::bytes_of(params));
         self.commands.push(Command::Dispatch {
@@ -234,8 +233,6 @@ impl<'c> Recording<'c> {
         } else {
             Some(self.submit_wall_timed()?)
         };
-        // Outputs dropped before this submission may now be reused by later recordings.
-        self.ctx.pool.promote();
         if let Some(e) = pollster::block_on(validation.pop()) {
             return Err(Error::Gpu {
                 during: "submit",
@@ -243,7 +240,7 @@ impl<'c> Recording<'c> {
             });
         }
         if let Some(times) = times {
-            for f in self.timing {
+            for f in std::mem::take(&mut self.timing) {
                 f(&times);
             }
         }
@@ -385,6 +382,14 @@ impl<'c> Recording<'c> {
             }
         }
         Ok(times)
+    }
+}
+
+impl Drop for Recording<'_> {
+    /// Submitted or abandoned: outputs dropped while it was open may be reused once no
+    /// recording of the context is open (see `BufferPool`).
+    fn drop(&mut self) {
+        self.ctx.pool.close();
     }
 }
 

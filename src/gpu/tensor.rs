@@ -40,14 +40,23 @@ impl Drop for Storage {
 /// a buffer of tens of MiB costs milliseconds on a GPU driver (about 5 ms for 64 MiB
 /// on an H100), several times the kernel.
 ///
-/// A dropped buffer waits in `pending` until the next submission, and only recordings
-/// made after that reuse it: submissions run in order, so its last reads and writes
-/// come first, and no recording reuses a buffer it already uses (which would make wgpu
-/// order two otherwise independent dispatches with a barrier).
+/// A buffer is reusable once no unsubmitted recording can still use it: dropped while
+/// no [`Recording`](crate::Recording) of the context is open, it is free at once (its
+/// last use is already submitted, and later submissions run after it); dropped while
+/// one is open, it waits until every open recording is submitted or dropped. So a
+/// recording never gets a buffer that it, or another open recording, still writes
+/// (which would also order independent dispatches with a barrier).
 #[derive(Debug, Default)]
 pub(crate) struct BufferPool {
     free: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
-    pending: Mutex<Vec<wgpu::Buffer>>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    buffers: Vec<wgpu::Buffer>,
+    /// Recordings of the context not yet submitted or dropped.
+    open: usize,
 }
 
 /// Bytes the pool keeps at most; buffers past it are released.
@@ -62,17 +71,34 @@ impl BufferPool {
     }
 
     fn put(&self, buffer: wgpu::Buffer) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(buffer);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.open == 0 {
+            self.release([buffer]);
+        } else {
+            pending.buffers.push(buffer);
+        }
     }
 
-    /// Called after each submission: the buffers dropped before it become reusable.
-    pub fn promote(&self) {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+    /// A recording of the context was made.
+    pub fn open(&self) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).open += 1;
+    }
+
+    /// A recording was submitted or dropped: when it was the last open one, the
+    /// buffers dropped meanwhile become reusable.
+    pub fn close(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.open -= 1;
+        if pending.open == 0 {
+            let buffers = std::mem::take(&mut pending.buffers);
+            self.release(buffers);
+        }
+    }
+
+    /// Into the free lists, up to [`POOL_BYTES`] (the caller holds `pending`).
+    fn release(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        for buffer in pending {
+        for buffer in buffers {
             let size = buffer.size();
             if free.1 + size <= POOL_BYTES {
                 free.1 += size;
@@ -81,12 +107,13 @@ impl BufferPool {
         }
     }
 
-    /// Bytes held for reuse, now or after the next submission.
+    /// Bytes held for reuse, now or once the open recordings are submitted.
     pub fn bytes(&self) -> u64 {
         let pending: u64 = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .buffers
             .iter()
             .map(wgpu::Buffer::size)
             .sum();
