@@ -180,3 +180,80 @@ fn buffers_of_an_open_recording_are_not_reused() {
     assert_eq!(a.to_array(&ctx).unwrap(), want);
     assert_eq!(b.to_array(&ctx).unwrap(), want);
 }
+
+/// Scratch (partials, per-channel statistics) comes from the same pool as outputs, with
+/// whatever a dropped tensor left in it: every op must write its scratch before reading
+/// it. Fill the pool with NaN buffers of every small size, then every op family must
+/// give bit for bit what it gave on fresh (zeroed) buffers.
+#[test]
+fn pooled_scratch_is_written_before_it_is_read() {
+    use wgnorm::{
+        BatchNorm, BatchNormMode, BatchNormState, SpectralNorm, Tensor, WeightNorm,
+        WeightStandardization,
+    };
+    let ctx = common::ctx();
+    let mut rng = common::Rng::new(21);
+    let w = Tensor::from_array(&ctx, &rng.array(&[16, 8, 3, 3], 0.5, 1.0)).unwrap();
+    let gw = Tensor::from_array(&ctx, &rng.array(&[16, 8, 3, 3], 0.0, 1.0)).unwrap();
+    let g = Tensor::from_array(&ctx, &rng.array(&[16, 1, 1, 1], 1.0, 0.5)).unwrap();
+    let x = Tensor::from_array(&ctx, &rng.array(&[8, 16, 5, 5], 2.0, 3.0)).unwrap();
+    let dy = Tensor::from_array(&ctx, &rng.array(&[8, 16, 5, 5], 0.0, 1.0)).unwrap();
+    let ones = Tensor::from_slice(&ctx, &[16], &[1.0; 16]).unwrap();
+    let all = || {
+        let ws = WeightStandardization::default();
+        let wn = WeightNorm::pytorch(Some(0));
+        let sn = SpectralNorm::chainer();
+        let bn = BatchNorm::pytorch();
+        let mut sn_state = sn.init_state(&ctx, &w, 1).unwrap();
+        let sn_fwd = sn.forward(&ctx, &w, &mut sn_state, true).unwrap();
+        let sn_grad = sn.backward(&ctx, &w, &gw, &sn_fwd, &sn_state).unwrap();
+        let mut bn_state = BatchNormState::new(&ctx, 16).unwrap();
+        let bn_fwd = bn
+            .forward(
+                &ctx,
+                &x,
+                Some(&ones),
+                Some(&ones),
+                Some(&mut bn_state),
+                BatchNormMode::Train,
+            )
+            .unwrap();
+        let bn_grad = bn.backward(&ctx, &x, &dy, &bn_fwd).unwrap();
+        let wn_grad = wn.backward(&ctx, &g, &w, &gw).unwrap();
+        let out = [
+            ws.forward(&ctx, &w).unwrap(),
+            ws.backward(&ctx, &w, &gw).unwrap(),
+            wn.forward(&ctx, &g, &w).unwrap(),
+            wn_grad.g,
+            wn_grad.v,
+            sn_fwd.weight,
+            sn_fwd.sigma,
+            sn_grad.weight,
+            bn_fwd.output,
+            bn_state.running_var,
+            bn_grad.input,
+            bn_grad.gamma,
+        ];
+        out.iter()
+            .map(|t| t.to_array(&ctx).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let fresh = all();
+    let nan: Vec<_> = (1..=4096)
+        .map(|n| Tensor::from_slice(&ctx, &[n], &vec![f32::NAN; n]).unwrap())
+        .collect();
+    let poison = ctx
+        .run(|rec| {
+            nan.iter()
+                .map(|t| wgnorm::ops::copy::record_copy(rec, t))
+                .collect::<wgnorm::Result<Vec<_>>>()
+        })
+        .unwrap();
+    drop(poison);
+    assert!(ctx.pooled_bytes() >= 4096 * 4097 / 2 * 4);
+    let again = all();
+    for (i, (a, b)) in fresh.iter().zip(&again).enumerate() {
+        assert!(a.iter().all(|v| v.is_finite()), "output {i}: {a:?}");
+        assert_eq!(a, b, "output {i} changed on pooled scratch");
+    }
+}

@@ -423,8 +423,10 @@ impl Context {
         &self.queue
     }
 
-    /// Bytes of dropped outputs this context keeps for reuse (at most 1 GiB): new
-    /// outputs of the same size take them instead of allocating.
+    /// Bytes of dropped outputs and op scratch this context keeps for reuse (at most
+    /// 1 GiB): new outputs and scratch of the same size take them instead of
+    /// allocating. Buffers dropped while a [`Recording`](crate::Recording) is open count only once every
+    /// open recording is submitted or dropped.
     pub fn pooled_bytes(&self) -> u64 {
         self.pool.bytes()
     }

@@ -18,20 +18,43 @@ pub(crate) struct Bind<'a> {
     pub size: u64,
 }
 
+/// What can be bound: a buffer, or a tensor's (op outputs and pooled scratch).
+pub(crate) trait AsBuffer {
+    fn as_buffer(&self) -> &wgpu::Buffer;
+}
+
+impl AsBuffer for wgpu::Buffer {
+    fn as_buffer(&self) -> &wgpu::Buffer {
+        self
+    }
+}
+
+impl AsBuffer for Arc<wgpu::Buffer> {
+    fn as_buffer(&self) -> &wgpu::Buffer {
+        self
+    }
+}
+
+impl AsBuffer for crate::Tensor {
+    fn as_buffer(&self) -> &wgpu::Buffer {
+        self.buffer()
+    }
+}
+
 impl<'a> Bind<'a> {
     /// The first `len` f32 elements of `buffer` (at least one element is bound).
-    pub fn elems(buffer: &'a wgpu::Buffer, len: u64) -> Self {
+    pub fn elems(buffer: &'a (impl AsBuffer + ?Sized), len: u64) -> Self {
         Bind {
-            buffer,
+            buffer: buffer.as_buffer(),
             offset: 0,
             size: (len * 4).max(4),
         }
     }
 
     /// Elements `[start, start + len)` of `buffer`.
-    pub fn window(buffer: &'a wgpu::Buffer, start: u64, len: u64) -> Self {
+    pub fn window(buffer: &'a (impl AsBuffer + ?Sized), start: u64, len: u64) -> Self {
         Bind {
-            buffer,
+            buffer: buffer.as_buffer(),
             offset: start * 4,
             size: (len * 4).max(4),
         }

@@ -185,17 +185,9 @@ impl Tensor {
     /// else a new one. Its contents are unspecified: the op writes every element.
     pub(crate) fn output(ctx: &Context, shape: &[usize]) -> Result<Self> {
         let len = checked_len("output", shape)?;
-        let size = (len as u64 * 4).max(16);
-        let buffer = match ctx.pool.take(size) {
-            Some(b) => b,
-            None => ctx.storage_buffer("output", len as u64, false)?,
-        };
-        Ok(Tensor::wrap(
-            ctx,
-            buffer,
-            shape,
-            Some(Arc::downgrade(&ctx.pool)),
-        ))
+        let mut t = ctx.scratch("output", len as u64)?;
+        t.shape = shape.to_vec();
+        Ok(t)
     }
 
     /// A tensor of zeros.
@@ -244,6 +236,25 @@ pub(crate) fn checked_len(op: &'static str, shape: &[usize]) -> Result<usize> {
 }
 
 impl Context {
+    /// Scratch of `len` f32 elements (partials, per-channel values), from the same
+    /// pool as op outputs: contents unspecified, every kernel writes what it later
+    /// reads. Held as a tensor, so that its buffer goes back to the pool only when the
+    /// holder drops it and no recording that may use it is open.
+    pub(crate) fn scratch(&self, op: &'static str, len: u64) -> Result<Tensor> {
+        let len = len.max(1);
+        let size = len * 4;
+        let buffer = match self.pool.take(size.max(16)) {
+            Some(b) => b,
+            None => self.storage_buffer(op, len, false)?,
+        };
+        Ok(Tensor::wrap(
+            self,
+            buffer,
+            &[len as usize],
+            Some(Arc::downgrade(&self.pool)),
+        ))
+    }
+
     /// A zeroed (or mapped, for upload) f32 storage buffer of `len` elements.
     pub(crate) fn storage_buffer(
         &self,

@@ -237,7 +237,7 @@ pub struct BatchNormGrads {
 pub struct BatchNormForward {
     /// The normalized output.
     pub output: Tensor,
-    norm: wgpu::Buffer,
+    norm: Tensor,
     from_batch: bool,
     shape: Vec<usize>,
 }
@@ -513,11 +513,7 @@ impl BatchNorm {
             let packed: Vec<f32> = (0..features as usize)
                 .flat_map(|i| [s.mean[i] as f32, s.m2[i] as f32, s.count as f32, 0.0])
                 .collect();
-            Some(
-                Tensor::from_slice(ctx, &[features as usize, 4], &packed)?
-                    .buffer()
-                    .clone(),
-            )
+            Some(Tensor::from_slice(ctx, &[features as usize, 4], &packed)?)
         } else {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
             Some(record_welford(rec, OP, &plan, x.buffer())?)
@@ -536,9 +532,9 @@ impl BatchNorm {
                 (st.running_mean.buffer(), st.running_var.buffer())
             }
             _ => {
-                scratch_mean = ctx.storage_buffer(OP, features, false)?;
-                scratch_var = ctx.storage_buffer(OP, features, false)?;
-                (&scratch_mean, &scratch_var)
+                scratch_mean = ctx.scratch(OP, features)?;
+                scratch_var = ctx.scratch(OP, features)?;
+                (scratch_mean.buffer(), scratch_var.buffer())
             }
         };
         let norm = vec4_buffer(ctx, OP, features)?;
@@ -704,7 +700,8 @@ impl BatchNorm {
         Ok(PopulationStats {
             config: *self,
             features,
-            acc: vec4_buffer(ctx, OP, features as u64)?,
+            // Zeroed: the merge reads it (an empty accumulator has count 0).
+            acc: Tensor::zeros(ctx, &[features, 4])?,
         })
     }
 }
@@ -713,7 +710,7 @@ impl BatchNorm {
 pub struct PopulationStats {
     config: BatchNorm,
     features: usize,
-    acc: wgpu::Buffer,
+    acc: Tensor,
 }
 
 impl PopulationStats {

@@ -370,9 +370,9 @@ impl ReducePlan {
     }
 }
 
-/// Scratch vec4 buffers for per-channel results.
-pub(crate) fn vec4_buffer(ctx: &Context, op: &'static str, count: u64) -> Result<wgpu::Buffer> {
-    ctx.storage_buffer(op, count.max(1) * 4, false)
+/// Scratch of `count` vec4 for per-channel results (from the context's pool).
+pub(crate) fn vec4_buffer(ctx: &Context, op: &'static str, count: u64) -> Result<Tensor> {
+    ctx.scratch(op, count.max(1) * 4)
 }
 
 /// Records the per-channel Welford statistics of `x`: returns a buffer of
@@ -382,7 +382,7 @@ pub(crate) fn record_welford(
     op: &'static str,
     plan: &ReducePlan,
     x: &wgpu::Buffer,
-) -> Result<wgpu::Buffer> {
+) -> Result<Tensor> {
     record_partials(
         rec,
         op,
@@ -401,12 +401,12 @@ pub(crate) fn record_sums(
     plan: &ReducePlan,
     a: &wgpu::Buffer,
     b: &wgpu::Buffer,
-    centre: Option<&wgpu::Buffer>,
-) -> Result<wgpu::Buffer> {
+    centre: Option<&Tensor>,
+) -> Result<Tensor> {
     let channels = plan.layout.slices();
     let dummy = rec.context().dummy.clone();
     let (kernel, centre, centre_len) = match centre {
-        Some(c) => (Kernel::SumPartialsCentered, c, channels * 4),
+        Some(c) => (Kernel::SumPartialsCentered, c.buffer(), channels * 4),
         None => (Kernel::SumPartials, &*dummy, 4),
     };
     record_vec4_sums(rec, op, plan, kernel, |start, len| {
@@ -426,7 +426,7 @@ pub(crate) fn record_dot(
     plan: &ReducePlan,
     x: &wgpu::Buffer,
     vector: &wgpu::Buffer,
-) -> Result<wgpu::Buffer> {
+) -> Result<Tensor> {
     debug_assert_eq!(plan.layout.batch, 1);
     let vector_len = plan.layout.outer * plan.layout.inner;
     record_vec4_sums(rec, op, plan, Kernel::DotPartials, |start, len| {
@@ -441,7 +441,7 @@ fn record_vec4_sums<'x>(
     plan: &ReducePlan,
     kernel: Kernel,
     binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
-) -> Result<wgpu::Buffer> {
+) -> Result<Tensor> {
     record_partials(rec, op, plan, kernel, Kernel::SumCombine, binds)
 }
 
@@ -455,7 +455,7 @@ fn record_partials<'x>(
     kernel: Kernel,
     combine: Kernel,
     binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
-) -> Result<wgpu::Buffer> {
+) -> Result<Tensor> {
     let ctx = rec.context();
     let channels = plan.layout.slices();
     let channels_last = plan.channels_last.as_ref().zip(kernel.channels_last_twin());
@@ -507,12 +507,12 @@ fn record_partials<'x>(
 /// recording (one submission path, one validation scope) and the tensor readback.
 pub(crate) fn read_vec4(
     ctx: &Context,
-    buffer: &wgpu::Buffer,
+    buffer: &Tensor,
     count: u64,
 ) -> Result<ndarray::ArrayD<f32>> {
     let t = Tensor::output(ctx, &[count as usize, 4])?;
     ctx.run(|rec| {
-        rec.copy_buffer(buffer, &t, count * 16);
+        rec.copy_buffer(buffer.buffer(), &t, count * 16);
         Ok(())
     })?;
     t.to_array(ctx)

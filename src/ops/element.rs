@@ -162,7 +162,7 @@ pub(crate) fn record_elementwise(
         };
         let mut binds: Vec<Bind<'_>> = windowed
             .iter()
-            .map(|b| Bind::window(b, w.start, w.len))
+            .map(|b| Bind::window(*b, w.start, w.len))
             .collect();
         binds.extend_from_slice(whole);
         binds.push(Bind::window(out, w.start, w.len));

@@ -208,7 +208,7 @@ impl WeightStandardization {
         rec: &mut Recording<'_>,
         plan: &ReducePlan,
         weight: &Tensor,
-    ) -> Result<wgpu::Buffer> {
+    ) -> Result<Tensor> {
         let ctx = rec.context();
         let layout = &plan.layout;
         let stats = record_welford(rec, OP, plan, weight.buffer())?;
@@ -237,7 +237,7 @@ impl WeightStandardization {
         rec: &mut Recording<'_>,
         layout: &ChannelLayout,
         weight: &Tensor,
-        norm: &wgpu::Buffer,
+        norm: &Tensor,
     ) -> Result<Tensor> {
         let ctx = rec.context();
         let out = Tensor::output(ctx, weight.shape())?;
@@ -260,7 +260,7 @@ impl WeightStandardization {
         plan: &ReducePlan,
         weight: &Tensor,
         grad_output: &Tensor,
-        norm: &wgpu::Buffer,
+        norm: &Tensor,
     ) -> Result<Tensor> {
         let ctx = rec.context();
         let layout = &plan.layout;

@@ -200,11 +200,11 @@ pub(super) fn record_mtv(
     m: &Matrix,
     weight: &Tensor,
     u: &Tensor,
-) -> Result<wgpu::Buffer> {
+) -> Result<Tensor> {
     let ctx = rec.context();
     let l = m.layout;
     let cols = m.cols();
-    let partials = ctx.storage_buffer(OP, m.blocks * cols, false)?;
+    let partials = ctx.scratch(OP, m.blocks * cols)?;
     // Rows a multiple of 4 long and boxes starting at multiples of 4 columns and
     // elements: the vec4 kernel (quads of columns never straddle an `a`).
     let by4 = l.inner.is_multiple_of(4)
@@ -266,7 +266,7 @@ pub(super) fn record_mv(
     m: &Matrix,
     weight: &Tensor,
     v: &Tensor,
-) -> Result<wgpu::Buffer> {
+) -> Result<Tensor> {
     let Some(windows) = &m.row_windows else {
         return record_dot(rec, OP, &m.rows_plan, weight.buffer(), v.buffer());
     };

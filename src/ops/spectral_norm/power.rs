@@ -39,9 +39,9 @@ const VEC_CHUNK: u64 = 4096;
 pub(super) fn record_vector_partials(
     rec: &mut Recording<'_>,
     params: &VectorParams,
-    raw: &wgpu::Buffer,
+    raw: &Tensor,
     vector: Option<&Tensor>,
-) -> Result<Option<(wgpu::Buffer, u64)>> {
+) -> Result<Option<(Tensor, u64)>> {
     let n = u64::from(params.n);
     if n <= WIDE_VECTOR {
         return Ok(None);
@@ -187,7 +187,7 @@ impl SpectralNorm {
     pub(super) fn record_normalize(
         &self,
         rec: &mut Recording<'_>,
-        raw: &wgpu::Buffer,
+        raw: &Tensor,
         n: u64,
         to: Normalized<'_>,
         factor: f32,
