@@ -189,16 +189,7 @@ fn gpu_matches_reference_on_random_shapes() {
     ];
     for shape in shapes {
         for axis in 0..shape.len().min(2) {
-            for config in configs(axis) {
-                for training in [true, false] {
-                    let case = Case {
-                        config,
-                        shape: shape.to_vec(),
-                        training,
-                    };
-                    check(&ctx, &case, &mut rng);
-                }
-            }
+            check_configs(&ctx, shape, axis, &mut rng);
         }
     }
 }
@@ -210,15 +201,20 @@ fn long_vectors_match_the_reference() {
     let ctx = ctx();
     let mut rng = Rng::new(77);
     for shape in [&[20_001usize, 3][..], &[2, 17_000], &[9000, 2, 2]] {
-        for config in configs(0) {
-            for training in [true, false] {
-                let case = Case {
-                    config,
-                    shape: shape.to_vec(),
-                    training,
-                };
-                check(&ctx, &case, &mut rng);
-            }
+        check_configs(&ctx, shape, 0, &mut rng);
+    }
+}
+
+/// Every config of `axis`, training and not, on one shape.
+fn check_configs(ctx: &Context, shape: &[usize], axis: usize, rng: &mut Rng) {
+    for config in configs(axis) {
+        for training in [true, false] {
+            let case = Case {
+                config,
+                shape: shape.to_vec(),
+                training,
+            };
+            check(ctx, &case, rng);
         }
     }
 }
