@@ -1,27 +1,41 @@
-//! The criterion driver the bench targets share: one group per op family, each with
-//! both bandwidth yardsticks on the same workloads (the copy kernel, `copy/...`, and
-//! the driver's buffer copy, `driver_copy/...`), every op of the
+//! Criterion over the whole benchmark suite (`wgnorm::bench`): one group per op
+//! family, each with both bandwidth yardsticks on the same workloads (the copy kernel,
+//! `copy/...`, and the driver's buffer copy, `driver_copy/...`), every op of the
 //! family as kernel time (GPU timestamps, where the adapter has them) and end-to-end
 //! time (recording, submission, completion), and the CPU reference. Throughput counts
 //! the bytes each op must move at minimum ([`wgnorm::bench::Op::bytes_per_element`]).
+//! The families come from the suite's registry: a new one needs nothing here.
 //!
-//! Short runs: `cargo bench --features bench --bench <name> -- --warm-up-time 1 --measurement-time 3`.
+//! ```text
+//! cargo bench --features bench                   # every family
+//! cargo bench --features bench -- weight_norm    # one family (criterion's filter)
+//! cargo bench --features bench -- --warm-up-time 1 --measurement-time 3   # short
+//! ```
 
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wgnorm::bench::{Case, Op, Prepared};
 use wgnorm::{Context, Recording};
 
-/// Benches every op of `family` (see [`Op::family`]) on its workloads.
-pub fn bench_family(c: &mut Criterion, family: &str) {
+/// One group per family of the suite (the copy is every group's yardstick).
+fn bench(c: &mut Criterion) {
     let ctx = Context::headless().expect("an adapter (see README: install mesa-vulkan-drivers)");
     eprintln!("adapter: {}", ctx.info());
-    let timestamps = Recording::new(&ctx).gpu_timed();
-    if !timestamps {
+    if !Recording::new(&ctx).gpu_timed() {
         eprintln!("no timestamp queries inside encoders: kernel times skipped, end-to-end only");
     }
-    let ops: Vec<Op> = Op::ALL
+    let mut families: Vec<&str> = Op::all().iter().map(|op| op.family()).collect();
+    families.dedup();
+    for family in families.into_iter().filter(|&f| f != Op::COPY.family()) {
+        bench_family(c, &ctx, family);
+    }
+}
+
+/// Benches every op of `family` (see [`Op::family`]) on its workloads.
+fn bench_family(c: &mut Criterion, ctx: &Context, family: &str) {
+    let timestamps = Recording::new(ctx).gpu_timed();
+    let ops: Vec<Op> = Op::all()
         .into_iter()
         .filter(|op| op.family() == family)
         .collect();
@@ -29,14 +43,14 @@ pub fn bench_family(c: &mut Criterion, family: &str) {
     group.sample_size(10);
     for workload in ops[0].workloads() {
         let copy = Case {
-            op: Op::Copy,
+            op: Op::COPY,
             workload: workload.clone(),
         };
         for case in std::iter::once(copy).chain(ops.iter().map(|&op| Case {
             op,
             workload: workload.clone(),
         })) {
-            let mut prepared = Prepared::new(&ctx, &case).expect("inputs");
+            let mut prepared = Prepared::new(ctx, &case).expect("inputs");
             let name = case.op.name();
             group.throughput(Throughput::Bytes(case.min_bytes()));
             if timestamps {
@@ -49,14 +63,18 @@ pub fn bench_family(c: &mut Criterion, family: &str) {
                 BenchmarkId::new(format!("{name}/end_to_end"), &workload.name),
                 |b| b.iter(|| prepared.run().expect("run")),
             );
-            if case.op != Op::Copy {
+            if case.op != Op::COPY {
                 group.bench_function(
                     BenchmarkId::new(format!("{name}/cpu_reference"), &workload.name),
                     |b| b.iter(|| prepared.run_reference().expect("reference")),
                 );
             } else if timestamps {
                 // The second yardstick: the same copy by the driver.
-                prepared.driver_copy = true;
+                let driver = Case {
+                    op: Op::DRIVER_COPY,
+                    workload: workload.clone(),
+                };
+                let mut prepared = Prepared::new(ctx, &driver).expect("inputs");
                 group.bench_function(
                     BenchmarkId::new("driver_copy/kernel", &workload.name),
                     |b| b.iter_custom(|iters| kernel_time(&mut prepared, iters)),
@@ -76,3 +94,6 @@ fn kernel_time(prepared: &mut Prepared<'_>, iters: u64) -> Duration {
         })
         .sum()
 }
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
