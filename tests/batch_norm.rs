@@ -217,7 +217,7 @@ fn split_bindings_match_the_reference() {
         0.0,
     );
     // Channels last, a multiple of 4: windows start mid-row (c_start != 0).
-    for (shape, axis) in [(vec![4, 20, 21, 12], 3), (vec![70, 260], 1)] {
+    for (shape, axis) in [(vec![4, 20, 21, 12], 3), (vec![70, 100], 1)] {
         check(
             &ctx,
             &BatchNorm {
@@ -643,9 +643,9 @@ fn impossible_external_statistics_are_refused() {
     assert_eq!(state.num_updates, 1);
 }
 
-/// A step that fails on the GPU (here: statistics scratch past a storage binding on
-/// software adapters, whose bindings are 128 MiB) is an error, not a panic, and leaves
-/// `num_updates` where it was; where it succeeds, the step counts.
+/// A step that fails on the GPU (here: its input's buffer destroyed behind the
+/// tensor's back, which wgpu's validation refuses at submission) is an error, not a
+/// panic, and leaves `num_updates` where it was.
 #[test]
 fn a_step_that_fails_on_the_gpu_counts_no_update() {
     let ctx = ctx();
@@ -654,18 +654,76 @@ fn a_step_that_fails_on_the_gpu_counts_no_update() {
         scale: false,
         ..BatchNorm::pytorch()
     };
-    let mut state = BatchNormState::new(&ctx, 16384).unwrap();
-    let x =
-        Tensor::from_array(&ctx, &ArrayD::<f32>::from_elem(IxDyn(&[1024, 16384]), 0.5)).unwrap();
-    match bn.forward(&ctx, &x, None, None, Some(&mut state), BatchNormMode::Train) {
-        Ok(_) => assert_eq!(state.num_updates, 1),
-        Err(e) => {
-            assert!(
-                matches!(e, Error::Gpu { .. } | Error::TooLarge { .. }),
-                "{e}"
-            );
-            assert_eq!(state.num_updates, 0);
-        }
+    let mut state = BatchNormState::new(&ctx, 3).unwrap();
+    let x = Tensor::from_array(&ctx, &Rng::new(5).array(&[4, 3, 5], 0.0, 1.0)).unwrap();
+    x.buffer().destroy();
+    let e = bn
+        .forward(&ctx, &x, None, None, Some(&mut state), BatchNormMode::Train)
+        .expect_err("a destroyed input");
+    assert!(matches!(e, Error::Gpu { .. }), "{e}");
+    assert_eq!(state.num_updates, 0);
+    // The context still works.
+    let y = Tensor::from_array(&ctx, &Rng::new(5).array(&[4, 3, 5], 0.0, 1.0)).unwrap();
+    bn.forward(&ctx, &y, None, None, Some(&mut state), BatchNormMode::Train)
+        .unwrap();
+    assert_eq!(state.num_updates, 1);
+}
+
+/// Many channels with few rows each: the reduction partials (a vec4 per channel and
+/// block of rows) used to be bound whole at four times the input ([1024, 16384] on a
+/// 128 MiB binding failed); blocks now grow until they fit one binding. Here with
+/// bindings capped at 1 MiB: a 2 MiB input whose partials at the default block size
+/// would be 8 MiB, channels last and channels first.
+#[test]
+fn many_channels_fit_their_partials_in_one_binding() {
+    let ctx = ctx_with_binding(1 << 20);
+    for (shape, axis) in [
+        (vec![256usize, 2048], 1),
+        (vec![64, 2048, 4], 1),
+        (vec![128, 4096], 1),
+    ] {
+        let x = Rng::new(9).array(&shape, 3.0, 2.0);
+        let bn = BatchNorm {
+            feature_axis: axis,
+            center: false,
+            scale: false,
+            ..BatchNorm::pytorch()
+        };
+        let features = shape[axis];
+        let mut state = BatchNormState::new(&ctx, features).unwrap();
+        let xt = Tensor::from_array(&ctx, &x).unwrap();
+        let fwd = bn
+            .forward(
+                &ctx,
+                &xt,
+                None,
+                None,
+                Some(&mut state),
+                BatchNormMode::Train,
+            )
+            .unwrap_or_else(|e| panic!("{shape:?}: {e}"));
+        let got = fwd.output.to_array(&ctx).unwrap();
+        let (mean, var) = (vec![0.0; features], vec![1.0; features]);
+        let want = wgnorm::reference::batch_norm::forward(
+            &bn,
+            x.view(),
+            None,
+            None,
+            &mean,
+            &var,
+            0,
+            BatchNormMode::Train,
+        )
+        .unwrap();
+        assert_close(&format!("{shape:?}"), &got, &want.output, RTOL, ATOL);
+        let running = state.running_var.to_array(&ctx).unwrap();
+        assert_close(
+            "running var",
+            &running,
+            &want.running_var.into_dyn(),
+            RTOL,
+            ATOL,
+        );
     }
 }
 

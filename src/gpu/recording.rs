@@ -219,6 +219,21 @@ impl<'c> Recording<'c> {
         if groups == 0 {
             return Ok(());
         }
+        // Every binding within the context's binding limit (the adapter's, or the cap
+        // of `ContextOptions::max_binding_bytes`, which tests lower to force splits):
+        // a plan that overreaches is refused here, on every adapter, rather than only
+        // by the drivers whose real limit it passes.
+        let max_bytes = self.ctx.limits.max_binding_elems * 4;
+        if let Some((i, b)) = binds.iter().enumerate().find(|(_, b)| b.size > max_bytes) {
+            return Err(Error::TooLarge {
+                op: def.label,
+                problem: format!(
+                    "binding {} covers {} bytes, past the storage binding limit of {max_bytes}",
+                    i + 1,
+                    b.size
+                ),
+            });
+        }
         let grid = self.ctx.grid(def.label, groups)?;
         let pipeline = self.ctx.pipeline(kernel, spec);
         let align = self.ctx.limits.uniform_align as usize;

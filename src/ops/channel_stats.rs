@@ -152,7 +152,18 @@ impl ChannelsLastPlan {
         // flight on a GPU, enough work per workgroup on a CPU), and shifted sums over
         // few enough rows per thread to stay accurate.
         let block_elems = limits.tuning.reduce_item_elems;
-        let rows_per_block = (block_elems / channels).clamp(tr, 1024).min(window_rows);
+        let mut rows_per_block = (block_elems / channels).clamp(tr, 1024).min(window_rows);
+        // The partials (a vec4 per channel and block) are bound whole: with many
+        // channels, blocks grow until they fit one binding ([1024, 16384] would need
+        // four times the input in partials, past a 128 MiB binding).
+        let max_blocks = limits.max_binding_elems / (channels * 4);
+        if max_blocks == 0 {
+            return None;
+        }
+        rows_per_block = rows_per_block.max(outer.div_ceil(max_blocks));
+        if rows_per_block > window_rows {
+            return None;
+        }
         let blocks = outer.div_ceil(rows_per_block);
         let per_box = (window_rows / rows_per_block).max(1);
         let mut boxes = Vec::new();
@@ -232,15 +243,43 @@ impl ReducePlan {
                 problem: format!("layout {layout:?} has a dimension past u32"),
             });
         }
-        let row_chunk = inner.clamp(1, item_elems);
+        // The partials and the per-channel results (a vec4 per slice) are bound whole.
+        let max_ppc = limits.max_binding_elems / (layout.slices().max(1) * 4);
+        if max_ppc == 0 {
+            return Err(Error::TooLarge {
+                op,
+                problem: format!(
+                    "{} slices need per-slice statistics of {} bytes, past one storage binding ({} bytes)",
+                    layout.slices(),
+                    layout.slices() * 16,
+                    limits.max_binding_elems * 4
+                ),
+            });
+        }
+        let mut row_chunk = inner.clamp(1, item_elems);
+        if inner.div_ceil(row_chunk) > max_ppc {
+            // Few partials per row: chunks as long as a window allows.
+            row_chunk = inner.div_ceil(max_ppc).min(window);
+        }
         let chunks_per_row = inner.div_ceil(row_chunk).max(1);
         let mut rows_per_item = (item_elems / row_chunk).clamp(1, outer.max(1));
+        // Items long enough for the partials of every slice to fit one binding.
+        rows_per_item = rows_per_item.max(outer.div_ceil((max_ppc / chunks_per_row).max(1)));
         if row_stride <= window {
             rows_per_item = rows_per_item.min((window / row_stride).max(1));
         } else {
             rows_per_item = 1;
         }
         let blocks_per_batch = outer.div_ceil(rows_per_item);
+        if layout.slices() * blocks_per_batch * chunks_per_row > max_ppc * layout.slices() {
+            return Err(Error::TooLarge {
+                op,
+                problem: format!(
+                    "layout {layout:?}: its reduction partials do not fit one storage binding of {} bytes",
+                    limits.max_binding_elems * 4
+                ),
+            });
+        }
         let blocks = batch * blocks_per_batch;
         // Blocks are numbered batch-major; block bb covers rows [first_row, + rows) of
         // the [batch * outer, row_stride] matrix, so consecutive blocks are contiguous.
@@ -530,7 +569,30 @@ mod tests {
     /// box's reads stay inside its window, and every partial slot is written once. The
     /// index arithmetic is the shader's (`item_at` in channel_stats.wgsl).
     fn check_cover(layout: ChannelLayout, lim: &PlanLimits) {
-        let plan = ReducePlan::new("test", layout, lim).unwrap();
+        let binding = lim.max_binding_elems;
+        let plan = match ReducePlan::new("test", layout, lim) {
+            Ok(plan) => plan,
+            Err(Error::TooLarge { .. }) => {
+                // Refused only when no split's partials fit one binding: single-row
+                // items of at most a window each, or as many rows as a window holds.
+                let window = binding - lim.align_elems;
+                let row_stride = layout.channels * layout.inner;
+                let fewest = if row_stride > window {
+                    layout.outer * layout.inner.div_ceil(window)
+                } else {
+                    layout.outer.div_ceil(window / row_stride)
+                };
+                assert!(layout.slices() * fewest * 4 > binding, "{layout:?}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // The partials are bound whole.
+        assert!(layout.slices() * plan.partials_per_channel() * 4 <= binding);
+        if let Some(cl) = &plan.channels_last {
+            assert!(layout.channels * cl.blocks * 4 <= binding, "{layout:?}");
+            assert!(cl.rows_per_block * layout.channels <= binding - lim.align_elems);
+        }
         let mut seen = vec![0u8; layout.len() as usize];
         let ppc = plan.partials_per_channel();
         let mut slots = vec![0u8; (layout.slices() * ppc) as usize];
@@ -635,6 +697,10 @@ mod tests {
             (3, 5, 7, 1),
             (4, 2000, 3, 1),
             (6, 7, 1200, 1),
+            // Channels last with more partials than a binding holds at one block per
+            // `reduce_item_elems` (BN on [1024, 16384] had four times the input).
+            (1, 1024, 64, 1),
+            (1, 300, 256, 1),
         ];
         for (batch, outer, channels, inner) in cases {
             let layout = ChannelLayout {

@@ -88,12 +88,15 @@ impl Matrix {
                 problem: format!("a weight of {} elements (at most 2^32 - 1)", layout.len()),
             });
         }
-        if r_n > limits.max_binding_elems || cols > limits.max_binding_elems {
+        // `M v` and `M^T u` land in a vec4 per row and per column (the product, then
+        // the normalization's terms): each must fit one binding.
+        if 4 * r_n > limits.max_binding_elems || 4 * cols > limits.max_binding_elems {
             return Err(Error::TooLarge {
                 op: OP,
                 problem: format!(
-                    "M is {r_n} x {cols}; u and v must each fit one binding of {} elements",
-                    limits.max_binding_elems
+                    "M is {r_n} x {cols}; u and v must each be at most {} elements (a vec4 \
+                     per element within one storage binding)",
+                    limits.max_binding_elems / 4
                 ),
             });
         }
@@ -307,7 +310,14 @@ mod tests {
             Err(Error::TooLarge { .. }) => {
                 let rows = shape[axis] as u64;
                 let cols = shape.iter().product::<usize>() as u64 / rows;
-                assert!(rows > binding || cols > binding, "{shape:?}");
+                // Or `M v`'s partials cannot fit (checked by channel_stats' own tests).
+                let layout = check_channel_input(OP, "weight", "axis", shape, axis, 1e-6).unwrap();
+                assert!(
+                    4 * rows > binding
+                        || 4 * cols > binding
+                        || ReducePlan::new(OP, layout, &limits(binding)).is_err(),
+                    "{shape:?}"
+                );
                 return;
             }
             Err(e) => panic!("{e}"),
