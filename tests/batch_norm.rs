@@ -796,3 +796,32 @@ fn statistics_do_not_depend_on_element_order() {
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(64)))]
+    /// Random shapes, feature axes, every framework's preset, training or evaluation,
+    /// offsets, thread layouts and binding caps (see `common::property_contexts`)
+    /// against the f64 reference (forward, running averages, backward).
+    #[test]
+    fn property_random_configs_match_the_reference(
+        a in 1usize..48,
+        b in 1usize..48,
+        rest in proptest::collection::vec(1usize..6, 0..3),
+        axis in proptest::prelude::any::<proptest::sample::Index>(),
+        preset in 0usize..4,
+        train in proptest::prelude::any::<bool>(),
+        offset in proptest::sample::select(vec![0.0f32, 3.0, -50.0]),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let mut shape = vec![a, b];
+        shape.extend(rest);
+        let base = [BatchNorm::pytorch(), BatchNorm::keras(), BatchNorm::chainer(), BatchNorm::gomlx()][preset];
+        let config = BatchNorm { feature_axis: axis.index(shape.len()), ..base };
+        // Training needs two values per feature (refused otherwise, as PyTorch does).
+        let per_feature = shape.iter().product::<usize>() / shape[config.feature_axis];
+        proptest::prop_assume!(!train || per_feature > 1);
+        let mode = if train { BatchNormMode::Train } else { BatchNormMode::Eval };
+        check(context.get(common::property_contexts()), &config, &shape, mode, &mut Rng::new(seed), offset);
+    }
+}

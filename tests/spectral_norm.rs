@@ -534,3 +534,30 @@ fn bad_input_is_refused_and_leaves_the_state() {
     // Nothing above touched u (evaluation does not store it either).
     assert_eq!(state.u.to_array(&ctx).unwrap(), u_before);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(64)))]
+    /// Random shapes, both axes, every config of `configs`, training or not, thread
+    /// layouts and binding caps (see `common::property_contexts`) against the f64
+    /// reference. `M` stays within 1024 columns, so that `u` and `v` fit the 16 KiB cap.
+    #[test]
+    fn property_random_configs_match_the_reference(
+        a in 1usize..48,
+        b in 1usize..20,
+        rest in proptest::collection::vec(1usize..5, 0..3),
+        axis in 0usize..2,
+        config in proptest::prelude::any::<proptest::sample::Index>(),
+        training in proptest::prelude::any::<bool>(),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let mut shape = vec![a, b];
+        shape.extend(rest);
+        let case = Case {
+            config: *config.get(&configs(axis)),
+            shape,
+            training,
+        };
+        check(context.get(common::property_contexts()), &case, &mut Rng::new(seed));
+    }
+}

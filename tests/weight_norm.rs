@@ -252,3 +252,23 @@ fn bad_input_is_a_typed_error_naming_the_op() {
         .is_ok());
     assert_eq!(WeightNorm::pytorch(None).g_shape(&[3, 4]).unwrap(), vec![1]);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(64)))]
+    /// Random shapes, kept axes (or none), thread layouts and binding caps (see
+    /// `common::property_contexts`) against the f64 reference, forward and backward.
+    #[test]
+    fn property_random_configs_match_the_reference(
+        a in 1usize..48,
+        b in 1usize..48,
+        rest in proptest::collection::vec(1usize..6, 0..3),
+        dim in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let mut shape = vec![a, b];
+        shape.extend(rest);
+        let config = WeightNorm::pytorch(dim.map(|d| d.index(shape.len())));
+        check(context.get(common::property_contexts()), &config, &shape, &mut Rng::new(seed));
+    }
+}

@@ -345,3 +345,43 @@ fn statistics_do_not_depend_on_element_order() {
         }
     }
 }
+
+/// Shapes for the property tests: two leading dimensions up to 47, up to two more up
+/// to 5 (sizes that are not multiples of a workgroup, a vec4 or a subgroup).
+fn property_shape() -> impl proptest::strategy::Strategy<Value = Vec<usize>> {
+    use proptest::prelude::*;
+    (
+        1usize..48,
+        1usize..48,
+        prop::collection::vec(1usize..6, 0..3),
+    )
+        .prop_map(|(a, b, rest)| {
+            let mut shape = vec![a, b];
+            shape.extend(rest);
+            shape
+        })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(64)))]
+    /// Random shapes, axes, flavours, thread layouts and binding caps (see
+    /// `common::property_contexts`) against the f64 reference, forward and backward.
+    #[test]
+    fn property_random_configs_match_the_reference(
+        shape in property_shape(),
+        axis in proptest::prelude::any::<proptest::sample::Index>(),
+        labml in proptest::prelude::any::<bool>(),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let base = if labml { WeightStandardization::labml() } else { WeightStandardization::chainer() };
+        let config = WeightStandardization { axis: axis.index(shape.len()), ..base };
+        // labml's unbiased variance needs two elements per channel (refused otherwise).
+        let per_channel = shape.iter().product::<usize>() / shape[config.axis];
+        proptest::prop_assume!(!labml || per_channel > 1);
+        let mut rng = Rng::new(seed);
+        let w = rng.array(&shape, -0.3, 2.0);
+        let g = rng.array(&shape, 0.0, 1.0);
+        check(context.get(common::property_contexts()), &config, &w, &g);
+    }
+}

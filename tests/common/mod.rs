@@ -71,3 +71,26 @@ pub fn relative_error(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f64 {
     let norm: f64 = want.iter().map(|&w| sq(w)).sum();
     (err / norm).sqrt()
 }
+
+/// Contexts the property tests draw from, made once per test binary: the default
+/// adapter, and bindings capped at 16 KiB and at 64 KiB with the other thread layout
+/// (every split path, both layouts).
+pub fn property_contexts() -> &'static [Context] {
+    static CONTEXTS: std::sync::OnceLock<Vec<Context>> = std::sync::OnceLock::new();
+    CONTEXTS.get_or_init(|| {
+        vec![
+            ctx(),
+            ctx_with_binding(16 * 1024),
+            ctx_with_binding(64 * 1024),
+        ]
+    })
+}
+
+/// Cases per property: `PROPTEST_CASES` where set, else `default` (kept small: every
+/// case runs on a software adapter in CI).
+pub fn property_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
