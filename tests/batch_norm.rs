@@ -804,9 +804,7 @@ proptest::proptest! {
     /// against the f64 reference (forward, running averages, backward).
     #[test]
     fn property_random_configs_match_the_reference(
-        a in 1usize..48,
-        b in 1usize..48,
-        rest in proptest::collection::vec(1usize..6, 0..3),
+        shape in common::property_shape(48, 6),
         axis in proptest::prelude::any::<proptest::sample::Index>(),
         preset in 0usize..4,
         train in proptest::prelude::any::<bool>(),
@@ -814,8 +812,6 @@ proptest::proptest! {
         context in proptest::prelude::any::<proptest::sample::Index>(),
         seed in proptest::prelude::any::<u64>(),
     ) {
-        let mut shape = vec![a, b];
-        shape.extend(rest);
         let base = [BatchNorm::pytorch(), BatchNorm::keras(), BatchNorm::chainer(), BatchNorm::gomlx()][preset];
         let config = BatchNorm { feature_axis: axis.index(shape.len()), ..base };
         // Training needs two values per feature (refused otherwise, as PyTorch does).

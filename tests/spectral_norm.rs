@@ -542,17 +542,13 @@ proptest::proptest! {
     /// reference. `M` stays within 1024 columns, so that `u` and `v` fit the 16 KiB cap.
     #[test]
     fn property_random_configs_match_the_reference(
-        a in 1usize..48,
-        b in 1usize..20,
-        rest in proptest::collection::vec(1usize..5, 0..3),
+        shape in common::property_shape(20, 5),
         axis in 0usize..2,
         config in proptest::prelude::any::<proptest::sample::Index>(),
         training in proptest::prelude::any::<bool>(),
         context in proptest::prelude::any::<proptest::sample::Index>(),
         seed in proptest::prelude::any::<u64>(),
     ) {
-        let mut shape = vec![a, b];
-        shape.extend(rest);
         let case = Case {
             config: *config.get(&configs(axis)),
             shape,

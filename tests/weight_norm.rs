@@ -259,15 +259,11 @@ proptest::proptest! {
     /// `common::property_contexts`) against the f64 reference, forward and backward.
     #[test]
     fn property_random_configs_match_the_reference(
-        a in 1usize..48,
-        b in 1usize..48,
-        rest in proptest::collection::vec(1usize..6, 0..3),
+        shape in common::property_shape(48, 6),
         dim in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
         context in proptest::prelude::any::<proptest::sample::Index>(),
         seed in proptest::prelude::any::<u64>(),
     ) {
-        let mut shape = vec![a, b];
-        shape.extend(rest);
         let config = WeightNorm::pytorch(dim.map(|d| d.index(shape.len())));
         check(context.get(common::property_contexts()), &config, &shape, &mut Rng::new(seed));
     }

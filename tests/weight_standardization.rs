@@ -346,29 +346,13 @@ fn statistics_do_not_depend_on_element_order() {
     }
 }
 
-/// Shapes for the property tests: two leading dimensions up to 47, up to two more up
-/// to 5 (sizes that are not multiples of a workgroup, a vec4 or a subgroup).
-fn property_shape() -> impl proptest::strategy::Strategy<Value = Vec<usize>> {
-    use proptest::prelude::*;
-    (
-        1usize..48,
-        1usize..48,
-        prop::collection::vec(1usize..6, 0..3),
-    )
-        .prop_map(|(a, b, rest)| {
-            let mut shape = vec![a, b];
-            shape.extend(rest);
-            shape
-        })
-}
-
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(64)))]
     /// Random shapes, axes, flavours, thread layouts and binding caps (see
     /// `common::property_contexts`) against the f64 reference, forward and backward.
     #[test]
     fn property_random_configs_match_the_reference(
-        shape in property_shape(),
+        shape in common::property_shape(48, 6),
         axis in proptest::prelude::any::<proptest::sample::Index>(),
         labml in proptest::prelude::any::<bool>(),
         context in proptest::prelude::any::<proptest::sample::Index>(),

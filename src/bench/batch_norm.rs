@@ -3,19 +3,11 @@
 
 use ndarray::ArrayD;
 
-use super::{Input, Item, OpDef, Workload};
+use super::{Input, Item, OpDef, Step, Workload};
 use crate::error::{Error, Result};
 use crate::gpu::{Recording, Tensor};
 use crate::ops::batch_norm::{BatchNorm, BatchNormForward, BatchNormMode, BatchNormState};
 use crate::reference::batch_norm as reference;
-
-/// What an item runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Train,
-    Eval,
-    Backward,
-}
 
 const TRAIN: OpDef = OpDef {
     name: "bn_forward_train",

@@ -99,6 +99,15 @@ pub(crate) trait Item {
     fn reference(&self) -> Result<()>;
 }
 
+/// What an item of a family with a training forward, an evaluation forward and a
+/// backward (spectral norm, batch norm) runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Train,
+    Eval,
+    Backward,
+}
+
 /// One benchmarked operation, as its family registers it. Configurations are the
 /// frameworks' defaults: Chainer's Weight Standardization, Chainer's Spectral
 /// Normalization (one power iteration; PyTorch's for the evaluation forward),

@@ -4,19 +4,11 @@
 
 use ndarray::ArrayD;
 
-use super::{Input, Item, OpDef, Workload};
+use super::{Input, Item, OpDef, Step, Workload};
 use crate::error::Result;
 use crate::gpu::{Recording, Tensor};
 use crate::ops::spectral_norm::{SpectralNorm, SpectralNormOutput, SpectralNormState};
 use crate::reference::spectral_norm as reference;
-
-/// What an item runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Train,
-    Eval,
-    Backward,
-}
 
 const TRAIN: OpDef = OpDef {
     name: "sn_forward_train",

@@ -94,3 +94,23 @@ pub fn property_cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Shapes for the property tests: a first dimension up to 47, a second below `second`,
+/// up to two more below `rest` (sizes that are not multiples of a workgroup, a vec4 or
+/// a subgroup).
+pub fn property_shape(
+    second: usize,
+    rest: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<usize>> {
+    use proptest::prelude::*;
+    let dims = (
+        1usize..48,
+        1usize..second,
+        prop::collection::vec(1usize..rest, 0..3),
+    );
+    dims.prop_map(|(a, b, more)| {
+        let mut shape = vec![a, b];
+        shape.extend(more);
+        shape
+    })
+}
