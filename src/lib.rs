@@ -15,6 +15,10 @@
 //!   averages in every framework's convention (PyTorch, Keras, Chainer, GoMLX), forward
 //!   and backward, exact recomputed averages, mergeable statistics.
 //!
+//! [`BatchNorm::forward_sync`] and [`BatchNorm::backward_sync`] synchronize batch norm
+//! across ranks (PyTorch's `SyncBatchNorm`) over a [`distributed::Collective`]: threads
+//! with one context each, or MPI processes (feature `mpi`).
+//!
 //! [`hooks`] attach them to weights after Chainer's `LinkHook` (composition, backward
 //! through the chain, a timer hook); [`state`] saves and loads their state under
 //! PyTorch's names with safetensors.
@@ -58,6 +62,7 @@ struct ReadmeDoctests;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod conformance;
+pub mod distributed;
 mod error;
 pub mod gpu;
 pub mod hooks;
@@ -67,6 +72,7 @@ pub mod rng;
 pub mod shapes;
 pub mod state;
 
+pub use distributed::{Collective, ThreadComm, ThreadGroup};
 pub use error::{Error, Result};
 pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor, Tuning};
 pub use hooks::{
@@ -81,6 +87,7 @@ pub use ops::spectral_norm::{
     SigmaEstimate, SpectralFlavor, SpectralNorm, SpectralNormGrads, SpectralNormOutput,
     SpectralNormState,
 };
+pub use ops::sync_batch_norm::SyncForward;
 pub use ops::weight_norm::{NormAxes, WeightNorm, WeightNormGrads, WeightNormParams};
 pub use ops::weight_standardization::{Variance, WeightStandardization, WeightStandardizationStep};
 /// The wgpu this crate is built on, for callers that bring their own device.

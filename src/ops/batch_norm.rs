@@ -237,7 +237,8 @@ pub struct BatchNormGrads {
 pub struct BatchNormForward {
     /// The normalized output.
     pub output: Tensor,
-    norm: Tensor,
+    /// Per feature `(mean, invstd, gamma, beta)`, as used.
+    pub(crate) norm: Tensor,
     from_batch: bool,
     shape: Vec<usize>,
 }
@@ -340,7 +341,19 @@ impl BatchNorm {
         Ok(layout)
     }
 
-    fn check_vector(
+    /// [`Self::layout`], but a batch with no values (a zero on an axis other than the
+    /// feature axis) is allowed.
+    pub(crate) fn layout_allowing_empty(&self, shape: &[usize]) -> Result<ChannelLayout> {
+        let empty = shape.contains(&0) && shape.get(self.feature_axis).is_some_and(|&f| f > 0);
+        if !empty {
+            return self.layout(shape);
+        }
+        let probe: Vec<usize> = shape.iter().map(|&d| d.max(1)).collect();
+        self.layout(&probe)?;
+        Ok(ChannelLayout::new(shape, Some(self.feature_axis)))
+    }
+
+    pub(crate) fn check_vector(
         &self,
         name: &str,
         t: Option<&Tensor>,
@@ -456,7 +469,12 @@ impl BatchNorm {
             tensors.push(("running_var", &st.running_var));
         }
         rec.context().check_tensors(OP, &tensors)?;
-        let layout = self.layout(x.shape())?;
+        // With external statistics, a rank of synchronized batch norm may hold an empty
+        // batch: it still normalizes nothing and updates its running averages.
+        let layout = match external {
+            Some(_) => self.layout_allowing_empty(x.shape())?,
+            None => self.layout(x.shape())?,
+        };
         let features = layout.channels;
         self.check_vector("gamma", gamma, features, self.scale)?;
         self.check_vector("beta", beta, features, self.center)?;
@@ -565,15 +583,17 @@ impl BatchNorm {
             features.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let output = Tensor::output(ctx, x.shape())?;
-        record_elementwise(
-            rec,
-            Kernel::BnNormalize,
-            &layout,
-            &[x.buffer()],
-            &[Bind::elems(&norm, features * 4)],
-            output.buffer(),
-            Extra::default(),
-        )?;
+        if layout.len() > 0 {
+            record_elementwise(
+                rec,
+                Kernel::BnNormalize,
+                &layout,
+                &[x.buffer()],
+                &[Bind::elems(&norm, features * 4)],
+                output.buffer(),
+                Extra::default(),
+            )?;
+        }
         if update {
             if let Some(st) = state {
                 st.num_updates += 1;
@@ -607,26 +627,9 @@ impl BatchNorm {
         grad_output: &Tensor,
         forward: &BatchNormForward,
     ) -> Result<BatchNormGrads> {
-        rec.context().check_tensors(
-            OP,
-            &[
-                ("x", x),
-                ("grad_output", grad_output),
-                ("output", &forward.output),
-            ],
-        )?;
-        let layout = self.layout(x.shape())?;
-        if x.shape() != forward.shape.as_slice() || grad_output.shape() != x.shape() {
-            return Err(Error::input(
-                OP,
-                format!(
-                    "backward needs the forward's input shape {:?} for x and grad_output, got {:?} and {:?}",
-                    forward.shape,
-                    x.shape(),
-                    grad_output.shape()
-                ),
-            ));
-        }
+        // An empty batch only comes from synchronized batch norm's external statistics.
+        self.layout(x.shape())?;
+        let layout = self.check_backward(rec.context(), x, grad_output, forward)?;
         let ctx = rec.context();
         let features = layout.channels;
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
@@ -641,37 +644,138 @@ impl BatchNorm {
         let grad_gamma = Tensor::zeros(ctx, &[features as usize])?;
         let grad_beta = Tensor::zeros(ctx, &[features as usize])?;
         let coef = vec4_buffer(ctx, OP, features)?;
-        rec.dispatch(
-            Kernel::BnGradFactors,
-            &GradParams {
-                features: features as u32,
-                training: forward.from_batch as u32,
-                inv_n: (1.0 / layout.per_channel() as f64) as f32,
-                _pad: 0,
-            },
-            &[
-                Bind::elems(&forward.norm, features * 4),
-                Bind::elems(&sums, features * 4),
-                Bind::elems(grad_gamma.buffer(), features),
-                Bind::elems(grad_beta.buffer(), features),
-                Bind::elems(&coef, features * 4),
-            ],
-            features.div_ceil(u64::from(WORKGROUP_SIZE)),
-        )?;
+        let inv_n = 1.0 / layout.per_channel() as f64;
+        let out = [&grad_gamma, &grad_beta, &coef];
+        record_grad_factors(rec, forward, sums.buffer(), inv_n, out)?;
         let grad_input = Tensor::output(ctx, x.shape())?;
-        record_elementwise(
-            rec,
-            Kernel::BnGradInput,
-            &layout,
-            &[x.buffer(), grad_output.buffer()],
-            &[Bind::elems(&coef, features * 4)],
-            grad_input.buffer(),
-            Extra::default(),
-        )?;
+        record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
         Ok(BatchNormGrads {
             input: grad_input,
             gamma: grad_gamma,
             beta: grad_beta,
+        })
+    }
+
+    /// Checks a backward's tensors against the forward's; the layout of `x` (empty
+    /// batches allowed: a rank of synchronized batch norm may hold none).
+    fn check_backward(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        grad_output: &Tensor,
+        forward: &BatchNormForward,
+    ) -> Result<ChannelLayout> {
+        ctx.check_tensors(
+            OP,
+            &[
+                ("x", x),
+                ("grad_output", grad_output),
+                ("output", &forward.output),
+            ],
+        )?;
+        let layout = self.layout_allowing_empty(x.shape())?;
+        if x.shape() != forward.shape.as_slice() || grad_output.shape() != x.shape() {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "backward needs the forward's input shape {:?} for x and grad_output, got {:?} and {:?}",
+                    forward.shape,
+                    x.shape(),
+                    grad_output.shape()
+                ),
+            ));
+        }
+        Ok(layout)
+    }
+
+    /// This batch's per-feature `(sum dy, sum dy (x - mean))` with the forward's mean,
+    /// downloaded in f64: what synchronized batch norm sums over ranks.
+    pub(crate) fn local_grad_sums(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        grad_output: &Tensor,
+        forward: &BatchNormForward,
+    ) -> Result<Vec<[f64; 2]>> {
+        let layout = self.check_backward(ctx, x, grad_output, forward)?;
+        if layout.len() == 0 {
+            return Ok(vec![[0.0; 2]; layout.channels as usize]);
+        }
+        let sums = ctx.run(|rec| {
+            let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
+            record_sums(
+                rec,
+                OP,
+                &plan,
+                grad_output.buffer(),
+                x.buffer(),
+                Some(&forward.norm),
+            )
+        })?;
+        let host = read_vec4(ctx, &sums, layout.channels)?;
+        Ok(host
+            .outer_iter()
+            .map(|r| [f64::from(r[0]), f64::from(r[1])])
+            .collect())
+    }
+
+    /// The backward of a batch whose sums over the whole (distributed) batch are
+    /// `sums.global`, of `sums.count` values per feature: `grad_input` from them;
+    /// `grad_gamma` and `grad_beta` from this batch's `sums.local` (summed over ranks by the
+    /// caller's data parallelism, as PyTorch's `SyncBatchNorm` leaves them).
+    pub(crate) fn backward_with_sums(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        grad_output: &Tensor,
+        forward: &BatchNormForward,
+        sums: &DistributedSums<'_>,
+    ) -> Result<BatchNormGrads> {
+        let DistributedSums {
+            local,
+            global,
+            count,
+        } = *sums;
+        let layout = self.check_backward(ctx, x, grad_output, forward)?;
+        let features = layout.channels as usize;
+        if local.len() != features || global.len() != features || count.is_nan() || count < 1.0 {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "sums of {} and {} features and a count of {count} for {features} features",
+                    local.len(),
+                    global.len()
+                ),
+            ));
+        }
+        let upload = |sums: &[[f64; 2]]| {
+            let flat: Vec<f32> = sums
+                .iter()
+                .flat_map(|s| [s[0] as f32, s[1] as f32, 0.0, 0.0])
+                .collect();
+            Tensor::from_slice(ctx, &[features, 4], &flat)
+        };
+        let (local, global) = (upload(local)?, upload(global)?);
+        ctx.run(|rec| {
+            let f = layout.channels;
+            let grad_gamma = Tensor::zeros(ctx, &[features])?;
+            let grad_beta = Tensor::zeros(ctx, &[features])?;
+            let (unused_gamma, unused_beta) = (ctx.scratch(OP, f)?, ctx.scratch(OP, f)?);
+            let (coef, unused_coef) = (vec4_buffer(ctx, OP, f)?, vec4_buffer(ctx, OP, f)?);
+            let inv_n = 1.0 / count;
+            let local_out = [&grad_gamma, &grad_beta, &unused_coef];
+            record_grad_factors(rec, forward, local.buffer(), inv_n, local_out)?;
+            let global_out = [&unused_gamma, &unused_beta, &coef];
+            record_grad_factors(rec, forward, global.buffer(), inv_n, global_out)?;
+            let grad_input = Tensor::output(ctx, x.shape())?;
+            if layout.len() > 0 {
+                record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
+            }
+            Ok(BatchNormGrads {
+                input: grad_input,
+                gamma: grad_gamma,
+                beta: grad_beta,
+            })
         })
     }
 
@@ -704,6 +808,64 @@ impl BatchNorm {
             acc: Tensor::zeros(ctx, &[features, 4])?,
         })
     }
+}
+
+/// The sums a distributed backward uses: this batch's `(sum dy, sum dy (x - mean))`
+/// per feature, the same summed over every rank, and the values per feature in all.
+#[derive(Clone, Copy)]
+pub(crate) struct DistributedSums<'a> {
+    pub local: &'a [[f64; 2]],
+    pub global: &'a [[f64; 2]],
+    pub count: f64,
+}
+
+/// `grad_factors`: `out` = (grad_gamma, grad_beta, coef) from per-feature `sums`
+/// `(sum dy, sum dy (x - mean))` over `1 / inv_n` values.
+fn record_grad_factors(
+    rec: &mut Recording<'_>,
+    forward: &BatchNormForward,
+    sums: &wgpu::Buffer,
+    inv_n: f64,
+    out: [&Tensor; 3],
+) -> Result<()> {
+    let features = forward.norm.len() as u64 / 4;
+    rec.dispatch(
+        Kernel::BnGradFactors,
+        &GradParams {
+            features: features as u32,
+            training: forward.from_batch as u32,
+            inv_n: inv_n as f32,
+            _pad: 0,
+        },
+        &[
+            Bind::elems(&forward.norm, features * 4),
+            Bind::elems(sums, features * 4),
+            Bind::elems(out[0], features),
+            Bind::elems(out[1], features),
+            Bind::elems(out[2], features * 4),
+        ],
+        features.div_ceil(u64::from(WORKGROUP_SIZE)),
+    )
+}
+
+/// `grad_input`: dx = k1 (dy - k2 - (x - mean) k3) with `coef` per feature.
+fn record_grad_input(
+    rec: &mut Recording<'_>,
+    layout: &ChannelLayout,
+    x: &Tensor,
+    grad_output: &Tensor,
+    coef: &Tensor,
+    grad_input: &Tensor,
+) -> Result<()> {
+    record_elementwise(
+        rec,
+        Kernel::BnGradInput,
+        layout,
+        &[x.buffer(), grad_output.buffer()],
+        &[Bind::elems(coef, layout.channels * 4)],
+        grad_input.buffer(),
+        Extra::default(),
+    )
 }
 
 /// Exact population statistics accumulated over any number of batches.

@@ -6,5 +6,6 @@ pub mod copy;
 pub(crate) mod element;
 pub(crate) mod layout;
 pub mod spectral_norm;
+pub mod sync_batch_norm;
 pub mod weight_norm;
 pub mod weight_standardization;
