@@ -12,8 +12,8 @@
 //! mpirun -np 4 --oversubscribe target/release/examples/sync_batch_norm -- --bad-rank
 //! ```
 //!
-//! The batch is split unevenly (the last rank of three or more gets none), in NCHW
-//! and NHWC. `--bad-rank` gives rank 1 a wrong feature count instead and checks that
+//! The batch is split evenly, then unevenly (the last rank of three or more gets
+//! none), in NCHW and NHWC. `--bad-rank` gives rank 1 a wrong feature count instead and checks that
 //! every rank returns an error rather than waiting.
 
 use mpi::traits::Communicator;
@@ -39,11 +39,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut worst = 0f64;
     for (layout, shape, axis) in [("NCHW", [16, 8, 6, 5], 1), ("NHWC", [16, 6, 5, 8], 3)] {
-        let w = train(&ctx, &comm, &shape, axis)?;
-        if rank == 0 {
-            println!("{layout} {shape:?}: worst difference from one process {w:.2e}");
+        for even in [true, false] {
+            let sizes = split(shape[0], size, even);
+            let w = train(&ctx, &comm, &shape, axis, &sizes)?;
+            if rank == 0 {
+                println!("{layout} {shape:?}, rows per rank {sizes:?}: worst difference from one process {w:.2e}");
+            }
+            worst = worst.max(w);
         }
-        worst = worst.max(w);
     }
     // Every rank's worst, so that any rank failing fails the job.
     let all = comm.all_gather(&[worst])?;
@@ -57,8 +60,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Rows of the batch for each rank: uneven, and none for the last of three or more.
-fn split(rows: usize, size: usize) -> Vec<usize> {
+/// Rows of the batch for each rank: as even as they divide, or uneven with none for
+/// the last of three or more.
+fn split(rows: usize, size: usize, even: bool) -> Vec<usize> {
+    if even {
+        return (0..size)
+            .map(|r| rows / size + usize::from(r < rows % size))
+            .collect();
+    }
     let takers = if size >= 3 { size - 1 } else { size };
     let mut sizes: Vec<usize> = (0..takers)
         .map(|r| rows / takers + usize::from(r < rows % takers))
@@ -78,13 +87,13 @@ fn train(
     comm: &MpiComm,
     shape: &[usize],
     axis: usize,
+    sizes: &[usize],
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let config = BatchNorm {
         feature_axis: axis,
         ..BatchNorm::pytorch()
     };
     let features = shape[axis];
-    let sizes = split(shape[0], comm.size());
     let start: usize = sizes[..comm.rank()].iter().sum();
     let mine = |a: &ArrayD<f32>| {
         a.slice_axis(Axis(0), Slice::from(start..start + sizes[comm.rank()]))
