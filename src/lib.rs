@@ -80,8 +80,8 @@ pub use hooks::{
     WeightStandardizationHook,
 };
 pub use ops::batch_norm::{
-    BatchNorm, BatchNormForward, BatchNormGrads, BatchNormMode, BatchNormState, ChannelStats, Mode,
-    Momentum, PopulationStats, RunningVar,
+    BatchNorm, BatchNormForward, BatchNormGrads, BatchNormLayer, BatchNormMode, BatchNormState,
+    ChannelStats, Mode, Momentum, PopulationStats, RunningVar,
 };
 pub use ops::spectral_norm::{
     SigmaEstimate, SpectralFlavor, SpectralNorm, SpectralNormGrads, SpectralNormOutput,

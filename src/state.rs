@@ -1,15 +1,26 @@
-//! State save and load with safetensors, under PyTorch's names: what
-//! `model.state_dict()` holds for modules with `torch.nn.utils.spectral_norm`
-//! (`<m>.weight_orig`, `<m>.weight_u`, `<m>.weight_v`), `torch.nn.utils.weight_norm`
-//! (`<m>.weight_g`, `<m>.weight_v`) and batch norm (`<m>.running_mean`,
-//! `<m>.running_var`, `<m>.num_batches_tracked` as a 0-dim int64), so that a file
-//! written by `safetensors.torch.save_file(model.state_dict(), path)` loads here and
-//! ours loads in PyTorch.
+//! State save and load with safetensors, under the names PyTorch's `state_dict()`
+//! uses, so that a file written by `safetensors.torch.save_file(model.state_dict(),
+//! path)` loads here and ours loads in PyTorch:
 //!
-//! Loading checks every name, dtype and shape before anything changes, then uploads
-//! everything, then swaps it in: a refused file leaves every weight and statistic as
-//! it was. Tensors in the file that nothing asked for are ignored (a file may hold a
-//! whole model).
+//! - weights with hooks, in either of PyTorch's APIs ([`Naming`]): the old hook
+//!   functions `torch.nn.utils.spectral_norm` (`<m>.weight_orig`, `<m>.weight_u`,
+//!   `<m>.weight_v`) and `torch.nn.utils.weight_norm` (`<m>.weight_g`,
+//!   `<m>.weight_v`), or the parametrizations PyTorch documents today,
+//!   `torch.nn.utils.parametrizations.spectral_norm`
+//!   (`<m>.parametrizations.weight.original`, `<m>.parametrizations.weight.0._u`,
+//!   `<m>.parametrizations.weight.0._v`) and `.weight_norm`
+//!   (`<m>.parametrizations.weight.original0` = g, `.original1` = v). Loading detects
+//!   the API per weight;
+//! - batch-norm running statistics (`<m>.running_mean`, `<m>.running_var`,
+//!   `<m>.num_batches_tracked` as a 0-dim int64), and whole batch-norm layers
+//!   ([`BatchNormLayer`]: also `<m>.weight` = gamma and `<m>.bias` = beta).
+//!
+//! Loading reads f32, f16, bf16 and f64 entries (converted to f32; an f64 value past
+//! f32's range is refused) and an int64 or int32 `num_batches_tracked`, from a path or
+//! from bytes. It checks every name, dtype and shape before anything changes, then
+//! uploads everything, then swaps it in: a refused file leaves every weight and
+//! statistic as it was. Tensors in the file that nothing asked for are ignored (a file
+//! may hold a whole model). Saving writes f32 and an int64 count.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,163 +30,353 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{Error, Result};
 use crate::gpu::{Context, Tensor};
 use crate::hooks::Weight;
-use crate::ops::batch_norm::BatchNormState;
+use crate::ops::batch_norm::{BatchNormLayer, BatchNormState};
 
-/// A checked tensor on the host: name, shape, values.
+/// Which of PyTorch's APIs a weight's state is named after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Naming {
+    /// `torch.nn.utils.spectral_norm` / `weight_norm` (deprecated in PyTorch, still the
+    /// most common in checkpoints): `<m>.weight_orig`, `<m>.weight_u`, `<m>.weight_v`;
+    /// `<m>.weight_g`, `<m>.weight_v`. The default.
+    #[default]
+    PyTorchHooks,
+    /// `torch.nn.utils.parametrizations.spectral_norm` / `weight_norm`:
+    /// `<m>.parametrizations.weight.original`, `<m>.parametrizations.weight.0._u`,
+    /// `<m>.parametrizations.weight.0._v`; `<m>.parametrizations.weight.original0` (g),
+    /// `<m>.parametrizations.weight.original1` (v). A weight's state beyond what
+    /// PyTorch has (Chainer's `weight_gamma`) keeps its own name.
+    PyTorchParametrizations,
+}
+
+impl Naming {
+    /// The name under this API of `key`, one of `w`'s entries under the hook API.
+    fn key(self, w: &Weight, key: &str) -> String {
+        let prefix = format!("{}.", w.name());
+        let (Naming::PyTorchParametrizations, Some(local)) = (self, key.strip_prefix(&prefix))
+        else {
+            return key.to_string();
+        };
+        let raw = w.raw_key();
+        let sn = raw.ends_with(".weight_orig");
+        let wn = raw.ends_with(".weight_v") && !sn;
+        let mapped = match local {
+            "weight_orig" if sn => "parametrizations.weight.original",
+            "weight_u" if sn => "parametrizations.weight.0._u",
+            "weight_v" if sn => "parametrizations.weight.0._v",
+            "weight_g" if wn => "parametrizations.weight.original0",
+            "weight_v" if wn => "parametrizations.weight.original1",
+            other => other,
+        };
+        format!("{prefix}{mapped}")
+    }
+}
+
+/// A checked tensor on the host: name (the hook API's), shape, values.
 type HostEntry = (String, Vec<usize>, Vec<f32>);
 
-fn file_err(path: &Path, problem: impl Into<String>) -> Error {
+fn file_err(source: &str, problem: impl Into<String>) -> Error {
     Error::File {
-        path: path.display().to_string(),
+        path: source.to_string(),
         problem: problem.into(),
     }
 }
 
-/// Writes the state of `weights` and of the batch norms (each under its module
-/// prefix) to a safetensors file.
+/// Writes the state of `weights` and of the batch norms' running statistics (each
+/// under its module prefix) to a safetensors file, under PyTorch's hook API names.
 pub fn save(
     ctx: &Context,
     path: &Path,
     weights: &[&Weight],
     batch_norms: &[(&str, &BatchNormState)],
 ) -> Result<()> {
+    save_with(ctx, path, weights, batch_norms, &[], Naming::PyTorchHooks)
+}
+
+/// [`save`] with whole batch-norm layers (gamma as `<m>.weight`, beta as `<m>.bias`,
+/// and their statistics) and the weights named after `naming`.
+pub fn save_with(
+    ctx: &Context,
+    path: &Path,
+    weights: &[&Weight],
+    batch_norms: &[(&str, &BatchNormState)],
+    layers: &[(&str, &BatchNormLayer)],
+    naming: Naming,
+) -> Result<()> {
+    let source = path.display().to_string();
+    let bytes =
+        to_bytes(ctx, weights, batch_norms, layers, naming).map_err(|e| relabel(e, &source))?;
+    std::fs::write(path, bytes).map_err(|e| file_err(&source, e.to_string()))
+}
+
+/// The file [`save_with`] writes, as bytes.
+pub fn to_bytes(
+    ctx: &Context,
+    weights: &[&Weight],
+    batch_norms: &[(&str, &BatchNormState)],
+    layers: &[(&str, &BatchNormLayer)],
+    naming: Naming,
+) -> Result<Vec<u8>> {
+    const SOURCE: &str = "(state being saved)";
     let mut names = Vec::new();
     let mut tensors = Vec::new();
     for w in weights {
         for (k, t) in w.state_dict()? {
-            names.push(k);
+            names.push(naming.key(w, &k));
             tensors.push(t);
         }
     }
-    for (prefix, bn) in batch_norms {
+    let mut counts = Vec::new();
+    let mut stats = |prefix: &str, bn: &BatchNormState| {
         names.push(format!("{prefix}.running_mean"));
         tensors.push(bn.running_mean.clone());
         names.push(format!("{prefix}.running_var"));
         tensors.push(bn.running_var.clone());
+        counts.push((format!("{prefix}.num_batches_tracked"), bn.num_updates));
+    };
+    for (prefix, bn) in batch_norms {
+        stats(prefix, bn);
+    }
+    for (prefix, layer) in layers {
+        if layer.config.track_running_stats {
+            stats(prefix, &layer.state);
+        }
+    }
+    for (prefix, layer) in layers {
+        for (suffix, t) in [("weight", &layer.gamma), ("bias", &layer.beta)] {
+            if let Some(t) = t {
+                names.push(format!("{prefix}.{suffix}"));
+                tensors.push(t.clone());
+            }
+        }
     }
     let refs: Vec<&Tensor> = tensors.iter().collect();
     let data = ctx.read_all(&refs)?;
-    let mut bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = names
+    let mut entries: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = names
         .into_iter()
         .zip(&data)
         .map(|(k, a)| {
-            let v: Vec<f32> = a.iter().copied().collect();
-            (
-                k,
-                a.shape().to_vec(),
-                Dtype::F32,
-                bytemuck::cast_slice(&v).to_vec(),
-            )
+            let bytes = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (k, a.shape().to_vec(), Dtype::F32, bytes)
         })
         .collect();
-    for (prefix, bn) in batch_norms {
-        bytes.push((
-            format!("{prefix}.num_batches_tracked"),
-            vec![],
-            Dtype::I64,
-            (bn.num_updates as i64).to_le_bytes().to_vec(),
-        ));
+    for (k, n) in counts {
+        entries.push((k, vec![], Dtype::I64, (n as i64).to_le_bytes().to_vec()));
     }
     let mut seen = std::collections::HashSet::new();
-    for (k, ..) in &bytes {
+    for (k, ..) in &entries {
         if !seen.insert(k.as_str()) {
-            return Err(file_err(path, format!("two entries are both named `{k}`")));
+            return Err(file_err(
+                SOURCE,
+                format!("two entries are both named `{k}`"),
+            ));
         }
     }
-    let views = bytes
+    let views = entries
         .iter()
         .map(|(k, shape, dtype, b)| {
             safetensors::tensor::TensorView::new(*dtype, shape.clone(), b)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| file_err(path, e.to_string()))
+                .map_err(|e| file_err(SOURCE, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| file_err(path, e.to_string()))
+    safetensors::serialize(views, Some(meta)).map_err(|e| file_err(SOURCE, e.to_string()))
 }
 
-/// Loads the state of `weights` and batch norms from a safetensors file; all or
-/// nothing. A weight without data takes the raw tensor's shape from the file; one
-/// with data must match it.
+/// An error about the state being saved, named after the file it was going to.
+fn relabel(e: Error, source: &str) -> Error {
+    match e {
+        Error::File { problem, .. } => file_err(source, problem),
+        other => other,
+    }
+}
+
+/// Loads the state of `weights` and batch norms' running statistics from a
+/// safetensors file; all or nothing. A weight without data takes the raw tensor's
+/// shape from the file; one with data must match it. Each weight's naming is detected
+/// (see [`Naming`]).
 pub fn load(
     ctx: &Context,
     path: &Path,
     weights: &mut [&mut Weight],
     batch_norms: &mut [(&str, &mut BatchNormState)],
 ) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
-    let f32_tensor = |name: &str, shape: Option<&[usize]>| -> Result<Vec<f32>> {
-        let view = st
-            .tensor(name)
-            .map_err(|_| file_err(path, format!("`{name}` is missing")))?;
-        if view.dtype() != Dtype::F32 {
+    load_with(ctx, path, weights, batch_norms, &mut [])
+}
+
+/// [`load`] with whole batch-norm layers as well.
+pub fn load_with(
+    ctx: &Context,
+    path: &Path,
+    weights: &mut [&mut Weight],
+    batch_norms: &mut [(&str, &mut BatchNormState)],
+    layers: &mut [(&str, &mut BatchNormLayer)],
+) -> Result<()> {
+    let source = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&source, e.to_string()))?;
+    load_from(ctx, &source, &bytes, weights, batch_norms, layers)
+}
+
+/// [`load_with`] from the bytes of a safetensors file (a checkpoint in memory, from
+/// a network or an archive).
+pub fn load_bytes(
+    ctx: &Context,
+    bytes: &[u8],
+    weights: &mut [&mut Weight],
+    batch_norms: &mut [(&str, &mut BatchNormState)],
+    layers: &mut [(&str, &mut BatchNormLayer)],
+) -> Result<()> {
+    load_from(ctx, "(bytes)", bytes, weights, batch_norms, layers)
+}
+
+/// Reads entry `name` as f32 values, converting f16, bf16 and f64.
+fn read_f32(
+    st: &SafeTensors<'_>,
+    source: &str,
+    name: &str,
+    shape: Option<&[usize]>,
+) -> Result<Vec<f32>> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| file_err(source, format!("`{name}` is missing")))?;
+    if let Some(s) = shape {
+        if view.shape() != s {
             return Err(file_err(
-                path,
-                format!("`{name}` is {:?}, expected F32", view.dtype()),
+                source,
+                format!("`{name}` has shape {:?}, expected {s:?}", view.shape()),
             ));
         }
-        if let Some(s) = shape {
-            if view.shape() != s {
-                return Err(file_err(
-                    path,
-                    format!("`{name}` has shape {:?}, expected {s:?}", view.shape()),
-                ));
-            }
-        }
-        Ok(view
-            .data()
+    }
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F32 => Ok(data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect()),
+        Dtype::F16 => Ok(data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        Dtype::BF16 => Ok(data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| {
+                let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                if v.is_finite() && v.abs() > f64::from(f32::MAX) {
+                    Err(file_err(
+                        source,
+                        format!("`{name}` holds {v}, past f32's range"),
+                    ))
+                } else {
+                    Ok(v as f32)
+                }
+            })
+            .collect(),
+        other => Err(file_err(
+            source,
+            format!("`{name}` is {other:?}; F32, F16, BF16 or F64 expected"),
+        )),
+    }
+}
+
+/// Reads a `num_batches_tracked`: one int64 or int32, not negative.
+fn read_count(st: &SafeTensors<'_>, source: &str, key: &str) -> Result<u64> {
+    let view = st
+        .tensor(key)
+        .map_err(|_| file_err(source, format!("`{key}` is missing")))?;
+    let data = view.data();
+    let n = match (view.dtype(), view.shape().iter().product::<usize>()) {
+        (Dtype::I64, 1) => i64::from_le_bytes(data[..8].try_into().expect("8 bytes")),
+        (Dtype::I32, 1) => i64::from(i32::from_le_bytes(data[..4].try_into().expect("4 bytes"))),
+        (dtype, _) => {
+            return Err(file_err(
+                source,
+                format!(
+                    "`{key}` is {dtype:?} {:?}, expected a single I64 (or I32)",
+                    view.shape()
+                ),
+            ))
+        }
     };
+    u64::try_from(n).map_err(|_| file_err(source, format!("`{key}` is negative ({n})")))
+}
+
+fn load_from(
+    ctx: &Context,
+    source: &str,
+    bytes: &[u8],
+    weights: &mut [&mut Weight],
+    batch_norms: &mut [(&str, &mut BatchNormState)],
+    layers: &mut [(&str, &mut BatchNormLayer)],
+) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| file_err(source, format!("not a safetensors file: {e}")))?;
+    let has = |k: &str| st.tensor(k).is_ok();
     // Phase 1: check everything and gather it on the host.
     let mut weight_data: Vec<Vec<HostEntry>> = Vec::new();
     for w in weights.iter() {
         let raw_key = w.raw_key();
+        let naming = [Naming::PyTorchHooks, Naming::PyTorchParametrizations]
+            .into_iter()
+            .find(|n| has(&n.key(w, &raw_key)))
+            .ok_or_else(|| {
+                let other = Naming::PyTorchParametrizations.key(w, &raw_key);
+                let also = if other == raw_key {
+                    String::new()
+                } else {
+                    format!(" (nor `{other}`)")
+                };
+                file_err(source, format!("`{raw_key}` is missing{also}"))
+            })?;
         let raw_shape = match w.data() {
             Some(d) => d.shape().to_vec(),
             None => st
-                .tensor(&raw_key)
-                .map_err(|_| file_err(path, format!("`{raw_key}` is missing")))?
+                .tensor(&naming.key(w, &raw_key))
+                .expect("found above")
                 .shape()
                 .to_vec(),
         };
         let mut entries = Vec::new();
         for (k, shape) in w.state_shapes(&raw_shape)? {
-            let v = f32_tensor(&k, Some(&shape))?;
+            let v = read_f32(&st, source, &naming.key(w, &k), Some(&shape))?;
             entries.push((k, shape, v));
         }
         weight_data.push(entries);
     }
+    let stats = |prefix: &str, features: usize| -> Result<(Vec<f32>, Vec<f32>, u64)> {
+        let shape = [features];
+        Ok((
+            read_f32(&st, source, &format!("{prefix}.running_mean"), Some(&shape))?,
+            read_f32(&st, source, &format!("{prefix}.running_var"), Some(&shape))?,
+            read_count(&st, source, &format!("{prefix}.num_batches_tracked"))?,
+        ))
+    };
     let mut bn_data = Vec::new();
     for (prefix, bn) in batch_norms.iter() {
-        let shape = bn.running_mean.shape().to_vec();
-        let mean = f32_tensor(&format!("{prefix}.running_mean"), Some(&shape))?;
-        let var = f32_tensor(&format!("{prefix}.running_var"), Some(&shape))?;
-        let key = format!("{prefix}.num_batches_tracked");
-        let view = st
-            .tensor(&key)
-            .map_err(|_| file_err(path, format!("`{key}` is missing")))?;
-        if view.dtype() != Dtype::I64 || view.shape().iter().product::<usize>() != 1 {
-            return Err(file_err(
-                path,
-                format!(
-                    "`{key}` is {:?} {:?}, expected a single I64",
-                    view.dtype(),
-                    view.shape()
-                ),
-            ));
-        }
-        let n = i64::from_le_bytes(view.data()[..8].try_into().expect("8 bytes"));
-        if n < 0 {
-            return Err(file_err(path, format!("`{key}` is negative ({n})")));
-        }
-        bn_data.push((shape, mean, var, n as u64));
+        bn_data.push(stats(prefix, bn.running_mean.len())?);
+    }
+    let mut layer_data = Vec::new();
+    for (prefix, layer) in layers.iter() {
+        let features = layer.features();
+        let shape = [features];
+        let stats = if layer.config.track_running_stats {
+            Some(stats(prefix, features)?)
+        } else {
+            None
+        };
+        let param = |on: bool, suffix: &str| -> Result<Option<Vec<f32>>> {
+            on.then(|| read_f32(&st, source, &format!("{prefix}.{suffix}"), Some(&shape)))
+                .transpose()
+        };
+        let gamma = param(layer.config.scale, "weight")?;
+        let beta = param(layer.config.center, "bias")?;
+        layer_data.push((stats, gamma, beta));
     }
     // Phase 2: upload everything (may fail, nothing changed yet).
+    let up = |v: &[f32]| Tensor::from_slice(ctx, &[v.len()], v);
     let mut weight_tensors = Vec::new();
     for entries in &weight_data {
         let mut ts = Vec::new();
@@ -185,12 +386,18 @@ pub fn load(
         weight_tensors.push(ts);
     }
     let mut bn_tensors = Vec::new();
-    for (shape, mean, var, n) in &bn_data {
-        bn_tensors.push((
-            Tensor::from_slice(ctx, shape, mean)?,
-            Tensor::from_slice(ctx, shape, var)?,
-            *n,
-        ));
+    for (mean, var, n) in &bn_data {
+        bn_tensors.push((up(mean)?, up(var)?, *n));
+    }
+    let mut layer_tensors = Vec::new();
+    for (stats, gamma, beta) in &layer_data {
+        let stats = match stats {
+            Some((mean, var, n)) => Some((up(mean)?, up(var)?, *n)),
+            None => None,
+        };
+        let gamma = gamma.as_deref().map(up).transpose()?;
+        let beta = beta.as_deref().map(up).transpose()?;
+        layer_tensors.push((stats, gamma, beta));
     }
     // Phase 3: swap in.
     for (w, ts) in weights.iter_mut().zip(weight_tensors) {
@@ -200,6 +407,17 @@ pub fn load(
         bn.running_mean = mean;
         bn.running_var = var;
         bn.num_updates = n;
+    }
+    for ((_, layer), (stats, gamma, beta)) in layers.iter_mut().zip(layer_tensors) {
+        if let Some((mean, var, n)) = stats {
+            layer.state = BatchNormState {
+                running_mean: mean,
+                running_var: var,
+                num_updates: n,
+            };
+        }
+        layer.gamma = gamma.or(layer.gamma.take());
+        layer.beta = beta.or(layer.beta.take());
     }
     Ok(())
 }

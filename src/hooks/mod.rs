@@ -53,6 +53,13 @@ pub trait WeightHook: Send {
         Ok(())
     }
 
+    /// The raw weight to leave in place when the hook is removed, given the current
+    /// one (`None`: leave it as it is). Weight normalization folds `g * v / ||v||`
+    /// back in, as PyTorch's `remove_weight_norm` and Jittor's `remove` do.
+    fn fold(&self, _ctx: &Context, _data: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Whether the hook transforms the weight ([`Self::record_forward`] returns a
     /// tensor) rather than only observing.
     fn is_transform(&self) -> bool {
@@ -292,7 +299,8 @@ impl Weight {
         Ok(())
     }
 
-    /// Removes the hook named `name`, calls its `deleted` and returns it.
+    /// Removes the hook named `name`, calls its `deleted` and returns it. A hook that
+    /// folds (weight normalization) leaves the normalized weight as the raw one.
     pub fn remove_hook(&mut self, ctx: &Context, name: &str) -> Result<Box<dyn WeightHook>> {
         let i = self
             .hooks
@@ -304,8 +312,18 @@ impl Weight {
                     format!("weight `{}` has no hook named `{name}`", self.name),
                 )
             })?;
+        let folded = match &self.data {
+            Some(d) => self.hooks[i].fold(ctx, d)?,
+            None => None,
+        };
         let mut hook = self.hooks.remove(i);
-        hook.deleted(ctx, &self.name)?;
+        if let Err(e) = hook.deleted(ctx, &self.name) {
+            self.hooks.insert(i, hook);
+            return Err(e);
+        }
+        if let Some(d) = folded {
+            self.data = Some(d);
+        }
         self.applied.clear();
         Ok(hook)
     }

@@ -314,6 +314,14 @@ impl WeightHook for WeightNormHook {
         Some("weight_v")
     }
 
+    /// `g * v / ||v||`, once `g` exists (before, `g` would be `||v||`: `v` itself).
+    fn fold(&self, ctx: &Context, data: &Tensor) -> Result<Option<Tensor>> {
+        self.g
+            .as_ref()
+            .map(|g| self.config.forward(ctx, g, data))
+            .transpose()
+    }
+
     fn state(&self) -> Vec<(String, Tensor)> {
         self.g
             .iter()

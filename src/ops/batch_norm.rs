@@ -111,6 +111,69 @@ impl BatchNormState {
     }
 }
 
+/// A batch-norm layer that owns its parameters and state, as PyTorch's `BatchNorm2d`
+/// and Keras' `BatchNormalization` do: the config, gamma (PyTorch's `<m>.weight`, ones
+/// at first) when the config scales, beta (`<m>.bias`, zeros at first) when it centres,
+/// and the running statistics. [`crate::state`] saves and loads it whole.
+#[derive(Clone, Debug)]
+pub struct BatchNormLayer {
+    /// The configuration.
+    pub config: BatchNorm,
+    /// The scale, when `config.scale`.
+    pub gamma: Option<Tensor>,
+    /// The shift, when `config.center`.
+    pub beta: Option<Tensor>,
+    /// The running statistics.
+    pub state: BatchNormState,
+}
+
+impl BatchNormLayer {
+    /// A fresh layer of `features` features: gamma 1, beta 0 (where the config has
+    /// them), running mean 0, running variance 1, as PyTorch initialises one.
+    pub fn new(ctx: &Context, config: BatchNorm, features: usize) -> Result<Self> {
+        Ok(BatchNormLayer {
+            config,
+            gamma: config
+                .scale
+                .then(|| Tensor::from_slice(ctx, &[features], &vec![1.0; features]))
+                .transpose()?,
+            beta: config
+                .center
+                .then(|| Tensor::zeros(ctx, &[features]))
+                .transpose()?,
+            state: BatchNormState::new(ctx, features)?,
+        })
+    }
+
+    /// Features of the layer.
+    pub fn features(&self) -> usize {
+        self.state.running_mean.len()
+    }
+
+    /// [`BatchNorm::forward`] with the layer's own parameters and state.
+    pub fn forward(
+        &mut self,
+        ctx: &Context,
+        x: &Tensor,
+        mode: BatchNormMode,
+    ) -> Result<BatchNormForward> {
+        let (gamma, beta) = (self.gamma.as_ref(), self.beta.as_ref());
+        self.config
+            .forward(ctx, x, gamma, beta, Some(&mut self.state), mode)
+    }
+
+    /// [`BatchNorm::backward`] of a forward of this layer.
+    pub fn backward(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        grad_output: &Tensor,
+        forward: &BatchNormForward,
+    ) -> Result<BatchNormGrads> {
+        self.config.backward(ctx, x, grad_output, forward)
+    }
+}
+
 /// Per-feature partial statistics that can be merged across devices or processes
 /// (count, mean, M2), with Chan's combine: synchronised batch norm.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,0 +1,206 @@
+//! Checkpoints written by PyTorch (tests/checkpoints/pytorch_checkpoints.py: spectral
+//! norm on a conv and a deconv, weight norm on a linear, BatchNorm2d, three training
+//! steps) in both of PyTorch's APIs and in f32, bf16 and f16 load, and give PyTorch's
+//! evaluation weights and batch-norm output to `CHECKPOINT_TOL`; wgnorm's saves under
+//! either API load back (and, checked by the script, in PyTorch).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_close, ctx};
+use ndarray::ArrayD;
+use wgnorm::state::{self, Naming};
+use wgnorm::{
+    BatchNorm, BatchNormLayer, BatchNormMode, Context, SpectralNorm, SpectralNormHook, Tensor,
+    Weight, WeightNorm, WeightNormHook,
+};
+
+/// f32 kernels against PyTorch's f32 results on the same values.
+const CHECKPOINT_TOL: f32 = 1e-6;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/checkpoints")
+}
+
+/// The script's model: weights without data (shapes come from the file).
+fn model(ctx: &Context) -> (Vec<Weight>, BatchNormLayer) {
+    let sn = |name: &str, axis: usize| {
+        let mut w = Weight::new(name, None);
+        let config = SpectralNorm {
+            axis,
+            ..SpectralNorm::pytorch()
+        };
+        w.add_hook(ctx, Box::new(SpectralNormHook::new(config, 1)))
+            .unwrap();
+        w
+    };
+    let mut fc = Weight::new("fc", None);
+    fc.add_hook(
+        ctx,
+        Box::new(WeightNormHook::new(WeightNorm::pytorch(Some(0)))),
+    )
+    .unwrap();
+    let bn = BatchNormLayer::new(ctx, BatchNorm::pytorch(), 6).unwrap();
+    (vec![sn("conv", 0), sn("deconv", 1), fc], bn)
+}
+
+fn expected(name: &str) -> std::collections::HashMap<String, ArrayD<f32>> {
+    let bytes = std::fs::read(dir().join(name)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (k, ArrayD::from_shape_vec(v.shape().to_vec(), data).unwrap())
+        })
+        .collect()
+}
+
+/// Evaluation weights and the batch norm's evaluation output against PyTorch's.
+fn check_against(ctx: &Context, weights: &mut [Weight], bn: &mut BatchNormLayer, want: &str) {
+    let want = expected(want);
+    for w in weights.iter_mut() {
+        let got = w.forward(ctx, false).unwrap().to_array(ctx).unwrap();
+        let key = format!("{}.weight", w.name());
+        assert_close(&key, &got, &want[&key], CHECKPOINT_TOL, CHECKPOINT_TOL);
+    }
+    let x = Tensor::from_array(ctx, &want["bn.input"]).unwrap();
+    let y = bn.forward(ctx, &x, BatchNormMode::Eval).unwrap();
+    let got = y.output.to_array(ctx).unwrap();
+    assert_close(
+        "bn.output",
+        &got,
+        &want["bn.output"],
+        CHECKPOINT_TOL,
+        CHECKPOINT_TOL,
+    );
+}
+
+#[test]
+fn pytorch_checkpoints_of_both_apis_and_dtypes_load() {
+    let ctx = ctx();
+    for api in ["hooks", "parametrizations"] {
+        for dtype in ["", "_bf16", "_f16"] {
+            let (mut weights, mut bn) = model(&ctx);
+            let file = dir().join(format!("{api}{dtype}.safetensors"));
+            let mut refs: Vec<&mut Weight> = weights.iter_mut().collect();
+            state::load_with(&ctx, &file, &mut refs, &mut [], &mut [("bn", &mut bn)])
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert_eq!(bn.state.num_updates, 3, "{api}{dtype}");
+            check_against(
+                &ctx,
+                &mut weights,
+                &mut bn,
+                &format!("{api}{dtype}_expected.safetensors"),
+            );
+            // The same bytes from memory.
+            let (mut again, mut bn2) = model(&ctx);
+            let mut refs: Vec<&mut Weight> = again.iter_mut().collect();
+            let bytes = std::fs::read(&file).unwrap();
+            state::load_bytes(&ctx, &bytes, &mut refs, &mut [], &mut [("bn", &mut bn2)]).unwrap();
+            check_against(
+                &ctx,
+                &mut again,
+                &mut bn2,
+                &format!("{api}{dtype}_expected.safetensors"),
+            );
+        }
+    }
+}
+
+/// wgnorm's own saves under either API load back here, and are left in
+/// `target/checkpoints/` for `pytorch_checkpoints.py check` (done by hand: the script
+/// needs torch; see the module docs).
+#[test]
+fn saves_under_either_api_load_back() {
+    let ctx = ctx();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/checkpoints");
+    std::fs::create_dir_all(&out).unwrap();
+    for (naming, name) in [
+        (Naming::PyTorchHooks, "hooks"),
+        (Naming::PyTorchParametrizations, "parametrizations"),
+    ] {
+        let (mut weights, mut bn) = model(&ctx);
+        let mut refs: Vec<&mut Weight> = weights.iter_mut().collect();
+        state::load_with(
+            &ctx,
+            &dir().join("hooks.safetensors"),
+            &mut refs,
+            &mut [],
+            &mut [("bn", &mut bn)],
+        )
+        .unwrap();
+        let path = out.join(format!("wgnorm_{name}.safetensors"));
+        let refs: Vec<&Weight> = weights.iter().collect();
+        state::save_with(&ctx, &path, &refs, &[], &[("bn", &bn)], naming).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for key in [
+            "bn.weight",
+            "bn.bias",
+            "bn.running_var",
+            "bn.num_batches_tracked",
+        ] {
+            assert!(
+                names.iter().any(|n| n == key),
+                "{name}: {key} missing in {names:?}"
+            );
+        }
+        let parametrized = names
+            .iter()
+            .any(|n| n.contains("parametrizations.weight.original"));
+        assert_eq!(
+            parametrized,
+            naming == Naming::PyTorchParametrizations,
+            "{names:?}"
+        );
+        let (mut back, mut bn2) = model(&ctx);
+        let mut refs: Vec<&mut Weight> = back.iter_mut().collect();
+        state::load_with(&ctx, &path, &mut refs, &mut [], &mut [("bn", &mut bn2)]).unwrap();
+        check_against(&ctx, &mut back, &mut bn2, "hooks_expected.safetensors");
+    }
+}
+
+/// Removing weight normalization leaves `g * v / ||v||` in place (PyTorch's
+/// `remove_weight_norm`, Jittor's `remove`), not `v`.
+#[test]
+fn removing_weight_norm_folds_the_weight() {
+    let ctx = ctx();
+    let (mut weights, _) = model(&ctx);
+    let fc = &mut weights[2];
+    let mut bn = BatchNormLayer::new(&ctx, BatchNorm::pytorch(), 6).unwrap();
+    let mut refs = vec![&mut *fc];
+    state::load_with(
+        &ctx,
+        &dir().join("hooks.safetensors"),
+        &mut refs,
+        &mut [],
+        &mut [("bn", &mut bn)],
+    )
+    .unwrap();
+    let normalized = fc.forward(&ctx, false).unwrap().to_array(&ctx).unwrap();
+    fc.remove_hook(&ctx, "weight_norm").unwrap();
+    let raw = fc.data().unwrap().to_array(&ctx).unwrap();
+    assert_eq!(raw, normalized);
+    assert_eq!(
+        fc.forward(&ctx, false).unwrap().to_array(&ctx).unwrap(),
+        normalized
+    );
+    assert_close(
+        "fc.weight",
+        &raw,
+        &expected("hooks_expected.safetensors")["fc.weight"],
+        CHECKPOINT_TOL,
+        CHECKPOINT_TOL,
+    );
+}
