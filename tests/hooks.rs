@@ -364,3 +364,58 @@ fn save_and_load_round_trip_and_refusal() {
     assert!(err.to_string().contains("not a safetensors file"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A weight without data when its hooks are added (Chainer's lazily initialised link):
+/// at the first forward each hook initialises from the weight as the hooks before it
+/// leave it. WS then SN: SN's `gamma` (Chainer, `use_gamma`) and warmed-up `u`
+/// (PyTorch) are those of the standardized weight, not of the raw one.
+#[test]
+fn lazily_added_hooks_initialise_from_the_earlier_hooks_output() {
+    let ctx = ctx();
+    let mut rng = Rng::new(21);
+    let raw = rng.array(&[12, 5, 3, 3], 0.5, 2.0);
+    let ws = WeightStandardization::default();
+    let standardized = ws
+        .forward(&ctx, &Tensor::from_array(&ctx, &raw).unwrap())
+        .unwrap();
+    let raw_t = Tensor::from_array(&ctx, &raw).unwrap();
+    for config in [
+        SpectralNorm {
+            use_gamma: true,
+            ..SpectralNorm::chainer()
+        },
+        SpectralNorm::pytorch(),
+    ] {
+        let mut w = Weight::new("conv", None);
+        w.add_hook(&ctx, Box::new(WeightStandardizationHook::default()))
+            .unwrap();
+        w.add_hook(&ctx, Box::new(SpectralNormHook::new(config, 3)))
+            .unwrap();
+        w.set_data(Tensor::from_array(&ctx, &raw).unwrap());
+        w.forward(&ctx, false).unwrap();
+        let state = w.hook("spectral_norm").unwrap().state();
+        let of = |t: &Tensor| config.init_state(&ctx, t, 3).unwrap();
+        let (want, raw_init) = (of(&standardized), of(&raw_t));
+        let get = |k: &str| {
+            state
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, t)| t.to_array(&ctx).unwrap())
+                .unwrap()
+        };
+        let (key, want, raw_init) = match &want.gamma {
+            Some(g) => ("weight_gamma", g.clone(), raw_init.gamma.unwrap()),
+            None => ("weight_u", want.u.clone(), raw_init.u),
+        };
+        let (want, raw_init) = (
+            want.to_array(&ctx).unwrap(),
+            raw_init.to_array(&ctx).unwrap(),
+        );
+        assert_close(key, &get(key), &want, 1e-5, 1e-6);
+        let apart = (&want - &raw_init).iter().fold(0f32, |m, d| m.max(d.abs()));
+        assert!(
+            apart > 1e-3,
+            "{key}: the raw weight gives the same ({apart})"
+        );
+    }
+}

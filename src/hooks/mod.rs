@@ -343,9 +343,7 @@ impl Weight {
             )
         })?;
         let ctx = rec.context();
-        for hook in self.hooks.iter_mut().filter(|h| h.needs_init()) {
-            hook.initialize(ctx, &self.name, &data)?;
-        }
+        self.initialize_lazily(ctx, &data)?;
         let globals: Vec<SharedHook> =
             GLOBAL.with(|g| g.borrow().iter().map(|(_, h)| h.clone()).collect());
         let args = HookArgs {
@@ -395,6 +393,47 @@ impl Weight {
         }
         self.applied = applied;
         Ok(current)
+    }
+
+    /// Initialises the hooks that still need it (the weight had no data when they
+    /// were added), each from the weight as the transforms before it leave it: Chainer
+    /// initialises a lazily initialised link's hooks at its first forward, when
+    /// `link.W` holds the earlier hooks' output (WS then SN: SN's `gamma`, and
+    /// PyTorch's warmed-up `u`, come from the standardized weight). The transforms
+    /// before a hook run here in evaluation mode, in submissions of their own, so that
+    /// no state of theirs moves; hooks added to a weight with data initialise from the
+    /// raw weight in `added`, as Chainer's do.
+    fn initialize_lazily(&mut self, ctx: &Context, data: &Tensor) -> Result<()> {
+        let Some(last) = self.hooks.iter().rposition(|h| h.needs_init()) else {
+            return Ok(());
+        };
+        let args = HookArgs {
+            weight: &self.name,
+            training: false,
+        };
+        let globals: Vec<SharedHook> =
+            GLOBAL.with(|g| g.borrow().iter().map(|(_, h)| h.clone()).collect());
+        let mut current = data.clone();
+        for g in &globals {
+            let mut h = lock(g)?;
+            if h.is_transform() {
+                if let Some(out) = ctx.run(|rec| h.record_forward(rec, &current, &args))? {
+                    current = out;
+                }
+            }
+        }
+        for i in 0..=last {
+            let hook = &mut self.hooks[i];
+            if hook.needs_init() {
+                hook.initialize(ctx, &self.name, &current)?;
+            }
+            if i < last && hook.is_transform() {
+                if let Some(out) = ctx.run(|rec| hook.record_forward(rec, &current, &args))? {
+                    current = out;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The gradient with respect to the raw parameter, given the gradient of the
