@@ -419,3 +419,40 @@ fn lazily_added_hooks_initialise_from_the_earlier_hooks_output() {
         );
     }
 }
+
+/// The timer's summary, total and report in every unit, against what Chainer 7.8.1's
+/// `TimerHook` prints for the same call history (tests/chainer/timer_report.py; its
+/// `LinkName` column is wgnorm's `HookName`).
+#[test]
+fn timer_reports_as_chainer_prints_them() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chainer/timer_report.json");
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut timer = TimerHook::new();
+    for entry in golden["history"].as_array().unwrap() {
+        timer.record(wgnorm::hooks::TimerRow {
+            weight: "conv".into(),
+            hook: entry[0].as_str().unwrap().into(),
+            seconds: entry[1].as_f64().unwrap(),
+            gpu: false,
+        });
+    }
+    let summary = timer.summary();
+    let want = golden["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), want.len());
+    for ((name, s), w) in summary.iter().zip(want) {
+        assert_eq!(name, w[0].as_str().unwrap());
+        assert!(
+            (s.elapsed_time - w[1].as_f64().unwrap()).abs() < 1e-12,
+            "{name}"
+        );
+        assert_eq!(s.occurrence as u64, w[2].as_u64().unwrap(), "{name}");
+    }
+    // The weights' whole forwards are the outermost spans.
+    assert_eq!(timer.total_time(), 1.5);
+    for (unit, text) in golden["reports"].as_object().unwrap() {
+        let want = text.as_str().unwrap().replace("LinkName", "HookName");
+        assert_eq!(timer.report_text(unit).unwrap(), want, "unit {unit}");
+    }
+    assert!(timer.report_text("minutes").is_err());
+}

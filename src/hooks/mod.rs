@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
 pub use normalizations::{SpectralNormHook, WeightNormHook, WeightStandardizationHook};
-pub use timer::{TimerHook, TimerReport, TimerRow};
+pub use timer::{TimerHook, TimerReport, TimerRow, TimerSummary};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, Recording, Tensor};

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use super::{HookArgs, WeightHook};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Recording;
 
 /// One timed span: a normalization on a weight, or a weight's whole forward
@@ -34,6 +34,31 @@ pub struct TimerHook {
     open: Vec<(String, String, usize)>,
 }
 
+/// The hook name of a weight's whole forward in the timer's rows.
+const FORWARD: &str = "(forward)";
+
+/// Chainer's `_choose_unit`: the largest of sec, ms, us in which `seconds` is at
+/// least 1, else ns; `(factor, unit)`.
+fn choose_unit(seconds: f64) -> (f64, &'static str) {
+    let mut factor = 1.0;
+    for unit in ["sec", "ms", "us"] {
+        if seconds * factor >= 1.0 {
+            return (factor, unit);
+        }
+        factor *= 1000.0;
+    }
+    (factor, "ns")
+}
+
+/// One entry of [`TimerHook::summary`] (Chainer's `{'elapsed_time', 'occurrence'}`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimerSummary {
+    /// Seconds, summed.
+    pub elapsed_time: f64,
+    /// Calls.
+    pub occurrence: usize,
+}
+
 /// The timer's totals per weight and hook, printable as a table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TimerReport {
@@ -50,6 +75,100 @@ impl TimerHook {
     /// Every span measured so far, in order.
     pub fn rows(&self) -> Vec<TimerRow> {
         self.rows.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Adds a measurement (to merge timers of several threads, or replay rows).
+    pub fn record(&mut self, row: TimerRow) {
+        if let Ok(mut r) = self.rows.lock() {
+            r.push(row);
+        }
+    }
+
+    /// Total seconds of the outermost spans, as Chainer's `total_time()`: the weights'
+    /// whole forwards, or, where the timer saw none (added to hooks only), every span.
+    pub fn total_time(&self) -> f64 {
+        let rows = self.rows();
+        let forwards: Vec<&TimerRow> = rows.iter().filter(|r| r.hook == FORWARD).collect();
+        if forwards.is_empty() {
+            rows.iter().map(|r| r.seconds).sum()
+        } else {
+            forwards.iter().map(|r| r.seconds).sum()
+        }
+    }
+
+    /// Elapsed seconds and calls per hook (`(forward)` for the weights' whole
+    /// forwards), in first-seen order: Chainer's `summary()`, keyed by hook as
+    /// Chainer's is keyed by link.
+    pub fn summary(&self) -> Vec<(String, TimerSummary)> {
+        let mut out: Vec<(String, TimerSummary)> = Vec::new();
+        for row in self.rows() {
+            match out.iter_mut().find(|(k, _)| *k == row.hook) {
+                Some((_, s)) => {
+                    s.elapsed_time += row.seconds;
+                    s.occurrence += 1;
+                }
+                None => out.push((
+                    row.hook,
+                    TimerSummary {
+                        elapsed_time: row.seconds,
+                        occurrence: 1,
+                    },
+                )),
+            }
+        }
+        out
+    }
+
+    /// Chainer's `print_report` as text: a right-aligned table `HookName ElapsedTime
+    /// Occurrence`, times as `%3.2f` plus the unit. `unit`: `sec`, `ms`, `us`, `ns`,
+    /// `auto` (Chainer's default: the unit of the largest entry, for every entry) or
+    /// `auto_foreach` (each entry its own).
+    pub fn report_text(&self, unit: &str) -> Result<String> {
+        let summary = self.summary();
+        let fixed = match unit {
+            "sec" => Some((1.0, "sec")),
+            "ms" => Some((1e3, "ms")),
+            "us" => Some((1e6, "us")),
+            "ns" => Some((1e9, "ns")),
+            "auto" => Some(choose_unit(
+                summary
+                    .iter()
+                    .map(|(_, s)| s.elapsed_time)
+                    .fold(0.0, f64::max),
+            )),
+            "auto_foreach" => None,
+            other => {
+                return Err(Error::input(
+                    "timer",
+                    format!("unit `{other}`: sec, ms, us, ns, auto or auto_foreach"),
+                ))
+            }
+        };
+        let mut entries = vec![[
+            "HookName".to_string(),
+            "ElapsedTime".to_string(),
+            "Occurrence".to_string(),
+        ]];
+        for (name, s) in &summary {
+            let (factor, unit) = fixed.unwrap_or_else(|| choose_unit(s.elapsed_time));
+            entries.push([
+                name.clone(),
+                format!("{:.2}{unit}", s.elapsed_time * factor),
+                s.occurrence.to_string(),
+            ]);
+        }
+        let width = |k: usize| entries.iter().map(|e| e[k].len()).max().unwrap_or(0);
+        let (a, b, c) = (width(0), width(1), width(2));
+        Ok(entries
+            .iter()
+            .map(|e| format!("{:>a$}  {:>b$}  {:>c$}\n", e[0], e[1], e[2]))
+            .collect())
+    }
+
+    /// Prints [`Self::report_text`] to standard output.
+    pub fn print_report(&self, unit: &str) -> Result<()> {
+        print!("{}", self.report_text(unit)?);
+        Ok(())
     }
 
     /// Forgets every measurement.
@@ -113,12 +232,12 @@ impl WeightHook for TimerHook {
     }
 
     fn forward_preprocess(&mut self, rec: &mut Recording<'_>, args: &HookArgs<'_>) -> Result<()> {
-        self.open(rec, args.weight, "(forward)");
+        self.open(rec, args.weight, FORWARD);
         Ok(())
     }
 
     fn forward_postprocess(&mut self, rec: &mut Recording<'_>, args: &HookArgs<'_>) -> Result<()> {
-        self.close(rec, args.weight, "(forward)");
+        self.close(rec, args.weight, FORWARD);
         Ok(())
     }
 
