@@ -76,8 +76,8 @@ pub use distributed::{Collective, ThreadComm, ThreadGroup};
 pub use error::{Error, Result};
 pub use gpu::{AdapterReport, Context, ContextOptions, Recording, Tensor, Tuning};
 pub use hooks::{
-    register_global, SpectralNormHook, TimerHook, Weight, WeightHook, WeightNormHook,
-    WeightStandardizationHook,
+    register_global, register_global_named, SpectralNormHook, TimerHook, Weight, WeightHook,
+    WeightNormHook, WeightStandardizationHook,
 };
 pub use ops::batch_norm::{
     BatchNorm, BatchNormForward, BatchNormGrads, BatchNormLayer, BatchNormMode, BatchNormState,

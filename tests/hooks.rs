@@ -456,3 +456,68 @@ fn timer_reports_as_chainer_prints_them() {
     }
     assert!(timer.report_text("minutes").is_err());
 }
+
+/// Counts its global registrations (Chainer calls `added(None)` / `deleted(None)`).
+struct Counting {
+    added: Arc<Mutex<(u32, u32)>>,
+}
+
+impl WeightHook for Counting {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn added_global(&mut self) -> wgnorm::Result<()> {
+        self.added.lock().unwrap().0 += 1;
+        Ok(())
+    }
+    fn deleted_global(&mut self) {
+        self.added.lock().unwrap().1 += 1;
+    }
+}
+
+/// Chainer's `link.add_hook(hook, name)`: two hooks of one kind on one weight under
+/// their own names, applied in order and removed by name; Chainer's global
+/// registration: `added` and `deleted` called, a second hook of a name refused.
+#[test]
+fn named_hooks_and_global_registration_as_chainer() {
+    let ctx = ctx();
+    let mut rng = Rng::new(30);
+    let (raw, mut w) = weight(&ctx, &mut rng, "conv", &[8, 3, 3, 3]);
+    let sn = SpectralNorm::pytorch();
+    w.add_hook_named(&ctx, Box::new(SpectralNormHook::new(sn, 1)), "sn_a")
+        .unwrap();
+    w.add_hook_named(&ctx, Box::new(SpectralNormHook::new(sn, 2)), "sn_b")
+        .unwrap();
+    assert_eq!(w.hook_names(), ["sn_a", "sn_b"]);
+    let err = w
+        .add_hook_named(&ctx, Box::new(SpectralNormHook::new(sn, 3)), "sn_a")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already has a hook named `sn_a`"),
+        "{err}"
+    );
+    // Both apply: the output of two spectral normalizations has sigma 1 (the second
+    // divides by ~1), against one applied to the raw weight.
+    let twice = w.forward(&ctx, false).unwrap().to_array(&ctx).unwrap();
+    w.remove_hook(&ctx, "sn_b").unwrap();
+    assert_eq!(w.hook_names(), ["sn_a"]);
+    let once = w.forward(&ctx, false).unwrap().to_array(&ctx).unwrap();
+    assert_ne!(once, raw);
+    assert_close("sn twice ~ once", &twice, &once, 2e-2, 1e-3);
+    assert!(w.remove_hook(&ctx, "sn_b").is_err());
+
+    let counts = Arc::new(Mutex::new((0, 0)));
+    {
+        let hook: SharedHook = Arc::new(Mutex::new(Counting {
+            added: counts.clone(),
+        }));
+        let _guard = register_global(hook.clone()).unwrap();
+        assert_eq!(*counts.lock().unwrap(), (1, 0));
+        let err = register_global(hook.clone()).unwrap_err();
+        assert!(err.to_string().contains("already registered"), "{err}");
+        // Under another name it may be registered twice.
+        let _second = wgnorm::register_global_named(hook, "counting_2").unwrap();
+        assert_eq!(*counts.lock().unwrap(), (2, 0));
+    }
+    assert_eq!(*counts.lock().unwrap(), (2, 2));
+}

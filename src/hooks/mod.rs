@@ -53,6 +53,16 @@ pub trait WeightHook: Send {
         Ok(())
     }
 
+    /// Called when the hook is registered globally ([`register_global`]); Chainer
+    /// calls `added(None)` then.
+    fn added_global(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called when a global registration ends (its guard is dropped); Chainer calls
+    /// `deleted(None)` then.
+    fn deleted_global(&mut self) {}
+
     /// The raw weight to leave in place when the hook is removed, given the current
     /// one (`None`: leave it as it is). Weight normalization folds `g * v / ||v||`
     /// back in, as PyTorch's `remove_weight_norm` and Jittor's `remove` do.
@@ -165,7 +175,7 @@ pub trait WeightHook: Send {
 pub type SharedHook = Arc<Mutex<dyn WeightHook>>;
 
 thread_local! {
-    static GLOBAL: RefCell<Vec<(u64, SharedHook)>> = const { RefCell::new(Vec::new()) };
+    static GLOBAL: RefCell<Vec<(u64, String, SharedHook)>> = const { RefCell::new(Vec::new()) };
     static NEXT_ID: RefCell<u64> = const { RefCell::new(0) };
 }
 
@@ -178,17 +188,51 @@ pub struct GlobalHookGuard {
 
 impl Drop for GlobalHookGuard {
     fn drop(&mut self) {
-        GLOBAL.with(|g| g.borrow_mut().retain(|(id, _)| *id != self.id));
+        let removed = GLOBAL.with(|g| {
+            let mut g = g.borrow_mut();
+            let i = g.iter().position(|(id, ..)| *id == self.id)?;
+            Some(g.remove(i).2)
+        });
+        if let Some(hook) = removed {
+            if let Ok(mut h) = hook.lock() {
+                h.deleted_global();
+            }
+        }
     }
 }
 
-/// Registers `hook` for every weight's forward on this thread, until the guard is
-/// dropped (Chainer's global link hooks are per thread too). Global hooks run before
-/// a weight's own. A hook with per-weight state ([`WeightHook::per_weight`]) is
-/// refused: add it to each weight instead.
+/// The global hooks of this thread with their registered names, in order.
+fn globals() -> Vec<(String, SharedHook)> {
+    GLOBAL.with(|g| {
+        g.borrow()
+            .iter()
+            .map(|(_, name, h)| (name.clone(), h.clone()))
+            .collect()
+    })
+}
+
+/// Registers `hook` for every weight's forward on this thread, under its own name,
+/// until the guard is dropped (Chainer's `with hook:`; Chainer's global link hooks are
+/// per thread too). Global hooks run before a weight's own. As in Chainer, a second
+/// global hook of the same name is refused, and the hook is told
+/// ([`WeightHook::added_global`], then [`WeightHook::deleted_global`] when the guard
+/// is dropped). A hook with per-weight state ([`WeightHook::per_weight`]) is refused:
+/// add it to each weight instead.
 pub fn register_global(hook: SharedHook) -> Result<GlobalHookGuard> {
+    let name = lock(&hook)?.name().to_string();
+    register_global_named(hook, &name)
+}
+
+/// [`register_global`] under `name` (Chainer's global hooks are keyed by name).
+pub fn register_global_named(hook: SharedHook, name: &str) -> Result<GlobalHookGuard> {
+    if GLOBAL.with(|g| g.borrow().iter().any(|(_, n, _)| n == name)) {
+        return Err(Error::input(
+            OP,
+            format!("a global hook named `{name}` is already registered"),
+        ));
+    }
     {
-        let h = lock(&hook)?;
+        let mut h = lock(&hook)?;
         if h.per_weight() {
             return Err(Error::input(
                 OP,
@@ -198,13 +242,14 @@ pub fn register_global(hook: SharedHook) -> Result<GlobalHookGuard> {
                 ),
             ));
         }
+        h.added_global()?;
     }
     let id = NEXT_ID.with(|n| {
         let mut n = n.borrow_mut();
         *n += 1;
         *n
     });
-    GLOBAL.with(|g| g.borrow_mut().push((id, hook)));
+    GLOBAL.with(|g| g.borrow_mut().push((id, name.to_string(), hook)));
     Ok(GlobalHookGuard { id })
 }
 
@@ -226,6 +271,8 @@ pub struct Weight {
     name: String,
     data: Option<Tensor>,
     hooks: Vec<Box<dyn WeightHook>>,
+    /// Each hook's name on this weight (its own unless added with another).
+    names: Vec<String>,
     /// The transforms of the last forward and their inputs, for the backward.
     applied: Vec<(Applied, Tensor)>,
 }
@@ -247,6 +294,7 @@ impl Weight {
             name: name.into(),
             data,
             hooks: Vec::new(),
+            names: Vec::new(),
             applied: Vec::new(),
         }
     }
@@ -269,32 +317,42 @@ impl Weight {
 
     /// The hooks' names, in order.
     pub fn hook_names(&self) -> Vec<&str> {
-        self.hooks.iter().map(|h| h.name()).collect()
+        self.names.iter().map(String::as_str).collect()
     }
 
-    /// The hook named `name`.
+    /// The hook named `name` on this weight.
     pub fn hook(&self, name: &str) -> Option<&dyn WeightHook> {
-        self.hooks
+        self.names
             .iter()
-            .find(|h| h.name() == name)
-            .map(|h| h.as_ref())
+            .position(|n| n == name)
+            .map(|i| self.hooks[i].as_ref())
     }
 
-    /// Adds `hook` after the existing ones and calls its `added`. A second hook of
-    /// the same name is refused.
-    pub fn add_hook(&mut self, ctx: &Context, mut hook: Box<dyn WeightHook>) -> Result<()> {
-        if self.hook(hook.name()).is_some() {
+    /// Adds `hook` after the existing ones, under its own name, and calls its
+    /// `added`. A second hook of the same name is refused (Chainer's
+    /// `link.add_hook(hook)`).
+    pub fn add_hook(&mut self, ctx: &Context, hook: Box<dyn WeightHook>) -> Result<()> {
+        let name = hook.name().to_string();
+        self.add_hook_named(ctx, hook, &name)
+    }
+
+    /// [`Self::add_hook`] under `name` (Chainer's `link.add_hook(hook, name)`), so that
+    /// one weight can carry two hooks of one kind.
+    pub fn add_hook_named(
+        &mut self,
+        ctx: &Context,
+        mut hook: Box<dyn WeightHook>,
+        name: &str,
+    ) -> Result<()> {
+        if self.hook(name).is_some() {
             return Err(Error::input(
                 OP,
-                format!(
-                    "weight `{}` already has a hook named `{}`",
-                    self.name,
-                    hook.name()
-                ),
+                format!("weight `{}` already has a hook named `{name}`", self.name),
             ));
         }
         hook.added(ctx, &self.name, self.data.as_ref())?;
         self.hooks.push(hook);
+        self.names.push(name.to_string());
         self.applied.clear();
         Ok(())
     }
@@ -302,16 +360,12 @@ impl Weight {
     /// Removes the hook named `name`, calls its `deleted` and returns it. A hook that
     /// folds (weight normalization) leaves the normalized weight as the raw one.
     pub fn remove_hook(&mut self, ctx: &Context, name: &str) -> Result<Box<dyn WeightHook>> {
-        let i = self
-            .hooks
-            .iter()
-            .position(|h| h.name() == name)
-            .ok_or_else(|| {
-                Error::input(
-                    OP,
-                    format!("weight `{}` has no hook named `{name}`", self.name),
-                )
-            })?;
+        let i = self.names.iter().position(|n| n == name).ok_or_else(|| {
+            Error::input(
+                OP,
+                format!("weight `{}` has no hook named `{name}`", self.name),
+            )
+        })?;
         let folded = match &self.data {
             Some(d) => self.hooks[i].fold(ctx, d)?,
             None => None,
@@ -321,6 +375,7 @@ impl Weight {
             self.hooks.insert(i, hook);
             return Err(e);
         }
+        self.names.remove(i);
         if let Some(d) = folded {
             self.data = Some(d);
         }
@@ -344,8 +399,7 @@ impl Weight {
         })?;
         let ctx = rec.context();
         self.initialize_lazily(ctx, &data)?;
-        let globals: Vec<SharedHook> =
-            GLOBAL.with(|g| g.borrow().iter().map(|(_, h)| h.clone()).collect());
+        let (global_names, globals): (Vec<String>, Vec<SharedHook>) = globals().into_iter().unzip();
         let args = HookArgs {
             weight: &self.name,
             training,
@@ -361,11 +415,10 @@ impl Weight {
         let n_global = globals.len();
         for k in 0..n_global + self.hooks.len() {
             let (transform, name) = if k < n_global {
-                let h = lock(&globals[k])?;
-                (h.is_transform(), h.name().to_string())
+                (lock(&globals[k])?.is_transform(), global_names[k].clone())
             } else {
-                let h = &self.hooks[k - n_global];
-                (h.is_transform(), h.name().to_string())
+                let i = k - n_global;
+                (self.hooks[i].is_transform(), self.names[i].clone())
             };
             if !transform {
                 continue;
@@ -411,10 +464,8 @@ impl Weight {
             weight: &self.name,
             training: false,
         };
-        let globals: Vec<SharedHook> =
-            GLOBAL.with(|g| g.borrow().iter().map(|(_, h)| h.clone()).collect());
         let mut current = data.clone();
-        for g in &globals {
+        for (_, g) in &globals() {
             let mut h = lock(g)?;
             if h.is_transform() {
                 if let Some(out) = ctx.run(|rec| h.record_forward(rec, &current, &args))? {
