@@ -90,7 +90,7 @@ fn train(
     sizes: &[usize],
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let config = BatchNorm {
-        feature_axis: axis,
+        feature_axis: axis as isize,
         ..BatchNorm::pytorch()
     };
     let features = shape[axis];

@@ -26,7 +26,7 @@ fn check(
     offset: f32,
 ) {
     let what = format!("{shape:?} {mode:?} {config:?}");
-    let features = shape[config.feature_axis];
+    let features = shape[config.resolved_axis(shape.len()).unwrap()];
     let x = rng.array(shape, offset, 2.0);
     let dy = rng.array(shape, 0.0, 1.0);
     let gamma: Vec<f32> = (0..features).map(|_| 1.0 + 0.3 * rng.normal()).collect();
@@ -164,7 +164,7 @@ fn random_shapes_match_the_reference() {
     for (i, (shape, axis)) in shapes.iter().enumerate() {
         for (j, preset) in presets.iter().enumerate() {
             let config = BatchNorm {
-                feature_axis: *axis,
+                feature_axis: *axis as isize,
                 ..*preset
             };
             let mode = [
@@ -542,7 +542,7 @@ fn recomputed_averages_are_the_population_statistics() {
         .unwrap();
         let per_feature: Vec<Vec<f64>> = (0..4)
             .map(|c| {
-                all.index_axis(ndarray::Axis(bn.feature_axis), c)
+                all.index_axis(ndarray::Axis(bn.feature_axis as usize), c)
                     .iter()
                     .map(|&v| f64::from(v))
                     .collect()
@@ -684,7 +684,7 @@ fn many_channels_fit_their_partials_in_one_binding() {
     ] {
         let x = Rng::new(9).array(&shape, 3.0, 2.0);
         let bn = BatchNorm {
-            feature_axis: axis,
+            feature_axis: axis as isize,
             center: false,
             scale: false,
             ..BatchNorm::pytorch()
@@ -764,7 +764,7 @@ fn statistics_do_not_depend_on_element_order() {
                     flat[(o * features + c) * inner + j] = 0.0;
                 }
                 let config = BatchNorm {
-                    feature_axis: axis,
+                    feature_axis: axis as isize,
                     ..bn
                 };
                 let tx = Tensor::from_array(&ctx, &x).unwrap();
@@ -813,11 +813,118 @@ proptest::proptest! {
         seed in proptest::prelude::any::<u64>(),
     ) {
         let base = [BatchNorm::pytorch(), BatchNorm::keras(), BatchNorm::chainer(), BatchNorm::gomlx()][preset];
-        let config = BatchNorm { feature_axis: axis.index(shape.len()), ..base };
+        let config = BatchNorm { feature_axis: axis.index(shape.len()) as isize, ..base };
         // Training needs two values per feature (refused otherwise, as PyTorch does).
-        let per_feature = shape.iter().product::<usize>() / shape[config.feature_axis];
+        let per_feature = shape.iter().product::<usize>() / shape[config.resolved_axis(shape.len()).unwrap()];
         proptest::prop_assume!(!train || per_feature > 1);
         let mode = if train { BatchNormMode::Train } else { BatchNormMode::Eval };
         check(context.get(common::property_contexts()), &config, &shape, mode, &mut Rng::new(seed), offset);
     }
+}
+
+/// GoMLX's `UpdateAverages` (ResetWeights, then the debiased moving average over one
+/// epoch of batches), against GoMLX's update written out on the host in f64: `n += 1;
+/// d = min(m, 1 - 1/n); avg = d avg + (1 - d) batch` for the batch mean and the biased
+/// batch variance. With 150 batches the average passes from equal weights per batch
+/// (n < 100) to the 0.99 moving average. Uneven batch sizes: not the pooled statistics.
+#[test]
+fn gomlx_update_averages_is_gomlx_s_debiased_average() {
+    let ctx = ctx();
+    let bn = BatchNorm {
+        feature_axis: -1,
+        ..BatchNorm::gomlx()
+    };
+    let mut rng = Rng::new(44);
+    let batches: Vec<ArrayD<f32>> = (0..150)
+        .map(|i| rng.array(&[1 + i % 5, 3, 4], (i % 7) as f32, 1.0 + (i % 3) as f32))
+        .collect();
+    let mut state = BatchNormState::new(&ctx, 4).unwrap();
+    state.num_updates = 999; // a trained layer: ResetWeights forgets the weight
+    let tensors: Vec<Tensor> = batches
+        .iter()
+        .map(|b| Tensor::from_array(&ctx, b).unwrap())
+        .collect();
+    bn.update_averages(&ctx, &mut state, &tensors).unwrap();
+    assert_eq!(state.num_updates, 150);
+    let (mut mean, mut var) = (vec![0f64; 4], vec![1f64; 4]);
+    for (n, b) in batches.iter().enumerate() {
+        let d = 0.99f64.min(1.0 - 1.0 / (n as f64 + 1.0));
+        for c in 0..4 {
+            let vals: Vec<f64> = b
+                .index_axis(ndarray::Axis(2), c)
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / vals.len() as f64;
+            mean[c] = d * mean[c] + (1.0 - d) * m;
+            var[c] = d * var[c] + (1.0 - d) * v;
+        }
+    }
+    let to32 =
+        |v: &[f64]| ArrayD::from_shape_vec(vec![4], v.iter().map(|&x| x as f32).collect()).unwrap();
+    assert_close(
+        "gomlx mean",
+        &state.running_mean.to_array(&ctx).unwrap(),
+        &to32(&mean),
+        RTOL,
+        ATOL,
+    );
+    assert_close(
+        "gomlx var",
+        &state.running_var.to_array(&ctx).unwrap(),
+        &to32(&var),
+        RTOL,
+        ATOL,
+    );
+    // A failing batch (wrong feature count) leaves the state as it was.
+    let before = state.running_mean.to_array(&ctx).unwrap();
+    let bad = Tensor::from_array(&ctx, &rng.array(&[2, 5], 0.0, 1.0)).unwrap();
+    assert!(bn
+        .update_averages(&ctx, &mut state, [&tensors[0], &bad])
+        .is_err());
+    assert_eq!(state.running_mean.to_array(&ctx).unwrap(), before);
+    assert_eq!(state.num_updates, 150);
+}
+
+/// A negative feature axis counts from the end (`-1` as GoMLX and Keras allow); one
+/// past the rank is refused, in the op and in the reference.
+#[test]
+fn negative_feature_axes_count_from_the_end() {
+    let ctx = ctx();
+    let x = Rng::new(3).array(&[4, 5, 6, 3], 1.0, 2.0);
+    let tx = Tensor::from_array(&ctx, &x).unwrap();
+    let run = |axis: isize| {
+        let bn = BatchNorm {
+            feature_axis: axis,
+            scale: false,
+            center: false,
+            track_running_stats: false,
+            ..BatchNorm::keras()
+        };
+        bn.forward(&ctx, &tx, None, None, None, BatchNormMode::Train)
+            .map(|f| f.output.to_array(&ctx).unwrap())
+    };
+    assert_eq!(run(-1).unwrap(), run(3).unwrap());
+    assert_eq!(run(-4).unwrap(), run(0).unwrap());
+    let e = run(-5).unwrap_err();
+    assert!(
+        e.to_string().contains("feature axis -5 is out of range"),
+        "{e}"
+    );
+    let bn = BatchNorm {
+        feature_axis: -5,
+        ..BatchNorm::keras()
+    };
+    assert!(reference::forward(
+        &bn,
+        x.view(),
+        None,
+        None,
+        &[0.0; 3],
+        &[1.0; 3],
+        0,
+        BatchNormMode::Train
+    )
+    .is_err());
 }

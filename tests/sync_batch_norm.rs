@@ -78,7 +78,7 @@ fn check(config: &BatchNorm, shape: &[usize], sizes: &[usize], seed: u64) {
     let mut rng = Rng::new(seed);
     let steps: Vec<ArrayD<f32>> = (0..2).map(|_| rng.array(shape, 2.0, 3.0)).collect();
     let dy = rng.array(shape, 0.0, 1.0);
-    let features = shape[config.feature_axis];
+    let features = shape[config.resolved_axis(shape.len()).unwrap()];
     let gamma: Vec<f32> = (0..features).map(|c| 1.0 + 0.1 * c as f32).collect();
     let beta: Vec<f32> = (0..features).map(|c| 0.05 * c as f32).collect();
 

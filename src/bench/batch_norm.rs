@@ -4,7 +4,7 @@
 use ndarray::ArrayD;
 
 use super::{Input, Item, OpDef, Step, Workload};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::{Recording, Tensor};
 use crate::ops::batch_norm::{BatchNorm, BatchNormForward, BatchNormMode, BatchNormState};
 use crate::reference::batch_norm as reference;
@@ -59,15 +59,10 @@ impl Bn {
     fn prepare(input: &Input<'_>, step: Step) -> Result<Box<dyn Item>> {
         let ctx = input.ctx;
         let config = BatchNorm {
-            feature_axis: input.case.workload.feature_axis,
+            feature_axis: input.case.workload.feature_axis as isize,
             ..BatchNorm::pytorch()
         };
-        let features = *input.shape.get(config.feature_axis).ok_or_else(|| {
-            Error::input(
-                "bench",
-                format!("feature axis out of range of {:?}", input.shape),
-            )
-        })?;
+        let features = input.shape[config.resolved_axis(input.shape.len())?];
         let host_gamma: Vec<f32> = (0..features).map(|c| 1.0 + c as f32 * 0.01).collect();
         let host_beta: Vec<f32> = (0..features).map(|c| c as f32 * -0.02).collect();
         let x = input.upload(&input.host)?;

@@ -13,7 +13,7 @@ use crate::ops::batch_norm::{BatchNorm, BatchNormMode, BatchNormState, Momentum,
 fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
     let momentum = case.param_f64("momentum").map(|m| m as f32);
     let config = BatchNorm {
-        feature_axis: case.param_f64("feature_axis").unwrap_or(1.0) as usize,
+        feature_axis: case.param_f64("feature_axis").unwrap_or(1.0) as isize,
         eps: case.param_f64("eps").unwrap_or(1e-5) as f32,
         momentum: match (case.param_str("momentum_weights"), momentum) {
             (Some("batch"), Some(m)) => Momentum::Batch(m),

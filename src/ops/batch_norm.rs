@@ -63,8 +63,9 @@ pub type Mode = BatchNormMode;
 /// `center` and `scale` on and running statistics tracked.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNorm {
-    /// The axis of the features; statistics run over every other axis.
-    pub feature_axis: usize,
+    /// The axis of the features; statistics run over every other axis. Negative
+    /// counts from the end (`-1`: the last axis, as GoMLX and Keras allow).
+    pub feature_axis: isize,
     /// Added to the variance. Must be finite and positive.
     pub eps: f32,
     /// The running-average convention.
@@ -101,6 +102,13 @@ pub struct BatchNormState {
 }
 
 impl BatchNormState {
+    /// GoMLX's `ResetWeights`: the averages' weight back to zero (`num_updates = 0`),
+    /// the averages themselves kept. With a debiased momentum
+    /// ([`BatchNorm::debias_momentum`]) the next update then replaces them.
+    pub fn reset_weights(&mut self) {
+        self.num_updates = 0;
+    }
+
     /// Fresh state for `features` features: mean 0, variance 1, no updates.
     pub fn new(ctx: &Context, features: usize) -> Result<Self> {
         Ok(BatchNormState {
@@ -383,15 +391,36 @@ impl BatchNorm {
         }
     }
 
+    /// The feature axis of an input of rank `rank` (a negative one counted from the
+    /// end).
+    pub fn resolved_axis(&self, rank: usize) -> Result<usize> {
+        let axis = if self.feature_axis < 0 {
+            rank as isize + self.feature_axis
+        } else {
+            self.feature_axis
+        };
+        usize::try_from(axis)
+            .ok()
+            .filter(|&a| a < rank)
+            .ok_or_else(|| {
+                Error::input(
+                    OP,
+                    format!(
+                        "feature axis {} is out of range for an input of rank {rank}",
+                        self.feature_axis
+                    ),
+                )
+            })
+    }
+
     fn layout(&self, shape: &[usize]) -> Result<ChannelLayout> {
-        let layout = check_channel_input(
-            OP,
-            "input",
-            "feature axis",
-            shape,
-            self.feature_axis,
-            self.eps,
-        )?;
+        let axis = match self.resolved_axis(shape.len()) {
+            Ok(a) => a,
+            // check_channel_input refuses a rank below 2 first.
+            Err(_) if shape.len() < 2 => 0,
+            Err(e) => return Err(e),
+        };
+        let layout = check_channel_input(OP, "input", "feature axis", shape, axis, self.eps)?;
         match self.momentum {
             Momentum::Batch(m) | Momentum::Running(m) if !(0.0..=1.0).contains(&m) => {
                 return Err(Error::input(
@@ -407,13 +436,17 @@ impl BatchNorm {
     /// [`Self::layout`], but a batch with no values (a zero on an axis other than the
     /// feature axis) is allowed.
     pub(crate) fn layout_allowing_empty(&self, shape: &[usize]) -> Result<ChannelLayout> {
-        let empty = shape.contains(&0) && shape.get(self.feature_axis).is_some_and(|&f| f > 0);
+        if shape.len() < 2 {
+            return self.layout(shape);
+        }
+        let axis = self.resolved_axis(shape.len())?;
+        let empty = shape.contains(&0) && shape[axis] > 0;
         if !empty {
             return self.layout(shape);
         }
         let probe: Vec<usize> = shape.iter().map(|&d| d.max(1)).collect();
         self.layout(&probe)?;
-        Ok(ChannelLayout::new(shape, Some(self.feature_axis)))
+        Ok(ChannelLayout::new(shape, Some(axis)))
     }
 
     pub(crate) fn check_vector(
@@ -859,10 +892,46 @@ impl BatchNorm {
         })
     }
 
-    /// Recomputing the averages exactly (GoMLX's ResetWeights + UpdateAverages,
-    /// Chainer's finetune): a population accumulator that merges each batch's
-    /// statistics with Chan's combine, on the GPU; [`PopulationStats::finish`] writes the
-    /// population mean and variance into the running state.
+    /// GoMLX's `UpdateAverages`: [`BatchNormState::reset_weights`], then a training
+    /// step's running update for every batch of `one_epoch` (outputs discarded, gamma
+    /// and beta not needed). With [`BatchNorm::gomlx`]'s debiased momentum the
+    /// averages become GoMLX's exactly: the first update replaces them, the next ones
+    /// average the batch means and the batch (biased) variances with equal weight per
+    /// batch until `1 / n` falls below `1 - momentum`, then the moving average goes on.
+    /// All or nothing: `state` changes only when every batch succeeded. For the exact
+    /// statistics of every value instead, see [`Self::population`].
+    pub fn update_averages<'a>(
+        &self,
+        ctx: &Context,
+        state: &mut BatchNormState,
+        one_epoch: impl IntoIterator<Item = &'a Tensor>,
+    ) -> Result<()> {
+        let copy = |t: &Tensor| -> Result<Tensor> { Tensor::from_array(ctx, &t.to_array(ctx)?) };
+        let mut work = BatchNormState {
+            running_mean: copy(&state.running_mean)?,
+            running_var: copy(&state.running_var)?,
+            num_updates: state.num_updates,
+        };
+        work.reset_weights();
+        let stats_only = BatchNorm {
+            scale: false,
+            center: false,
+            track_running_stats: true,
+            ..*self
+        };
+        for x in one_epoch {
+            stats_only.forward(ctx, x, None, None, Some(&mut work), BatchNormMode::Train)?;
+        }
+        *state = work;
+        Ok(())
+    }
+
+    /// Recomputing the averages exactly: a population accumulator that merges each
+    /// batch's statistics with Chan's combine, on the GPU; [`PopulationStats::finish`]
+    /// writes the mean and variance of every value seen (pooled, not an average of
+    /// batch statistics) into the running state. Not GoMLX's `UpdateAverages` (see
+    /// [`Self::update_averages`]): the exact population statistics, whatever the
+    /// batch sizes.
     pub fn population(&self, ctx: &Context, features: usize) -> Result<PopulationStats> {
         Ok(PopulationStats {
             config: *self,

@@ -17,8 +17,16 @@ pub struct Forward {
 }
 
 /// Mean and biased variance of each feature.
+/// The feature axis of an input of rank `ndim`, checked by `forward` and `backward`
+/// before anything uses it.
+fn feature_axis(config: &BatchNorm, ndim: usize) -> usize {
+    config
+        .resolved_axis(ndim)
+        .expect("checked at the top of forward and backward")
+}
+
 fn batch_stats(config: &BatchNorm, x: &ArrayD<f64>) -> (Vec<f64>, Vec<f64>) {
-    x.axis_iter(Axis(config.feature_axis))
+    x.axis_iter(Axis(feature_axis(config, x.ndim())))
         .map(|s| {
             let n = s.len() as f64;
             let mean = s.sum() / n;
@@ -42,6 +50,7 @@ pub fn forward(
     num_updates: u64,
     mode: BatchNormMode,
 ) -> Result<Forward> {
+    config.resolved_axis(x.ndim())?;
     let x = x.mapv(f64::from);
     let from_batch = !config.track_running_stats || mode == BatchNormMode::Train;
     let update = config.track_running_stats && mode == BatchNormMode::Train;
@@ -54,7 +63,10 @@ pub fn forward(
         )
     };
     let mut out = x.clone();
-    for (c, mut s) in out.axis_iter_mut(Axis(config.feature_axis)).enumerate() {
+    for (c, mut s) in out
+        .axis_iter_mut(Axis(feature_axis(config, x.ndim())))
+        .enumerate()
+    {
         let g = gamma.map_or(1.0, |g| f64::from(g[c]));
         let b = beta.map_or(0.0, |b| f64::from(b[c]));
         let invstd = 1.0 / (var[c] + f64::from(config.eps)).sqrt();
@@ -64,7 +76,7 @@ pub fn forward(
     let mut rv: Vec<f64> = running_var.iter().map(|&v| f64::from(v)).collect();
     if update {
         let w = f64::from(config.batch_weight(num_updates));
-        let n = (x.len() / x.shape()[config.feature_axis]) as f64;
+        let n = (x.len() / x.shape()[feature_axis(config, x.ndim())]) as f64;
         for c in 0..rm.len() {
             let stored_var = match config.running_var {
                 RunningVar::Unbiased => var[c] * n / (n - 1.0).max(1.0),
@@ -94,6 +106,7 @@ pub fn backward(
     running_var: &[f32],
     mode: BatchNormMode,
 ) -> Result<(ArrayD<f32>, Array1<f32>, Array1<f32>)> {
+    config.resolved_axis(x.ndim())?;
     let x = x.mapv(f64::from);
     let dy = dy.mapv(f64::from);
     let from_batch = !config.track_running_stats || mode == BatchNormMode::Train;
@@ -105,9 +118,9 @@ pub fn backward(
             running_var.iter().map(|&v| f64::from(v)).collect(),
         )
     };
-    let axis = Axis(config.feature_axis);
+    let axis = Axis(feature_axis(config, x.ndim()));
     let mut dx = ArrayD::zeros(x.raw_dim());
-    let features = x.shape()[config.feature_axis];
+    let features = x.shape()[axis.index()];
     let (mut dgamma, mut dbeta) = (Array1::zeros(features), Array1::zeros(features));
     for (c, ((xs, ds), mut out)) in x
         .axis_iter(axis)
