@@ -375,6 +375,35 @@ fn load_from(
         let beta = param(layer.config.center, "bias")?;
         layer_data.push((stats, gamma, beta));
     }
+    commit(
+        ctx,
+        weights,
+        weight_data,
+        batch_norms,
+        &bn_data,
+        layers,
+        &layer_data,
+    )
+}
+
+/// A batch-norm layer's checked values: statistics (when tracked), gamma, beta.
+type LayerData = (
+    Option<(Vec<f32>, Vec<f32>, u64)>,
+    Option<Vec<f32>>,
+    Option<Vec<f32>>,
+);
+
+/// Phases 2 and 3 of every load: upload everything (which may fail, nothing changed
+/// yet), then swap it in.
+fn commit(
+    ctx: &Context,
+    weights: &mut [&mut Weight],
+    weight_data: Vec<Vec<HostEntry>>,
+    batch_norms: &mut [(&str, &mut BatchNormState)],
+    bn_data: &[(Vec<f32>, Vec<f32>, u64)],
+    layers: &mut [(&str, &mut BatchNormLayer)],
+    layer_data: &[LayerData],
+) -> Result<()> {
     // Phase 2: upload everything (may fail, nothing changed yet).
     let up = |v: &[f32]| Tensor::from_slice(ctx, &[v.len()], v);
     let mut weight_tensors = Vec::new();
@@ -386,11 +415,11 @@ fn load_from(
         weight_tensors.push(ts);
     }
     let mut bn_tensors = Vec::new();
-    for (mean, var, n) in &bn_data {
+    for (mean, var, n) in bn_data {
         bn_tensors.push((up(mean)?, up(var)?, *n));
     }
     let mut layer_tensors = Vec::new();
-    for (stats, gamma, beta) in &layer_data {
+    for (stats, gamma, beta) in layer_data {
         let stats = match stats {
             Some((mean, var, n)) => Some((up(mean)?, up(var)?, *n)),
             None => None,
@@ -419,5 +448,200 @@ fn load_from(
         layer.gamma = gamma.or(layer.gamma.take());
         layer.beta = beta.or(layer.beta.take());
     }
+    Ok(())
+}
+
+// ---- Chainer: `serializers.save_npz` / `load_npz` ------------------------------------
+
+/// Where a weight's entry lives in a Chainer file: its npz key, or nothing (Chainer
+/// does not persist spectral norm's `v`; its power iteration derives `v` from `u`).
+fn chainer_key(w: &Weight, key: &str) -> Result<Option<String>> {
+    let link = w.name().replace('.', "/");
+    let local = key
+        .strip_prefix(w.name())
+        .and_then(|k| k.strip_prefix('.'))
+        .unwrap_or(key);
+    let sn = w.raw_key().ends_with(".weight_orig");
+    Ok(match local {
+        "weight" | "weight_orig" => Some(format!("{link}/W")),
+        "weight_u" => Some(format!("{link}/W_u")),
+        "weight_gamma" => Some(format!("{link}/gamma")),
+        "weight_v" if sn => None,
+        other => {
+            return Err(file_err(
+                "(Chainer names)",
+                format!(
+                    "weight `{}`: `{other}` has no Chainer name (Chainer has no weight \
+                     normalization link hook; save it under PyTorch's names)",
+                    w.name()
+                ),
+            ))
+        }
+    })
+}
+
+/// Loads weights (with spectral norm and weight standardization hooks) and batch-norm
+/// layers from a file written by Chainer's `serializers.save_npz`, under Chainer's
+/// names: `<link>/W`, `<link>/W_u`, `<link>/gamma` (spectral norm's `use_gamma`, a
+/// 0-dim array), and `<link>/gamma`, `<link>/beta`, `<link>/avg_mean`,
+/// `<link>/avg_var`, `<link>/N` for batch norm; a weight named `a.b` is the link path
+/// `a/b`. `N` is Chainer's finetune counter (`decay = 1 - 1/N`, wgnorm's
+/// [`Momentum::Cumulative`](crate::Momentum::Cumulative) count), which ordinary
+/// training leaves at 0: it loads as `num_updates`. Spectral norm's `v`, which Chainer
+/// does not persist, starts at zero: Chainer's flavor derives it from `u` at every
+/// forward. All or nothing, as [`load`].
+pub fn load_chainer_npz(
+    ctx: &Context,
+    path: &Path,
+    weights: &mut [&mut Weight],
+    layers: &mut [(&str, &mut BatchNormLayer)],
+) -> Result<()> {
+    let source = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| file_err(&source, e.to_string()))?;
+    let npz = ndarray_npy::NpzReader::new(file)
+        .map_err(|e| file_err(&source, format!("not an npz file: {e}")))?;
+    let mut file = ChainerFile { npz, source };
+    let mut weight_data: Vec<Vec<HostEntry>> = Vec::new();
+    for w in weights.iter() {
+        let raw_shape = match w.data() {
+            Some(d) => d.shape().to_vec(),
+            None => {
+                let key = chainer_key(w, &w.raw_key())?.expect("the raw weight is persisted");
+                file.array::<f32>(&key)?.shape().to_vec()
+            }
+        };
+        let mut entries = Vec::new();
+        for (k, shape) in w.state_shapes(&raw_shape)? {
+            let values = match chainer_key(w, &k)? {
+                Some(name) => file.f32(&name, &shape)?,
+                None => vec![0.0; shape.iter().product()],
+            };
+            entries.push((k, shape, values));
+        }
+        weight_data.push(entries);
+    }
+    let mut layer_data: Vec<LayerData> = Vec::new();
+    for (prefix, layer) in layers.iter() {
+        let link = prefix.replace('.', "/");
+        let shape = [layer.features()];
+        let stats = if layer.config.track_running_stats {
+            let mean = file.f32(&format!("{link}/avg_mean"), &shape)?;
+            let var = file.f32(&format!("{link}/avg_var"), &shape)?;
+            let key = format!("{link}/N");
+            let n = file
+                .array::<i64>(&key)?
+                .iter()
+                .next()
+                .copied()
+                .unwrap_or(-1);
+            let n = u64::try_from(n)
+                .map_err(|_| file_err(&file.source, format!("`{key}` is negative ({n})")))?;
+            Some((mean, var, n))
+        } else {
+            None
+        };
+        let gamma = if layer.config.scale {
+            Some(file.f32(&format!("{link}/gamma"), &shape)?)
+        } else {
+            None
+        };
+        let beta = if layer.config.center {
+            Some(file.f32(&format!("{link}/beta"), &shape)?)
+        } else {
+            None
+        };
+        layer_data.push((stats, gamma, beta));
+    }
+    commit(ctx, weights, weight_data, &mut [], &[], layers, &layer_data)
+}
+
+/// An npz file being read, named in errors.
+struct ChainerFile {
+    npz: ndarray_npy::NpzReader<std::fs::File>,
+    source: String,
+}
+
+impl ChainerFile {
+    fn array<T: ndarray_npy::ReadableElement>(&mut self, name: &str) -> Result<ndarray::ArrayD<T>> {
+        self.npz
+            .by_name(name)
+            .map_err(|e| file_err(&self.source, format!("`{name}`: {e}")))
+    }
+
+    /// Entry `name` of `shape` (Chainer keeps a scalar, spectral norm's gamma, as a
+    /// 0-dim array: it stands for shape `[1]`).
+    fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let a = self.array::<f32>(name)?;
+        if a.shape() != shape && !(a.ndim() == 0 && shape == [1]) {
+            return Err(file_err(
+                &self.source,
+                format!("`{name}` has shape {:?}, expected {shape:?}", a.shape()),
+            ));
+        }
+        Ok(a.iter().copied().collect())
+    }
+}
+
+/// Writes weights and batch-norm layers under Chainer's names (see
+/// [`load_chainer_npz`]) as `serializers.save_npz` does (compressed), so that
+/// Chainer's `load_npz` reads them; `N` as a 0-dim int64, spectral norm's gamma 0-dim.
+pub fn save_chainer_npz(
+    ctx: &Context,
+    path: &Path,
+    weights: &[&Weight],
+    layers: &[(&str, &BatchNormLayer)],
+) -> Result<()> {
+    let source = path.display().to_string();
+    let mut names = Vec::new();
+    let mut tensors = Vec::new();
+    // Entries Chainer keeps as 0-dim arrays (spectral norm's gamma).
+    let mut scalars = std::collections::HashSet::new();
+    for w in weights {
+        for (k, t) in w.state_dict()? {
+            if let Some(name) = chainer_key(w, &k)? {
+                if k.ends_with(".weight_gamma") {
+                    scalars.insert(name.clone());
+                }
+                names.push(name);
+                tensors.push(t);
+            }
+        }
+    }
+    let mut counts = Vec::new();
+    for (prefix, layer) in layers {
+        let link = prefix.replace('.', "/");
+        let mut add = |suffix: &str, t: &Tensor| {
+            names.push(format!("{link}/{suffix}"));
+            tensors.push(t.clone());
+        };
+        if let Some(g) = &layer.gamma {
+            add("gamma", g);
+        }
+        if let Some(b) = &layer.beta {
+            add("beta", b);
+        }
+        add("avg_mean", &layer.state.running_mean);
+        add("avg_var", &layer.state.running_var);
+        counts.push((format!("{link}/N"), layer.state.num_updates as i64));
+    }
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    let data = ctx.read_all(&refs)?;
+    let err = |e: ndarray_npy::WriteNpzError| file_err(&source, e.to_string());
+    let file = std::fs::File::create(path).map_err(|e| file_err(&source, e.to_string()))?;
+    let mut npz = ndarray_npy::NpzWriter::new_compressed(file);
+    for (name, a) in names.iter().zip(&data) {
+        if scalars.contains(name) {
+            let v = a.iter().next().copied().unwrap_or(0.0);
+            npz.add_array(name.as_str(), &ndarray::arr0(v))
+                .map_err(err)?;
+        } else {
+            npz.add_array(name.as_str(), a).map_err(err)?;
+        }
+    }
+    for (name, n) in counts {
+        npz.add_array(name.as_str(), &ndarray::arr0(n))
+            .map_err(err)?;
+    }
+    npz.finish().map_err(err)?;
     Ok(())
 }

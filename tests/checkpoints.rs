@@ -204,3 +204,97 @@ fn removing_weight_norm_folds_the_weight() {
         CHECKPOINT_TOL,
     );
 }
+
+/// The chain of tests/chainer/chainer_checkpoint.py: spectral norm on a conv (with
+/// gamma) and a deconv (axis 1), weight standardization on a linear, batch norm.
+fn chainer_model(ctx: &Context) -> (Vec<Weight>, BatchNormLayer) {
+    let sn = |name: &str, config: SpectralNorm| {
+        let mut w = Weight::new(name, None);
+        w.add_hook(ctx, Box::new(SpectralNormHook::new(config, 1)))
+            .unwrap();
+        w
+    };
+    let mut fc = Weight::new("fc", None);
+    fc.add_hook(ctx, Box::new(wgnorm::WeightStandardizationHook::default()))
+        .unwrap();
+    let conv = SpectralNorm {
+        use_gamma: true,
+        ..SpectralNorm::chainer()
+    };
+    let deconv = SpectralNorm {
+        axis: 1,
+        ..SpectralNorm::chainer()
+    };
+    let bn = BatchNormLayer::new(ctx, BatchNorm::chainer(), 6).unwrap();
+    (vec![sn("conv", conv), sn("deconv", deconv), fc], bn)
+}
+
+fn chainer_expected() -> std::collections::HashMap<String, ArrayD<f32>> {
+    let file = std::fs::File::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chainer/chainer_expected.npz"),
+    )
+    .unwrap();
+    let mut npz = ndarray_npy::NpzReader::new(file).unwrap();
+    npz.names()
+        .unwrap()
+        .into_iter()
+        .map(|k| {
+            let a: ArrayD<f32> = npz.by_name(&k).unwrap();
+            (k, a)
+        })
+        .collect()
+}
+
+/// A file written by Chainer 7.8.1's `save_npz` after three training steps loads, and
+/// gives Chainer's evaluation weights (spectral norm still iterating once from the
+/// stored `u`, as Chainer does) and batch-norm output to `CHECKPOINT_TOL`; wgnorm's
+/// own npz save loads back (and, checked by the script, in Chainer).
+#[test]
+fn chainer_npz_checkpoints_load_and_save() {
+    let ctx = ctx();
+    let chainer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chainer/chainer.npz");
+    let want = chainer_expected();
+    let check = |weights: &mut [Weight], bn: &mut BatchNormLayer| {
+        for w in weights.iter_mut() {
+            let got = w.forward(&ctx, false).unwrap().to_array(&ctx).unwrap();
+            let key = format!("{}.weight", w.name());
+            assert_close(&key, &got, &want[&key], CHECKPOINT_TOL, CHECKPOINT_TOL);
+        }
+        let x = Tensor::from_array(&ctx, &want["bn.input"]).unwrap();
+        let got = bn
+            .forward(&ctx, &x, BatchNormMode::Eval)
+            .unwrap()
+            .output
+            .to_array(&ctx)
+            .unwrap();
+        assert_close(
+            "bn.output",
+            &got,
+            &want["bn.output"],
+            CHECKPOINT_TOL,
+            CHECKPOINT_TOL,
+        );
+    };
+    let (mut weights, mut bn) = chainer_model(&ctx);
+    let mut refs: Vec<&mut Weight> = weights.iter_mut().collect();
+    state::load_chainer_npz(&ctx, &chainer, &mut refs, &mut [("bn", &mut bn)]).unwrap();
+    // Chainer's N counts finetune steps only: three ordinary steps leave it at 0.
+    assert_eq!(bn.state.num_updates, 0);
+    check(&mut weights, &mut bn);
+
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/checkpoints");
+    std::fs::create_dir_all(&out).unwrap();
+    let saved = out.join("wgnorm_chainer.npz");
+    let refs: Vec<&Weight> = weights.iter().collect();
+    state::save_chainer_npz(&ctx, &saved, &refs, &[("bn", &bn)]).unwrap();
+    let (mut back, mut bn2) = chainer_model(&ctx);
+    let mut refs: Vec<&mut Weight> = back.iter_mut().collect();
+    state::load_chainer_npz(&ctx, &saved, &mut refs, &mut [("bn", &mut bn2)]).unwrap();
+    check(&mut back, &mut bn2);
+
+    // Weight normalization has no Chainer name: refused, with the reason.
+    let (mut pytorch, _) = model(&ctx);
+    let mut refs: Vec<&mut Weight> = pytorch.iter_mut().collect();
+    let e = state::load_chainer_npz(&ctx, &chainer, &mut refs, &mut []).unwrap_err();
+    assert!(e.to_string().contains("no weight normalization"), "{e}");
+}
