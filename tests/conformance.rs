@@ -72,3 +72,19 @@ fn the_comparison_catches_a_wrong_value() {
         outcome.summary()
     );
 }
+
+/// The checkpoint cases (tests/checkpoints/cases, made by
+/// tests/checkpoints/pytorch_checkpoints.py from PyTorch's two APIs) through the same
+/// runner.
+#[test]
+fn checkpoint_cases_pass() {
+    let ctx = common::ctx();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/checkpoints/cases");
+    let cases = Case::load_dir(&dir).unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in &cases {
+        let outcome = run_case(&ctx, case);
+        assert_eq!(outcome.checks.len(), 4, "{}", case.name);
+        assert!(outcome.passed(), "{}: {}", case.name, outcome.summary());
+    }
+}

@@ -251,6 +251,7 @@ pub fn compare(
 }
 
 mod batch_norm;
+mod checkpoint;
 mod spectral_norm;
 mod weight_norm;
 mod weight_standardization;
@@ -264,6 +265,7 @@ const FAMILIES: &[&[(&str, Handler)]] = &[
     weight_norm::HANDLERS,
     batch_norm::HANDLERS,
     spectral_norm::HANDLERS,
+    checkpoint::HANDLERS,
 ];
 
 /// The ops this version can run (every registered handler).

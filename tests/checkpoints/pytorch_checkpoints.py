@@ -14,6 +14,9 @@ and a batch-norm input and evaluation output in `<api>_expected.safetensors` (an
 `<api>_<half>_expected.safetensors`: PyTorch's on the half checkpoint loaded into an
 f32 model).
 
+`make` also writes conformance cases (op `checkpoint`) for wgnorm's runner into
+`cases/`: `cargo run --release --example conformance -- tests/checkpoints/cases`.
+
 `check`: loads each FILE (a wgnorm save of the same model, under either API's names,
 see tests/checkpoints.rs) into a fresh PyTorch model of that API with
 `load_state_dict(strict=False)` (wgnorm saves no conv bias), and compares its evaluation
@@ -76,6 +79,28 @@ def expected(m):
         }
 
 
+def write_case(api, sd, want):
+    """A conformance case (op `checkpoint`) for wgnorm's runner: the state dict as f32
+    inputs (num_batches_tracked as a number), `bn.input`, and the expected evaluation
+    weights and batch-norm output (tests/checkpoints/cases)."""
+    import json
+    tensors = {k: v.to(torch.float32).contiguous() for k, v in sd.items()}
+    tensors["bn.input"] = want["bn.input"]
+    for k in ["conv.weight", "deconv.weight", "fc.weight", "bn.output"]:
+        tensors[f"expected.{k}"] = want[k]
+    meta = {
+        "op": "checkpoint",
+        "flavor": "pytorch",
+        "source": f"PyTorch {torch.__version__}, {api} API, three SGD steps "
+                  "(tests/checkpoints/pytorch_checkpoints.py)",
+        "params": json.dumps({"api": api}),
+        "rtol": "1e-6",
+        "atol": "1e-6",
+    }
+    os.makedirs(os.path.join(HERE, "cases"), exist_ok=True)
+    save_file(tensors, os.path.join(HERE, "cases", f"checkpoint__pytorch_{api}.safetensors"), metadata=meta)
+
+
 def make():
     for api in ["hooks", "parametrizations"]:
         m = model(api)
@@ -90,6 +115,7 @@ def make():
         sd = {k: v.detach().contiguous() for k, v in m.state_dict().items()}
         save_file(sd, os.path.join(HERE, f"{api}.safetensors"))
         save_file(expected(m), os.path.join(HERE, f"{api}_expected.safetensors"))
+        write_case(api, sd, expected(m))
         for name, dtype in [("bf16", torch.bfloat16), ("f16", torch.float16)]:
             half = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
             save_file(half, os.path.join(HERE, f"{api}_{name}.safetensors"))
