@@ -298,3 +298,54 @@ fn chainer_npz_checkpoints_load_and_save() {
     let e = state::load_chainer_npz(&ctx, &chainer, &mut refs, &mut []).unwrap_err();
     assert!(e.to_string().contains("no weight normalization"), "{e}");
 }
+
+/// f64 entries and an int32 `num_batches_tracked` load (converted); an f64 value past
+/// f32's range is refused and changes nothing.
+#[test]
+fn f64_and_int32_entries_load_and_out_of_range_is_refused() {
+    let ctx = ctx();
+    let file = |mean: f64| {
+        let m: Vec<u8> = [mean, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let v: Vec<u8> = [0.5f64, 1.5, 2.5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let n = 7i32.to_le_bytes().to_vec();
+        let views = vec![
+            (
+                "bn.running_mean".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![3], &m).unwrap(),
+            ),
+            (
+                "bn.running_var".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![3], &v).unwrap(),
+            ),
+            (
+                "bn.num_batches_tracked".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![], &n).unwrap(),
+            ),
+        ];
+        safetensors::serialize(views, None).unwrap()
+    };
+    let mut bn = wgnorm::BatchNormState::new(&ctx, 3).unwrap();
+    state::load_bytes(&ctx, &file(1.25), &mut [], &mut [("bn", &mut bn)], &mut []).unwrap();
+    assert_eq!(bn.num_updates, 7);
+    assert_eq!(
+        bn.running_mean.to_array(&ctx).unwrap().as_slice().unwrap(),
+        [1.25, 2.0, 3.0]
+    );
+    assert_eq!(
+        bn.running_var.to_array(&ctx).unwrap().as_slice().unwrap(),
+        [0.5, 1.5, 2.5]
+    );
+    let e = state::load_bytes(&ctx, &file(1e300), &mut [], &mut [("bn", &mut bn)], &mut [])
+        .unwrap_err();
+    assert!(e.to_string().contains("past f32's range"), "{e}");
+    assert_eq!(
+        bn.running_mean.to_array(&ctx).unwrap().as_slice().unwrap(),
+        [1.25, 2.0, 3.0]
+    );
+}
