@@ -61,6 +61,12 @@ fn expected(name: &str) -> std::collections::HashMap<String, ArrayD<f32>> {
         .collect()
 }
 
+/// Loads the hook-API checkpoint into `weights` and `bn`.
+fn load_hooks_file(ctx: &Context, weights: &mut [&mut Weight], bn: &mut BatchNormLayer) {
+    let file = dir().join("hooks.safetensors");
+    state::load_with(ctx, &file, weights, &mut [], &mut [("bn", bn)]).unwrap();
+}
+
 /// Evaluation weights and the batch norm's evaluation output against PyTorch's.
 fn check_against(ctx: &Context, weights: &mut [Weight], bn: &mut BatchNormLayer, want: &str) {
     let want = expected(want);
@@ -126,15 +132,7 @@ fn saves_under_either_api_load_back() {
         (Naming::PyTorchParametrizations, "parametrizations"),
     ] {
         let (mut weights, mut bn) = model(&ctx);
-        let mut refs: Vec<&mut Weight> = weights.iter_mut().collect();
-        state::load_with(
-            &ctx,
-            &dir().join("hooks.safetensors"),
-            &mut refs,
-            &mut [],
-            &mut [("bn", &mut bn)],
-        )
-        .unwrap();
+        load_hooks_file(&ctx, &mut weights.iter_mut().collect::<Vec<_>>(), &mut bn);
         let path = out.join(format!("wgnorm_{name}.safetensors"));
         let refs: Vec<&Weight> = weights.iter().collect();
         state::save_with(&ctx, &path, &refs, &[], &[("bn", &bn)], naming).unwrap();
@@ -179,15 +177,7 @@ fn removing_weight_norm_folds_the_weight() {
     let (mut weights, _) = model(&ctx);
     let fc = &mut weights[2];
     let mut bn = BatchNormLayer::new(&ctx, BatchNorm::pytorch(), 6).unwrap();
-    let mut refs = vec![&mut *fc];
-    state::load_with(
-        &ctx,
-        &dir().join("hooks.safetensors"),
-        &mut refs,
-        &mut [],
-        &mut [("bn", &mut bn)],
-    )
-    .unwrap();
+    load_hooks_file(&ctx, &mut [&mut *fc], &mut bn);
     let normalized = fc.forward(&ctx, false).unwrap().to_array(&ctx).unwrap();
     fc.remove_hook(&ctx, "weight_norm").unwrap();
     let raw = fc.data().unwrap().to_array(&ctx).unwrap();
