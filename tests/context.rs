@@ -257,3 +257,41 @@ fn pooled_scratch_is_written_before_it_is_read() {
         assert_eq!(a, b, "output {i} changed on pooled scratch");
     }
 }
+
+/// Asynchronous readback: the future gives what the blocking readback gives (the
+/// blocking one is a wrapper over it), polled by any executor; a foreign tensor is
+/// refused before anything is submitted; an empty tensor reads as empty.
+#[test]
+fn asynchronous_readback_matches_the_blocking_one() {
+    use wgnorm::{Error, Tensor};
+    let ctx = common::ctx();
+    let a = Tensor::from_slice(&ctx, &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    let big = Tensor::from_array(
+        &ctx,
+        &ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[512, 1024]), |ix| {
+            (ix[0] * 7 + ix[1]) as f32
+        }),
+    )
+    .unwrap();
+    let empty = Tensor::zeros(&ctx, &[0, 4]).unwrap();
+    let blocking = ctx.read_all(&[&a, &big, &empty]).unwrap();
+    let future = ctx.read_all_async(&[&a, &big, &empty]).unwrap();
+    let got = pollster::block_on(future).unwrap();
+    assert_eq!(got, blocking);
+    assert_eq!(got[2].shape(), [0, 4]);
+    assert_eq!(
+        pollster::block_on(a.to_array_async(&ctx)).unwrap(),
+        blocking[0]
+    );
+    // Several in flight at once, awaited in the other order.
+    let f1 = ctx.read_all_async(&[&a]).unwrap();
+    let f2 = ctx.read_all_async(&[&big]).unwrap();
+    assert_eq!(pollster::block_on(f2).unwrap()[0], blocking[1]);
+    assert_eq!(pollster::block_on(f1).unwrap()[0], blocking[0]);
+    let other = common::ctx();
+    let foreign = Tensor::zeros(&other, &[3]).unwrap();
+    assert!(matches!(
+        ctx.read_all_async(&[&foreign]),
+        Err(Error::ForeignTensor { .. })
+    ));
+}

@@ -12,4 +12,4 @@ pub(crate) use kernels::Spec;
 pub use kernels::{Binding, Kernel, KernelDef, ShaderSource, SHADERS, WORKGROUP_SIZE};
 pub(crate) use recording::Bind;
 pub use recording::Recording;
-pub use tensor::Tensor;
+pub use tensor::{Readback, Tensor};

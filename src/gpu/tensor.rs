@@ -221,6 +221,11 @@ impl Tensor {
     pub fn to_array(&self, ctx: &Context) -> Result<ArrayD<f32>> {
         Ok(ctx.read_all(&[self])?.remove(0))
     }
+
+    /// [`Self::to_array`] as a future (see [`Context::read_all_async`]).
+    pub async fn to_array_async(&self, ctx: &Context) -> Result<ArrayD<f32>> {
+        Ok(ctx.read_all_async(&[self])?.await?.remove(0))
+    }
 }
 
 /// The element count of `shape`, refusing overflow.
@@ -291,8 +296,18 @@ impl Context {
         Ok(buffer)
     }
 
-    /// Downloads several tensors with one submission and one wait.
+    /// Downloads several tensors with one submission and one wait (a thin wrapper over
+    /// [`Self::read_all_async`]).
     pub fn read_all(&self, tensors: &[&Tensor]) -> Result<Vec<ArrayD<f32>>> {
+        pollster::block_on(self.read_all_async(tensors)?)
+    }
+
+    /// Downloads several tensors with one submission, asynchronously: the copies are
+    /// submitted now, and the returned future resolves once the data is mapped, without
+    /// blocking the thread that polls it (a helper thread waits on the device and wakes
+    /// the task), so callers inside an async runtime can `.await` it. Checks (a tensor of
+    /// another context) fail here, before anything is submitted.
+    pub fn read_all_async(&self, tensors: &[&Tensor]) -> Result<Readback> {
         let named: Vec<(String, &Tensor)> = tensors
             .iter()
             .enumerate()
@@ -322,34 +337,120 @@ impl Context {
             staging.push(Some(buf));
         }
         self.queue.submit([encoder.finish()]);
-        let results: Arc<Mutex<Vec<Result<(), String>>>> = Arc::default();
+        let pending = staging.iter().flatten().count();
+        let state = Arc::new(Mutex::new(MapState {
+            pending,
+            errors: Vec::new(),
+            waker: None,
+        }));
         for buf in staging.iter().flatten() {
-            let results = results.clone();
+            let state = state.clone();
             buf.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                results
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(r.map_err(|e| e.to_string()));
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                st.pending -= 1;
+                if let Err(e) = r {
+                    st.errors.push(e.to_string());
+                }
+                if st.pending == 0 {
+                    if let Some(w) = st.waker.take() {
+                        w.wake();
+                    }
+                }
             });
         }
-        self.wait()?;
-        for r in results.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if let Err(reason) = r {
-                return Err(Error::Gpu {
-                    during: "readback",
-                    reason: reason.clone(),
-                });
+        Ok(Readback {
+            device: self.device.clone(),
+            shapes: tensors.iter().map(|t| t.shape().to_vec()).collect(),
+            staging,
+            state,
+            waiter: None,
+        })
+    }
+}
+
+/// What the map callbacks of a [`Readback`] share with it.
+struct MapState {
+    pending: usize,
+    errors: Vec<String>,
+    waker: Option<std::task::Waker>,
+}
+
+/// The future of [`Context::read_all_async`]: the tensors' values, in order, once the
+/// GPU has copied and mapped them.
+pub struct Readback {
+    device: wgpu::Device,
+    shapes: Vec<Vec<usize>>,
+    staging: Vec<Option<wgpu::Buffer>>,
+    state: Arc<Mutex<MapState>>,
+    /// The helper thread waiting on the device, once the future was polled pending.
+    waiter: Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
+}
+
+impl std::future::Future for Readback {
+    type Output = Result<Vec<ArrayD<f32>>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // A poll that does not wait: the copies may be done already.
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.pending > 0 {
+                st.waker = Some(cx.waker().clone());
+                drop(st);
+                if self.waiter.is_none() {
+                    let device = self.device.clone();
+                    self.waiter = Some(std::thread::spawn(move || {
+                        device
+                            .poll(wgpu::PollType::wait_indefinitely())
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }));
+                }
+                return std::task::Poll::Pending;
             }
         }
-        let mut out = Vec::with_capacity(tensors.len());
-        for (t, buf) in tensors.iter().zip(&staging) {
+        if let Some(waiter) = self.waiter.take() {
+            match waiter.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => {
+                    return std::task::Poll::Ready(Err(Error::Gpu {
+                        during: "readback",
+                        reason,
+                    }))
+                }
+                Err(_) => {
+                    return std::task::Poll::Ready(Err(Error::Gpu {
+                        during: "readback",
+                        reason: "the thread waiting on the device panicked".into(),
+                    }))
+                }
+            }
+        }
+        let errors =
+            std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).errors);
+        if let Some(reason) = errors.into_iter().next() {
+            return std::task::Poll::Ready(Err(Error::Gpu {
+                during: "readback",
+                reason,
+            }));
+        }
+        let mut out = Vec::with_capacity(self.shapes.len());
+        for (shape, buf) in self.shapes.iter().zip(&self.staging) {
             let data = match buf {
                 None => Vec::new(),
                 Some(buf) => {
-                    let view = buf.slice(..).get_mapped_range().map_err(|e| Error::Gpu {
-                        during: "readback",
-                        reason: e.to_string(),
-                    })?;
+                    let view = match buf.slice(..).get_mapped_range() {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return std::task::Poll::Ready(Err(Error::Gpu {
+                                during: "readback",
+                                reason: e.to_string(),
+                            }))
+                        }
+                    };
                     let v = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
                     drop(view);
                     buf.unmap();
@@ -357,10 +458,10 @@ impl Context {
                 }
             };
             out.push(
-                ArrayD::from_shape_vec(IxDyn(t.shape()), data)
+                ArrayD::from_shape_vec(IxDyn(shape), data)
                     .expect("readback length matches the shape"),
             );
         }
-        Ok(out)
+        std::task::Poll::Ready(Ok(out))
     }
 }
