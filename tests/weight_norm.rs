@@ -268,3 +268,16 @@ proptest::proptest! {
         check(context.get(common::property_contexts()), &config, &shape, &mut Rng::new(seed));
     }
 }
+
+/// Many short rows (dim 0) take the row kernels, which bind only `g` (4 bytes a row):
+/// 2000 rows pass a 16 KiB cap on per-slice statistics (16 bytes a row) and still work.
+#[test]
+fn more_rows_than_a_binding_of_statistics_use_the_row_kernels() {
+    let ctx = ctx_with_binding(16 * 1024);
+    check(
+        &ctx,
+        &WeightNorm::pytorch(Some(0)),
+        &[2000, 3],
+        &mut Rng::new(19),
+    );
+}

@@ -369,3 +369,15 @@ proptest::proptest! {
         check(context.get(common::property_contexts()), &config, &w, &g);
     }
 }
+
+/// Many short rows (axis 0) take the row kernels, which keep no per-channel scratch:
+/// more rows than a binding holds statistics for (2000 x 16 bytes past a 16 KiB cap)
+/// still standardize, forward and backward.
+#[test]
+fn more_rows_than_a_binding_of_statistics_use_the_row_kernels() {
+    let ctx = ctx_with_binding(16 * 1024);
+    let mut rng = Rng::new(17);
+    let w = rng.array(&[2000, 3, 1, 1], 0.5, 1.0);
+    let g = rng.array(&[2000, 3, 1, 1], 0.0, 1.0);
+    check(&ctx, &WeightStandardization::default(), &w, &g);
+}

@@ -162,10 +162,12 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: &Tensor,
     ) -> Result<Tensor> {
-        let plan = self.check_backward(rec, weight, grad_output)?;
-        if let Some(windows) = row_windows(plan.layout, &rec.context().limits) {
-            return self.record_rows(rec, &plan.layout, &windows, weight, Some(grad_output));
+        let layout = self.check_backward(rec, weight, grad_output)?;
+        if let Some(windows) = row_windows(layout, &rec.context().limits) {
+            return self.record_rows(rec, &layout, &windows, weight, Some(grad_output));
         }
+        // The row path needs no reduction plan (and none of its per-channel scratch).
+        let plan = ReducePlan::new(OP, layout, &rec.context().limits)?;
         let norm = self.record_norm(rec, &plan, weight)?;
         self.record_grad(rec, &plan, weight, grad_output, &norm)
     }
@@ -177,12 +179,13 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: &Tensor,
     ) -> Result<WeightStandardizationStep> {
-        let plan = self.check_backward(rec, weight, grad_output)?;
-        if let Some(windows) = row_windows(plan.layout, &rec.context().limits) {
-            let out = self.record_rows(rec, &plan.layout, &windows, weight, None)?;
-            let grad = self.record_rows(rec, &plan.layout, &windows, weight, Some(grad_output))?;
+        let layout = self.check_backward(rec, weight, grad_output)?;
+        if let Some(windows) = row_windows(layout, &rec.context().limits) {
+            let out = self.record_rows(rec, &layout, &windows, weight, None)?;
+            let grad = self.record_rows(rec, &layout, &windows, weight, Some(grad_output))?;
             return Ok(WeightStandardizationStep { output: out, grad });
         }
+        let plan = ReducePlan::new(OP, layout, &rec.context().limits)?;
         let norm = self.record_norm(rec, &plan, weight)?;
         let out = self.record_output(rec, &plan.layout, weight, &norm)?;
         let grad = self.record_grad(rec, &plan, weight, grad_output, &norm)?;
@@ -194,12 +197,12 @@ impl WeightStandardization {
         rec: &Recording<'_>,
         weight: &Tensor,
         grad_output: &Tensor,
-    ) -> Result<ReducePlan> {
+    ) -> Result<ChannelLayout> {
         rec.context()
             .check_tensors(OP, &[("weight", weight), ("grad_output", grad_output)])?;
         let layout = self.check(weight.shape())?;
         check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
-        ReducePlan::new(OP, layout, &rec.context().limits)
+        Ok(layout)
     }
 
     /// Records the per-channel `(mean, 1 / sqrt(var + eps))` of `weight`.
