@@ -67,9 +67,14 @@ fn load_hooks_file(ctx: &Context, weights: &mut [&mut Weight], bn: &mut BatchNor
     state::load_with(ctx, &file, weights, &mut [], &mut [("bn", bn)]).unwrap();
 }
 
-/// Evaluation weights and the batch norm's evaluation output against PyTorch's.
-fn check_against(ctx: &Context, weights: &mut [Weight], bn: &mut BatchNormLayer, want: &str) {
-    let want = expected(want);
+/// Evaluation weights and the batch norm's evaluation output against the framework's
+/// (`<m>.weight` for each weight, `bn.output` on `bn.input`).
+fn check_against(
+    ctx: &Context,
+    weights: &mut [Weight],
+    bn: &mut BatchNormLayer,
+    want: &std::collections::HashMap<String, ArrayD<f32>>,
+) {
     for w in weights.iter_mut() {
         let got = w.forward(ctx, false).unwrap().to_array(ctx).unwrap();
         let key = format!("{}.weight", w.name());
@@ -102,7 +107,7 @@ fn pytorch_checkpoints_of_both_apis_and_dtypes_load() {
                 &ctx,
                 &mut weights,
                 &mut bn,
-                &format!("{api}{dtype}_expected.safetensors"),
+                &expected(&format!("{api}{dtype}_expected.safetensors")),
             );
             // The same bytes from memory.
             let (mut again, mut bn2) = model(&ctx);
@@ -113,7 +118,7 @@ fn pytorch_checkpoints_of_both_apis_and_dtypes_load() {
                 &ctx,
                 &mut again,
                 &mut bn2,
-                &format!("{api}{dtype}_expected.safetensors"),
+                &expected(&format!("{api}{dtype}_expected.safetensors")),
             );
         }
     }
@@ -165,7 +170,12 @@ fn saves_under_either_api_load_back() {
         let (mut back, mut bn2) = model(&ctx);
         let mut refs: Vec<&mut Weight> = back.iter_mut().collect();
         state::load_with(&ctx, &path, &mut refs, &mut [], &mut [("bn", &mut bn2)]).unwrap();
-        check_against(&ctx, &mut back, &mut bn2, "hooks_expected.safetensors");
+        check_against(
+            &ctx,
+            &mut back,
+            &mut bn2,
+            &expected("hooks_expected.safetensors"),
+        );
     }
 }
 
@@ -244,27 +254,8 @@ fn chainer_npz_checkpoints_load_and_save() {
     let ctx = ctx();
     let chainer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chainer/chainer.npz");
     let want = chainer_expected();
-    let check = |weights: &mut [Weight], bn: &mut BatchNormLayer| {
-        for w in weights.iter_mut() {
-            let got = w.forward(&ctx, false).unwrap().to_array(&ctx).unwrap();
-            let key = format!("{}.weight", w.name());
-            assert_close(&key, &got, &want[&key], CHECKPOINT_TOL, CHECKPOINT_TOL);
-        }
-        let x = Tensor::from_array(&ctx, &want["bn.input"]).unwrap();
-        let got = bn
-            .forward(&ctx, &x, BatchNormMode::Eval)
-            .unwrap()
-            .output
-            .to_array(&ctx)
-            .unwrap();
-        assert_close(
-            "bn.output",
-            &got,
-            &want["bn.output"],
-            CHECKPOINT_TOL,
-            CHECKPOINT_TOL,
-        );
-    };
+    let check =
+        |weights: &mut [Weight], bn: &mut BatchNormLayer| check_against(&ctx, weights, bn, &want);
     let (mut weights, mut bn) = chainer_model(&ctx);
     let mut refs: Vec<&mut Weight> = weights.iter_mut().collect();
     state::load_chainer_npz(&ctx, &chainer, &mut refs, &mut [("bn", &mut bn)]).unwrap();
