@@ -297,9 +297,12 @@ impl Context {
     }
 
     /// Downloads several tensors with one submission and one wait (a thin wrapper over
-    /// [`Self::read_all_async`]).
+    /// [`Self::read_all_async`] that waits on this thread, so the future is ready when
+    /// first polled and no helper thread is started).
     pub fn read_all(&self, tensors: &[&Tensor]) -> Result<Vec<ArrayD<f32>>> {
-        pollster::block_on(self.read_all_async(tensors)?)
+        let readback = self.read_all_async(tensors)?;
+        self.wait()?;
+        pollster::block_on(readback)
     }
 
     /// Downloads several tensors with one submission, asynchronously: the copies are
