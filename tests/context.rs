@@ -274,10 +274,24 @@ fn asynchronous_readback_matches_the_blocking_one() {
     )
     .unwrap();
     let empty = Tensor::zeros(&ctx, &[0, 4]).unwrap();
-    let blocking = ctx.read_all(&[&a, &big, &empty]).unwrap();
+    // What was uploaded (read_all wraps the future, so it is no independent witness).
+    let host_big = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[512, 1024]), |ix| {
+        (ix[0] * 7 + ix[1]) as f32
+    });
+    let host_a = ndarray::ArrayD::from_shape_vec(
+        ndarray::IxDyn(&[2, 3]),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    )
+    .unwrap();
+    let blocking = vec![
+        host_a,
+        host_big,
+        ndarray::ArrayD::zeros(ndarray::IxDyn(&[0, 4])),
+    ];
     let future = ctx.read_all_async(&[&a, &big, &empty]).unwrap();
     let got = pollster::block_on(future).unwrap();
     assert_eq!(got, blocking);
+    assert_eq!(ctx.read_all(&[&a, &big, &empty]).unwrap(), blocking);
     assert_eq!(got[2].shape(), [0, 4]);
     assert_eq!(
         pollster::block_on(a.to_array_async(&ctx)).unwrap(),
