@@ -906,7 +906,12 @@ impl BatchNorm {
         state: &mut BatchNormState,
         one_epoch: impl IntoIterator<Item = &'a Tensor>,
     ) -> Result<()> {
-        let copy = |t: &Tensor| -> Result<Tensor> { Tensor::from_array(ctx, &t.to_array(ctx)?) };
+        // Copies on the GPU (no round trip through the host).
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let c = Tensor::output(ctx, t.shape())?;
+            ctx.run(|rec| rec.copy_tensor(t, &c))?;
+            Ok(c)
+        };
         let mut work = BatchNormState {
             running_mean: copy(&state.running_mean)?,
             running_var: copy(&state.running_var)?,
