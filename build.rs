@@ -70,12 +70,16 @@ fn main() {
                 file.display().to_string(),
             )
             .unwrap();
-            writeln!(
-                consts,
-                "pub(crate) const {}: usize = {index};",
-                name.replace('.', "_").to_uppercase()
-            )
-            .unwrap();
+            // Half-precision modules are found by name, from their f32 twin
+            // (src/gpu/kernels.rs); the kernel list names the f32 ones.
+            if !defines.contains("HALF") {
+                writeln!(
+                    consts,
+                    "pub(crate) const {}: usize = {index};",
+                    name.replace('.', "_").to_uppercase()
+                )
+                .unwrap();
+            }
             index += 1;
         }
     }

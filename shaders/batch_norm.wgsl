@@ -87,9 +87,9 @@ fn finalize(ids: Ids) {
 // ---- normalize: y = (x - mean) * (invstd * gamma) + beta ------------------------------
 
 @group(0) @binding(0) var<uniform> bn: ElementParams;
-@group(0) @binding(1) var<storage, read> bn_x: array<V>;
+@group(0) @binding(1) var<storage, read> bn_x: array<D>;
 @group(0) @binding(2) var<storage, read> bn_norm: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> bn_y: array<V>;
+@group(0) @binding(3) var<storage, read_write> bn_y: array<D>;
 
 // The per-feature vec4s of a unit's slice s as `Lanes` (elem.wgsl): the 4 features
 // 4 s .. 4 s + 3 channels last, else the one feature of every lane.
@@ -129,7 +129,7 @@ fn normalize(ids: Ids) {
             m = norm_at(w.slice);
         }
         let scale = lane_value(m, 1u) * lane_value(m, 2u);
-        bn_y[w.e] = (bn_x[w.e] - lane_value(m, 0u)) * scale + lane_value(m, 3u);
+        bn_y[w.e] = dstore((dload(bn_x[w.e]) - lane_value(m, 0u)) * scale + lane_value(m, 3u));
     }
 }
 
@@ -164,10 +164,10 @@ fn grad_factors(ids: Ids) {
 // ---- grad_input: dx = k1 * (dy - k2 - (x - mean) * k3) --------------------------------
 
 @group(0) @binding(0) var<uniform> gi: ElementParams;
-@group(0) @binding(1) var<storage, read> gi_x: array<V>;
-@group(0) @binding(2) var<storage, read> gi_dy: array<V>;
+@group(0) @binding(1) var<storage, read> gi_x: array<D>;
+@group(0) @binding(2) var<storage, read> gi_dy: array<D>;
 @group(0) @binding(3) var<storage, read> gi_coef: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> gi_dx: array<V>;
+@group(0) @binding(4) var<storage, read_write> gi_dx: array<D>;
 
 @compute @workgroup_size(WG)
 fn grad_input(ids: Ids) {
@@ -177,8 +177,8 @@ fn grad_input(ids: Ids) {
         if (reload(w)) {
             k = coef_at(w.slice);
         }
-        let centred = gi_x[w.e] - lane_value(k, 3u);
-        gi_dx[w.e] = lane_value(k, 0u) * (gi_dy[w.e] - lane_value(k, 1u) - centred * lane_value(k, 2u));
+        let centred = dload(gi_x[w.e]) - lane_value(k, 3u);
+        gi_dx[w.e] = dstore(lane_value(k, 0u) * (dload(gi_dy[w.e]) - lane_value(k, 1u) - centred * lane_value(k, 2u)));
     }
 }
 

@@ -147,7 +147,7 @@ fn walk_index(p: ReduceParams, it: Item, w: Walk) -> u32 {
 // ---- Welford: mean, M2 and count per channel ------------------------------------
 
 @group(0) @binding(0) var<uniform> wp: ReduceParams;
-@group(0) @binding(1) var<storage, read> wp_x: array<V>;
+@group(0) @binding(1) var<storage, read> wp_x: array<D>;
 @group(0) @binding(2) var<storage, read_write> wp_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
@@ -164,12 +164,12 @@ fn welford_partials(ids: Ids) {
     var acc = vec4<f32>(0.0);
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
-        let shift = lane0(wp_x[walk_index(wp, it, w)]);
+        let shift = lane0(dload(wp_x[walk_index(wp, it, w)]));
         var s1 = V(0.0);
         var s2 = V(0.0);
         var n = 0u;
         for (var k = 0u; k < RESHIFT && w.row < w.rows; k += 1u) {
-            let d = wp_x[walk_index(wp, it, w)] - shift;
+            let d = dload(wp_x[walk_index(wp, it, w)]) - shift;
             s1 += d;
             s2 = fma(d, d, s2);
             n += LANES;
@@ -214,8 +214,8 @@ fn welford_combine(ids: Ids) {
 override CENTERED: bool = false;
 
 @group(0) @binding(0) var<uniform> sp: ReduceParams;
-@group(0) @binding(1) var<storage, read> sp_a: array<V>;
-@group(0) @binding(2) var<storage, read> sp_b: array<V>;
+@group(0) @binding(1) var<storage, read> sp_a: array<D>;
+@group(0) @binding(2) var<storage, read> sp_b: array<D>;
 // vec4 per channel; the centre is its first component (a Welford or finalize output).
 @group(0) @binding(3) var<storage, read> sp_centre: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> sp_out: array<vec4<f32>>;
@@ -236,8 +236,8 @@ fn sum_partials(ids: Ids) {
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
         let e = walk_index(sp, it, w);
-        let a = sp_a[e];
-        let b = sp_b[e] - centre;
+        let a = dload(sp_a[e]);
+        let b = dload(sp_b[e]) - centre;
         sa += a;
         sab = fma(a, b, sab);
         sbb = fma(b, b, sbb);
@@ -277,7 +277,7 @@ fn sum_combine(ids: Ids) {
 // read contiguously (the walk's row-major order). Result in the first component.
 
 @group(0) @binding(0) var<uniform> dp: ReduceParams;
-@group(0) @binding(1) var<storage, read> dp_x: array<V>;
+@group(0) @binding(1) var<storage, read> dp_x: array<D>;
 @group(0) @binding(2) var<storage, read> dp_vector: array<V>;
 @group(0) @binding(3) var<storage, read_write> dp_out: array<vec4<f32>>;
 
@@ -291,7 +291,7 @@ fn dot_partials(ids: Ids) {
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
         let e = walk_index(dp, it, w);
-        acc = fma(dp_x[e], dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col], acc);
+        acc = fma(dload(dp_x[e]), dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col], acc);
         walk_next(&w, it.cols);
     }
     let total = tree_sum(ids.lid, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0));
@@ -367,7 +367,7 @@ fn cl_rows_sum(p: ClParams, t: ClThread, lid: u32, acc: mat3x4<f32>) -> mat3x4<f
 }
 
 @group(0) @binding(0) var<uniform> wcl: ClParams;
-@group(0) @binding(1) var<storage, read> wcl_x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> wcl_x: array<D4>;
 @group(0) @binding(2) var<storage, read_write> wcl_out: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
@@ -382,12 +382,12 @@ fn welford_partials_cl(ids: Ids) {
     var acc = mat3x4<f32>();
     let r_first = t.r0 + t.tr;
     if (t.live && r_first < t.r1) {
-        let shift = wcl_x[t.first + t.tr * wcl.c4];
+        let shift = dload4(wcl_x[t.first + t.tr * wcl.c4]);
         var s1 = vec4<f32>(0.0);
         var s2 = vec4<f32>(0.0);
         var n = 0.0;
         for (var r = r_first; r < t.r1; r += wcl.tr) {
-            let d = wcl_x[t.first + (r - t.r0) * wcl.c4] - shift;
+            let d = dload4(wcl_x[t.first + (r - t.r0) * wcl.c4]) - shift;
             s1 += d;
             s2 = fma(d, d, s2);
             n += 1.0;
@@ -414,8 +414,8 @@ fn welford_partials_cl(ids: Ids) {
 }
 
 @group(0) @binding(0) var<uniform> scl: ClParams;
-@group(0) @binding(1) var<storage, read> scl_a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> scl_b: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> scl_a: array<D4>;
+@group(0) @binding(2) var<storage, read> scl_b: array<D4>;
 @group(0) @binding(3) var<storage, read> scl_centre: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> scl_out: array<vec4<f32>>;
 
@@ -435,8 +435,8 @@ fn sum_partials_cl(ids: Ids) {
         }
         for (var r = t.r0 + t.tr; r < t.r1; r += scl.tr) {
             let e = t.first + (r - t.r0) * scl.c4;
-            let a = scl_a[e];
-            let b = scl_b[e] - centre;
+            let a = dload4(scl_a[e]);
+            let b = dload4(scl_b[e]) - centre;
             acc[0] += a;
             acc[1] = fma(a, b, acc[1]);
             acc[2] = fma(b, b, acc[2]);

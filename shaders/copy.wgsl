@@ -9,13 +9,13 @@ const WG: u32 = 256u;
 #import element
 
 @group(0) @binding(0) var<uniform> p: ElementParams;
-@group(0) @binding(1) var<storage, read> src: array<V>;
-@group(0) @binding(2) var<storage, read_write> dst: array<V>;
+@group(0) @binding(1) var<storage, read> src: array<D>;
+@group(0) @binding(2) var<storage, read_write> dst: array<D>;
 
 @compute @workgroup_size(WG)
 fn copy(ids: Ids) {
     let range = units(p, ids);
     for (var e = range.x; e < range.y; e += p.stride) {
-        dst[e] = src[e];
+        dst[e] = src[e]; // storage as is: a half tensor moves half the bytes
     }
 }

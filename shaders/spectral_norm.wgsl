@@ -70,7 +70,7 @@ const ROW_LANES: u32 = WG / TILE_UNITS;
 var<workgroup> red: array<V, WG>;
 
 @group(0) @binding(0) var<uniform> cp: ColumnParams;
-@group(0) @binding(1) var<storage, read> cp_m: array<V>;
+@group(0) @binding(1) var<storage, read> cp_m: array<D>;
 @group(0) @binding(2) var<storage, read> cp_u: array<f32>;
 @group(0) @binding(3) var<storage, read_write> cp_out: array<f32>; // [blocks, cols]
 
@@ -105,7 +105,7 @@ fn mtv_partials(ids: Ids) {
         var r = r_begin + lane_;
         var e = (a * cp.rj + r * cp.inner + j - cp.bind_start) / LANES;
         for (; r < r_end; r += ROW_LANES) {
-            acc = fma(cp_m[e], V(cp_u[r]), acc);
+            acc = fma(dload(cp_m[e]), V(cp_u[r]), acc);
             e += step;
         }
     }
@@ -133,7 +133,7 @@ fn mtv_partials(ids: Ids) {
 // 0, 0, 0), the layout `dot_partials` gives for longer or strided rows.
 
 @group(0) @binding(0) var<uniform> rd: RowParams;
-@group(0) @binding(1) var<storage, read> rd_m: array<V>;
+@group(0) @binding(1) var<storage, read> rd_m: array<D>;
 @group(0) @binding(2) var<storage, read> rd_v: array<V>;
 @group(0) @binding(3) var<storage, read_write> rd_out: array<vec4<f32>>;
 
@@ -145,7 +145,7 @@ fn rows_dot(ids: Ids) {
     let slot = row_slot(rd, ids);
     var acc = V(0.0);
     for (var i = slot.tl; i < rd.len && slot.live; i += rd.tpr) {
-        acc = fma(rd_m[slot.base + i], rd_v[i], acc);
+        acc = fma(dload(rd_m[slot.base + i]), rd_v[i], acc);
     }
     let total = row_sum(ids.lid, slot.tl, rd.tpr, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0)).x;
     if (slot.tl == 0u && slot.live) {
@@ -319,10 +319,10 @@ fn dot(ids: Ids) {
 // ---- scale: W * gamma / sigma (flag: use gamma) --------------------------------------
 
 @group(0) @binding(0) var<uniform> sc: ElementParams;
-@group(0) @binding(1) var<storage, read> sc_w: array<V>;
+@group(0) @binding(1) var<storage, read> sc_w: array<D>;
 @group(0) @binding(2) var<storage, read> sc_sigma: array<f32>;
 @group(0) @binding(3) var<storage, read> sc_gamma: array<f32>;
-@group(0) @binding(4) var<storage, read_write> sc_out: array<V>;
+@group(0) @binding(4) var<storage, read_write> sc_out: array<D>;
 
 @compute @workgroup_size(WG)
 fn scale(ids: Ids) {
@@ -333,7 +333,7 @@ fn scale(ids: Ids) {
     let k = s / usable_sigma(sc_sigma[0]);
     let range = units(sc, ids);
     for (var e = range.x; e < range.y; e += sc.stride) {
-        sc_out[e] = sc_w[e] * k;
+        sc_out[e] = dstore(dload(sc_w[e]) * k);
     }
 }
 
@@ -383,16 +383,16 @@ fn grad_coef(ids: Ids) {
 // channel is r and its row a; with VEC4 a unit has one r and v is read as vec4s.
 
 @group(0) @binding(0) var<uniform> gr: ElementParams;
-@group(0) @binding(1) var<storage, read> gr_g: array<V>;
+@group(0) @binding(1) var<storage, read> gr_g: array<D>;
 @group(0) @binding(2) var<storage, read> gr_u: array<f32>;
 @group(0) @binding(3) var<storage, read> gr_v: array<V>;
 @group(0) @binding(4) var<storage, read> gr_coef: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> gr_out: array<V>;
+@group(0) @binding(5) var<storage, read_write> gr_out: array<D>;
 
 @compute @workgroup_size(WG)
 fn grad(ids: Ids) {
     let k = gr_coef[0];
     for (var w = cursor_start(gr, ids); cursor_live(w); cursor_next(gr, &w)) {
-        gr_out[w.e] = k.x * gr_g[w.e] - (k.y * gr_u[w.c]) * gr_v[w.o * gr.inner + w.j];
+        gr_out[w.e] = dstore(k.x * dload(gr_g[w.e]) - (k.y * gr_u[w.c]) * gr_v[w.o * gr.inner + w.j]);
     }
 }

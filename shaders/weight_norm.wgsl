@@ -82,9 +82,9 @@ fn factors(ids: Ids) {
 // ---- apply: W = f[slice] * v ----------------------------------------------------------
 
 @group(0) @binding(0) var<uniform> ap: ElementParams;
-@group(0) @binding(1) var<storage, read> ap_v: array<V>;
+@group(0) @binding(1) var<storage, read> ap_v: array<D>;
 @group(0) @binding(2) var<storage, read> ap_f: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> ap_w: array<V>;
+@group(0) @binding(3) var<storage, read_write> ap_w: array<D>;
 
 @compute @workgroup_size(WG)
 fn apply(ids: Ids) {
@@ -93,7 +93,7 @@ fn apply(ids: Ids) {
         if (w.fresh) {
             f = ap_f[w.slice].x;
         }
-        ap_w[w.e] = f * ap_v[w.e];
+        ap_w[w.e] = dstore(f * dload(ap_v[w.e]));
     }
 }
 
@@ -119,10 +119,10 @@ fn grad_factors(ids: Ids) {
 // ---- grad_v = coef.x * G - coef.y * v -----------------------------------------------
 
 @group(0) @binding(0) var<uniform> gv: ElementParams;
-@group(0) @binding(1) var<storage, read> gv_v: array<V>;
-@group(0) @binding(2) var<storage, read> gv_grad: array<V>;
+@group(0) @binding(1) var<storage, read> gv_v: array<D>;
+@group(0) @binding(2) var<storage, read> gv_grad: array<D>;
 @group(0) @binding(3) var<storage, read> gv_coef: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> gv_out: array<V>;
+@group(0) @binding(4) var<storage, read_write> gv_out: array<D>;
 
 @compute @workgroup_size(WG)
 fn grad_v(ids: Ids) {
@@ -131,7 +131,7 @@ fn grad_v(ids: Ids) {
         if (w.fresh) {
             k = gv_coef[w.slice];
         }
-        gv_out[w.e] = k.x * gv_grad[w.e] - k.y * gv_v[w.e];
+        gv_out[w.e] = dstore(k.x * dload(gv_grad[w.e]) - k.y * dload(gv_v[w.e]));
     }
 }
 
@@ -139,8 +139,8 @@ fn grad_v(ids: Ids) {
 
 @group(0) @binding(0) var<uniform> rf: RowParams;
 @group(0) @binding(1) var<storage, read> rf_g: array<f32>;
-@group(0) @binding(2) var<storage, read> rf_v: array<V>;
-@group(0) @binding(3) var<storage, read_write> rf_w: array<V>;
+@group(0) @binding(2) var<storage, read> rf_v: array<D>;
+@group(0) @binding(3) var<storage, read_write> rf_w: array<D>;
 
 @compute @workgroup_size(RWG)
 fn rows_forward(ids: Ids) {
@@ -151,22 +151,22 @@ fn rows_forward(ids: Ids) {
     let base = slot.base;
     var sq = V(0.0);
     for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
-        let v = rf_v[base + i];
+        let v = dload(rf_v[base + i]);
         sq = fma(v, v, sq);
     }
     let total = row_sum(ids.lid, slot.tl, rf.tpr, vec4<f32>(hsum(sq), 0.0, 0.0, 0.0)).x;
     let f = rf_g[rf.first_row + slot.row] / clamped_norm(total, rf.eps);
     for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
-        rf_w[base + i] = f * rf_v[base + i];
+        rf_w[base + i] = dstore(f * dload(rf_v[base + i]));
     }
 }
 
 @group(0) @binding(0) var<uniform> rb: RowParams;
 @group(0) @binding(1) var<storage, read> rb_g: array<f32>;
-@group(0) @binding(2) var<storage, read> rb_v: array<V>;
-@group(0) @binding(3) var<storage, read> rb_grad: array<V>;
+@group(0) @binding(2) var<storage, read> rb_v: array<D>;
+@group(0) @binding(3) var<storage, read> rb_grad: array<D>;
 @group(0) @binding(4) var<storage, read_write> rb_grad_g: array<f32>;
-@group(0) @binding(5) var<storage, read_write> rb_grad_v: array<V>;
+@group(0) @binding(5) var<storage, read_write> rb_grad_v: array<D>;
 
 @compute @workgroup_size(RWG)
 fn rows_grad(ids: Ids) {
@@ -178,8 +178,8 @@ fn rows_grad(ids: Ids) {
     var sgv = V(0.0);
     var svv = V(0.0);
     for (var i = slot.tl; i < rb.len && slot.live; i += rb.tpr) {
-        let v = rb_v[base + i];
-        sgv = fma(rb_grad[base + i], v, sgv);
+        let v = dload(rb_v[base + i]);
+        sgv = fma(dload(rb_grad[base + i]), v, sgv);
         svv = fma(v, v, svv);
     }
     let sums = row_sum(ids.lid, slot.tl, rb.tpr, vec4<f32>(hsum(sgv), hsum(svv), 0.0, 0.0)).xy;
@@ -188,6 +188,6 @@ fn rows_grad(ids: Ids) {
         rb_grad_g[rb.first_row + slot.row] = k.x;
     }
     for (var i = slot.tl; i < rb.len && slot.live; i += rb.tpr) {
-        rb_grad_v[base + i] = k.y * rb_grad[base + i] - k.z * rb_v[base + i];
+        rb_grad_v[base + i] = dstore(k.y * dload(rb_grad[base + i]) - k.z * dload(rb_v[base + i]));
     }
 }

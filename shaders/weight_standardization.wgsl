@@ -54,9 +54,9 @@ fn finalize(ids: Ids) {
 }
 
 @group(0) @binding(0) var<uniform> np: ElementParams;
-@group(0) @binding(1) var<storage, read> np_x: array<V>;
+@group(0) @binding(1) var<storage, read> np_x: array<D>;
 @group(0) @binding(2) var<storage, read> np_norm: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> np_y: array<V>;
+@group(0) @binding(3) var<storage, read_write> np_y: array<D>;
 
 @compute @workgroup_size(WG)
 fn normalize(ids: Ids) {
@@ -65,17 +65,17 @@ fn normalize(ids: Ids) {
         if (w.fresh) {
             m = np_norm[w.slice];
         }
-        np_y[w.e] = (np_x[w.e] - m.x) * m.y;
+        np_y[w.e] = dstore((dload(np_x[w.e]) - m.x) * m.y);
     }
 }
 
 // aux0 = 1 / n, aux1 = 1 / d.
 @group(0) @binding(0) var<uniform> gp: ElementParams;
-@group(0) @binding(1) var<storage, read> gp_x: array<V>;
-@group(0) @binding(2) var<storage, read> gp_g: array<V>;
+@group(0) @binding(1) var<storage, read> gp_x: array<D>;
+@group(0) @binding(2) var<storage, read> gp_g: array<D>;
 @group(0) @binding(3) var<storage, read> gp_norm: array<vec4<f32>>; // (mean, rstd, 0, 0)
 @group(0) @binding(4) var<storage, read> gp_sums: array<vec4<f32>>; // (sum g, sum g (x - mean), 0, 0)
-@group(0) @binding(5) var<storage, read_write> gp_dx: array<V>;
+@group(0) @binding(5) var<storage, read_write> gp_dx: array<D>;
 
 @compute @workgroup_size(WG)
 fn grad(ids: Ids) {
@@ -86,8 +86,8 @@ fn grad(ids: Ids) {
             m = gp_norm[w.slice];
             s = gp_sums[w.slice];
         }
-        let y = (gp_x[w.e] - m.x) * m.y;
-        gp_dx[w.e] = m.y * (gp_g[w.e] - s.x * gp.aux0 - y * m.y * s.y * gp.aux1);
+        let y = (dload(gp_x[w.e]) - m.x) * m.y;
+        gp_dx[w.e] = dstore(m.y * (dload(gp_g[w.e]) - s.x * gp.aux0 - y * m.y * s.y * gp.aux1));
     }
 }
 
@@ -137,8 +137,8 @@ fn row_welford_grad(lid: u32, tl: u32, tpr: u32, v: GradState) -> GradState {
 }
 
 @group(0) @binding(0) var<uniform> rp: RowParams;
-@group(0) @binding(1) var<storage, read> rp_x: array<V>;
-@group(0) @binding(2) var<storage, read_write> rp_y: array<V>;
+@group(0) @binding(1) var<storage, read> rp_x: array<D>;
+@group(0) @binding(2) var<storage, read_write> rp_y: array<D>;
 
 @compute @workgroup_size(RWG)
 fn rows_forward(ids: Ids) {
@@ -150,12 +150,12 @@ fn rows_forward(ids: Ids) {
     var own = vec4<f32>(0.0);
     var i = slot.tl;
     while (i < rp.len && slot.live) {
-        let shift = lane0(rp_x[base + i]);
+        let shift = lane0(dload(rp_x[base + i]));
         var s1 = V(0.0);
         var s2 = V(0.0);
         var n = 0u;
         for (var k = 0u; k < RESHIFT && i < rp.len; k += 1u) {
-            let d = rp_x[base + i] - shift;
+            let d = dload(rp_x[base + i]) - shift;
             s1 += d;
             s2 = fma(d, d, s2);
             n += LANES;
@@ -167,14 +167,14 @@ fn rows_forward(ids: Ids) {
     let mean = st.x;
     let rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
     for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
-        rp_y[base + i] = (rp_x[base + i] - mean) * rstd;
+        rp_y[base + i] = dstore((dload(rp_x[base + i]) - mean) * rstd);
     }
 }
 
 @group(0) @binding(0) var<uniform> rg: RowParams;
-@group(0) @binding(1) var<storage, read> rg_x: array<V>;
-@group(0) @binding(2) var<storage, read> rg_g: array<V>;
-@group(0) @binding(3) var<storage, read_write> rg_dx: array<V>;
+@group(0) @binding(1) var<storage, read> rg_x: array<D>;
+@group(0) @binding(2) var<storage, read> rg_g: array<D>;
+@group(0) @binding(3) var<storage, read_write> rg_dx: array<D>;
 
 // dx = r * (g - sum(g) / n - y * r * sum(g (x - mean)) / d), y = (x - mean) * r.
 @compute @workgroup_size(RWG)
@@ -187,15 +187,15 @@ fn rows_grad(ids: Ids) {
     var own = GradState(vec4<f32>(0.0), vec2<f32>(0.0));
     var i = slot.tl;
     while (i < rg.len && slot.live) {
-        let shift = lane0(rg_x[base + i]);
+        let shift = lane0(dload(rg_x[base + i]));
         var sd = V(0.0);
         var sdd = V(0.0);
         var sg = V(0.0);
         var sgd = V(0.0);
         var n = 0u;
         for (var k = 0u; k < RESHIFT && i < rg.len; k += 1u) {
-            let d = rg_x[base + i] - shift;
-            let g = rg_g[base + i];
+            let d = dload(rg_x[base + i]) - shift;
+            let g = dload(rg_g[base + i]);
             sd += d;
             sdd = fma(d, d, sdd);
             sg += g;
@@ -217,7 +217,7 @@ fn rows_grad(ids: Ids) {
     let a = t.x * rg.inv_n;
     let b = rstd * t.y * rg.inv_divisor;
     for (var i = slot.tl; i < rg.len && slot.live; i += rg.tpr) {
-        let y = (rg_x[base + i] - mean) * rstd;
-        rg_dx[base + i] = rstd * (rg_g[base + i] - a - y * b);
+        let y = (dload(rg_x[base + i]) - mean) * rstd;
+        rg_dx[base + i] = dstore(rstd * (dload(rg_g[base + i]) - a - y * b));
     }
 }

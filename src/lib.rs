@@ -74,7 +74,9 @@ pub mod state;
 
 pub use distributed::{Collective, ThreadComm, ThreadGroup};
 pub use error::{Error, Result};
-pub use gpu::{AdapterReport, Context, ContextOptions, Readback, Recording, Tensor, Tuning};
+pub use gpu::{
+    AdapterReport, Context, ContextOptions, DType, Element, Readback, Recording, Tensor, Tuning,
+};
 pub use hooks::{
     register_global, register_global_named, SpectralNormHook, TimerHook, Weight, WeightHook,
     WeightNormHook, WeightStandardizationHook,

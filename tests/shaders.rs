@@ -3,7 +3,9 @@
 
 use naga::valid::{Capabilities, GlobalUse, ValidationFlags, Validator};
 use naga::{AddressSpace, StorageAccess};
+use wgnorm::gpu::kernels::module_for;
 use wgnorm::gpu::{Binding, Kernel, SHADERS};
+use wgnorm::DType;
 
 fn parse(i: usize) -> (naga::Module, naga::valid::ModuleInfo) {
     let src = &SHADERS[i];
@@ -65,6 +67,8 @@ fn vec4_variants_read_vec4s() {
     }
 }
 
+/// Each kernel's bindings, in its f32 module and in the half-precision twins of that
+/// module (which every vec4, channels-last and cast kernel has).
 #[test]
 fn declared_bindings_match_the_shaders() {
     for &kernel in Kernel::ALL {
@@ -76,7 +80,23 @@ fn declared_bindings_match_the_shaders() {
             "{}: label must be wgnorm.<shader>.<entry>",
             def.label
         );
-        let (module, info) = parse(def.shader);
+        let by_four = shader.defines.contains(&"VEC4")
+            || def.entry.ends_with("_cl")
+            || def.entry.starts_with("cast_");
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let Ok(index) = module_for(kernel, dtype) else {
+                assert!(!by_four, "{}: no {dtype} module", def.label);
+                continue;
+            };
+            check_bindings(kernel, index);
+        }
+    }
+}
+
+fn check_bindings(kernel: Kernel, index: usize) {
+    {
+        let def = kernel.def();
+        let (module, info) = parse(index);
         let (ep_index, _) = module
             .entry_points
             .iter()

@@ -66,3 +66,112 @@ fn lane_value(m: Lanes, k: u32) -> V {
     return V(m[k]);
 }
 #endif
+
+// The storage of the op's data tensors (x, W, v, dy and the outputs computed from
+// them): `D` holds one unit, `D4` four consecutive elements. In f32 modules they are
+// `V` and vec4<f32>; in half modules (HALF, with F16 or BF16) four elements are two
+// u32 words, element 2k in the low half. Kernels read data as `dload(x[i])` and write
+// `y[i] = dstore(v)`: loads widen to f32, every statistic is accumulated in f32, and a
+// store rounds once, to nearest even. Scalar units of half data do not exist: the
+// host runs half tensors whose rows are not a multiple of 4 through f32 copies
+// (src/ops/cast.rs), so the scalar modules keep f32 storage.
+#ifdef HALF
+alias D4 = vec2<u32>;
+
+fn dload4(s: D4) -> vec4<f32> {
+    return vec4<f32>(unpack_pair(s.x), unpack_pair(s.y));
+}
+
+fn dstore4(v: vec4<f32>) -> D4 {
+    return vec2<u32>(pack_pair(v.xy), pack_pair(v.zw));
+}
+
+#ifdef BF16
+// bfloat16 is the upper half of an f32.
+fn unpack_pair(w: u32) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+}
+
+// Round to nearest even by integer arithmetic (WGSL leaves the rounding of its own
+// conversions to the implementation); NaN stays a (quiet) NaN.
+fn to_half(x: f32) -> u32 {
+    let f = bitcast<u32>(x);
+    let rounded = (f + 0x7fffu + ((f >> 16u) & 1u)) >> 16u;
+    let nan = (f & 0x7fffffffu) > 0x7f800000u;
+    return select(rounded, (f >> 16u) | 0x40u, nan);
+}
+#else
+// IEEE binary16 bits to f32, exactly (subnormals, infinities and NaN included).
+fn from_half(h: u32) -> f32 {
+    let em = h & 0x7fffu;
+    let e = em >> 10u;
+    var bits = select((em << 13u) + (112u << 23u), (em << 13u) | 0x7f800000u, e == 31u);
+    // Subnormal or zero: m * 2^-24, exact in f32.
+    bits = select(bits, bitcast<u32>(f32(em) * 5.9604644775390625e-8), e == 0u);
+    return bitcast<f32>(bits | ((h & 0x8000u) << 16u));
+}
+
+fn unpack_pair(w: u32) -> vec2<f32> {
+    return vec2<f32>(from_half(w & 0xffffu), from_half(w >> 16u));
+}
+
+// f32 to binary16 bits, rounded to nearest even by integer arithmetic: overflow to
+// infinity, subnormal results rounded at 2^-24, NaN quiet.
+fn to_half(x: f32) -> u32 {
+    let f = bitcast<u32>(x);
+    let sign = (f >> 16u) & 0x8000u;
+    let a = f & 0x7fffffffu;
+    // Normal results: drop 13 mantissa bits, ties to even; a carry may reach infinity.
+    let normal = (a + 0xc8000fffu + ((a >> 13u) & 1u)) >> 13u;
+    // Subnormal results (|x| < 2^-14): the 24-bit significand shifted to units of
+    // 2^-24, ties to even; shifts past 24 leave 0.
+    let e = a >> 23u;
+    let m = (a & 0x7fffffu) | 0x800000u;
+    let shift = min(126u - min(e, 126u), 25u);
+    let q = m >> shift;
+    let rem = m & ((1u << shift) - 1u);
+    let halfway = 1u << (shift - 1u);
+    let sub = q + u32(rem > halfway || (rem == halfway && (q & 1u) == 1u));
+    var h = select(normal, sub, a < 0x38800000u);
+    h = select(h, 0x7c00u, a >= 0x477ff000u);
+    h = select(h, 0x7e00u, a > 0x7f800000u);
+    return sign | h;
+}
+#endif
+
+fn pack_pair(v: vec2<f32>) -> u32 {
+    return to_half(v.x) | (to_half(v.y) << 16u);
+}
+#else
+alias D4 = vec4<f32>;
+
+fn dload4(s: D4) -> vec4<f32> {
+    return s;
+}
+
+fn dstore4(v: vec4<f32>) -> D4 {
+    return v;
+}
+#endif
+
+#ifdef VEC4
+alias D = D4;
+
+fn dload(s: D) -> V {
+    return dload4(s);
+}
+
+fn dstore(v: V) -> D {
+    return dstore4(v);
+}
+#else
+alias D = f32;
+
+fn dload(s: D) -> V {
+    return s;
+}
+
+fn dstore(v: V) -> D {
+    return v;
+}
+#endif

@@ -1,11 +1,8 @@
 //! Conformance handlers of batch normalization: the golden cases' ops run through the public API.
 
-use std::collections::BTreeMap;
-
-use ndarray::ArrayD;
 use serde_json::Value;
 
-use super::{Case, Produced};
+use super::{read_named, Case, Outputs, Produced};
 use crate::error::Result;
 use crate::gpu::{Context, Tensor};
 use crate::ops::batch_norm::{BatchNorm, BatchNormMode, BatchNormState, Momentum, RunningVar};
@@ -31,13 +28,13 @@ fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
         track_running_stats: true,
     };
     let training = case.params.get("training").and_then(Value::as_bool) != Some(false);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let x = Tensor::from_array(ctx, case.input("input")?)?;
-        let gamma = Tensor::from_array(ctx, case.input("gamma")?)?;
-        let beta = Tensor::from_array(ctx, case.input("beta")?)?;
+    let run = || -> Result<Outputs> {
+        let x = case.tensor(ctx, "input")?;
+        let gamma = case.tensor(ctx, "gamma")?;
+        let beta = case.tensor(ctx, "beta")?;
         let mut state = BatchNormState {
-            running_mean: Tensor::from_array(ctx, case.input("running_mean")?)?,
-            running_var: Tensor::from_array(ctx, case.input("running_var")?)?,
+            running_mean: case.tensor(ctx, "running_mean")?,
+            running_var: case.tensor(ctx, "running_var")?,
             num_updates: case.param_f64("num_updates").unwrap_or(0.0) as u64,
         };
         let mode = if training {
@@ -52,14 +49,14 @@ fn run_batch_norm(ctx: &Context, case: &Case) -> Produced {
             state.running_mean.clone(),
             state.running_var.clone(),
         ];
-        if let Some(dy) = case.inputs.get("grad_output") {
-            let dy = Tensor::from_array(ctx, dy)?;
+        if case.inputs.contains_key("grad_output") {
+            let dy = case.tensor(ctx, "grad_output")?;
             let grads = config.backward(ctx, &x, &dy, &fwd)?;
             names.extend(["grad_input", "grad_gamma", "grad_beta"]);
             tensors.extend([grads.input, grads.gamma, grads.beta]);
         }
-        let arrays = ctx.read_all(&tensors.iter().collect::<Vec<_>>())?;
-        Ok(names.into_iter().map(String::from).zip(arrays).collect())
+        let named: Vec<(&str, &Tensor)> = names.into_iter().zip(&tensors).collect();
+        read_named(ctx, &named)
     };
     run().map_err(|e| e.to_string())
 }

@@ -6,20 +6,16 @@
 //! the input `bn.input` must be the framework's. Each entry's naming (PyTorch's hook
 //! API or its parametrizations) is detected, as for any file.
 
-use std::collections::BTreeMap;
-
-use ndarray::ArrayD;
-
-use super::{Case, Produced};
+use super::{Case, Outputs, Produced};
 use crate::error::Result;
-use crate::gpu::{Context, Tensor};
+use crate::gpu::Context;
 use crate::hooks::{SpectralNormHook, Weight, WeightNormHook};
 use crate::ops::batch_norm::{BatchNorm, BatchNormLayer, BatchNormMode};
 use crate::ops::spectral_norm::SpectralNorm;
 use crate::ops::weight_norm::WeightNorm;
 
 fn run_checkpoint(ctx: &Context, case: &Case) -> Produced {
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
+    let run = || -> Result<Outputs> {
         // The case's inputs, back into the file the framework wrote.
         let mut entries: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
         for (name, a) in case.inputs.iter().filter(|(n, _)| *n != "bn.input") {
@@ -63,14 +59,18 @@ fn run_checkpoint(ctx: &Context, case: &Case) -> Produced {
         let mut bn = BatchNormLayer::new(ctx, BatchNorm::pytorch(), 6)?;
         let mut refs: Vec<&mut Weight> = weights.iter_mut().collect();
         crate::state::load_bytes(ctx, &bytes, &mut refs, &mut [], &mut [("bn", &mut bn)])?;
-        let mut out = BTreeMap::new();
+        let mut out = Outputs::new();
         for w in &mut weights {
             let key = format!("{}.weight", w.name());
-            out.insert(key, w.forward(ctx, false)?.to_array(ctx)?);
+            let t = w.forward(ctx, false)?;
+            out.insert(key, (t.to_array(ctx)?, t.dtype()));
         }
-        let x = Tensor::from_array(ctx, case.input("bn.input")?)?;
+        let x = case.tensor(ctx, "bn.input")?;
         let y = bn.forward(ctx, &x, BatchNormMode::Eval)?;
-        out.insert("bn.output".to_string(), y.output.to_array(ctx)?);
+        out.insert(
+            "bn.output".to_string(),
+            (y.output.to_array(ctx)?, y.output.dtype()),
+        );
         Ok(out)
     };
     run().map_err(|e| e.to_string())

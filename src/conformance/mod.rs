@@ -14,7 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::gpu::Context;
+use crate::gpu::{widen_bytes, Context, DType, Tensor};
 
 /// One golden case.
 #[derive(Clone, Debug)]
@@ -38,6 +38,12 @@ pub struct Case {
     pub inputs: BTreeMap<String, ArrayD<f32>>,
     /// Expected tensors by name (without the `expected.` prefix).
     pub expected: BTreeMap<String, ArrayD<f32>>,
+    /// The stored type of every tensor, inputs and expected (`expected.` prefixed):
+    /// F32, or F16 / BF16 in the half-precision cases (held widened, exactly, above).
+    pub dtypes: BTreeMap<String, DType>,
+    /// Per-tensor tolerances (`rtol.<name>`, `atol.<name>` in the metadata), where a
+    /// case gives them; the case's `rtol` and `atol` otherwise.
+    pub tolerances: BTreeMap<String, (f64, f64)>,
 }
 
 impl Case {
@@ -67,24 +73,36 @@ impl Case {
             .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
         let mut inputs = BTreeMap::new();
         let mut expected = BTreeMap::new();
+        let mut dtypes = BTreeMap::new();
         for (name, view) in st.tensors() {
-            if view.dtype() != safetensors::Dtype::F32 {
-                return Err(file_err(format!(
-                    "tensor `{name}` is {:?}, expected F32",
-                    view.dtype()
-                )));
-            }
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                other => {
+                    return Err(file_err(format!(
+                        "tensor `{name}` is {other:?}, expected F32, F16 or BF16"
+                    )))
+                }
+            };
+            let len = view.shape().iter().product();
+            let data = widen_bytes(dtype, view.data(), len);
+            dtypes.insert(name.clone(), dtype);
             let array = ArrayD::from_shape_vec(IxDyn(view.shape()), data)
                 .map_err(|e| file_err(format!("tensor `{name}`: {e}")))?;
             match name.strip_prefix("expected.") {
                 Some(n) => expected.insert(n.to_string(), array),
                 None => inputs.insert(name, array),
             };
+        }
+        let mut tolerances = BTreeMap::new();
+        for name in expected.keys() {
+            let rtol = meta.get(&format!("rtol.{name}")).map(|v| v.parse::<f64>());
+            let atol = meta.get(&format!("atol.{name}")).map(|v| v.parse::<f64>());
+            if let (Some(r), Some(a)) = (rtol, atol) {
+                let bad = |e: std::num::ParseFloatError| file_err(format!("tolerance of `{name}`: {e}"));
+                tolerances.insert(name.clone(), (r.map_err(bad)?, a.map_err(bad)?));
+            }
         }
         Ok(Case {
             name: path
@@ -99,7 +117,27 @@ impl Case {
             atol: number("atol")?,
             inputs,
             expected,
+            dtypes,
+            tolerances,
         })
+    }
+
+    /// The tolerance `(rtol, atol)` of expected tensor `name`.
+    pub fn tolerance(&self, name: &str) -> (f64, f64) {
+        self.tolerances
+            .get(name)
+            .copied()
+            .unwrap_or((self.rtol, self.atol))
+    }
+
+    /// Uploads input `name` in its stored type (a half input stays half).
+    pub fn tensor(&self, ctx: &Context, name: &str) -> Result<Tensor> {
+        let values = self.input(name)?;
+        match self.dtypes.get(name).copied().unwrap_or_default() {
+            DType::F32 => Tensor::from_array(ctx, values),
+            DType::F16 => Tensor::from_array(ctx, &values.mapv(half::f16::from_f32)),
+            DType::BF16 => Tensor::from_array(ctx, &values.mapv(half::bf16::from_f32)),
+        }
     }
 
     /// Reads every `*.safetensors` case in `dir`, sorted by name.
@@ -300,8 +338,22 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseOutcome {
         }
     };
     for (name, expected) in &case.expected {
+        let (rtol, atol) = case.tolerance(name);
+        let want = case
+            .dtypes
+            .get(&format!("expected.{name}"))
+            .copied()
+            .unwrap_or_default();
         outcome.checks.push(match produced.get(name) {
-            Some(got) => compare(name, got, expected, case.rtol, case.atol),
+            Some((_, dtype)) if *dtype != want => TensorCheck {
+                name: name.clone(),
+                passed: false,
+                max_abs_err: f64::INFINITY,
+                worst_ratio: f64::INFINITY,
+                worst: None,
+                problem: Some(format!("produced as {dtype}, expected {want}")),
+            },
+            Some((got, _)) => compare(name, got, expected, rtol, atol),
             None => TensorCheck {
                 name: name.clone(),
                 passed: false,
@@ -315,8 +367,22 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseOutcome {
     outcome
 }
 
-/// What a handler produced: tensors by expected name, or why it could not run.
-type Produced = std::result::Result<BTreeMap<String, ArrayD<f32>>, String>;
+/// What a handler produced: tensors by expected name (values widened to f32, and the
+/// type they were produced in), or why it could not run.
+type Produced = std::result::Result<Outputs, String>;
+
+type Outputs = BTreeMap<String, (ArrayD<f32>, DType)>;
+
+/// Reads `tensors` back in one submission, named, with their types.
+fn read_named(ctx: &Context, named: &[(&str, &Tensor)]) -> Result<Outputs> {
+    let tensors: Vec<&Tensor> = named.iter().map(|(_, t)| *t).collect();
+    let arrays = ctx.read_all(&tensors)?;
+    Ok(named
+        .iter()
+        .zip(arrays)
+        .map(|((n, t), a)| (n.to_string(), (a, t.dtype())))
+        .collect())
+}
 
 /// Per-op counts of a conformance run.
 #[derive(Clone, Debug, Default)]

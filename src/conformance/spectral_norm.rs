@@ -1,13 +1,11 @@
 //! Conformance handlers of spectral normalization: the golden cases' ops run through the public API.
 
-use std::collections::BTreeMap;
-
 use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 
-use super::{Case, Produced};
+use super::{read_named, Case, Outputs, Produced};
 use crate::error::Result;
-use crate::gpu::{Context, Tensor};
+use crate::gpu::{Context, DType, Tensor};
 use crate::ops::spectral_norm::{SpectralNorm, SpectralNormState};
 
 fn spectral_norm_config(case: &Case) -> SpectralNorm {
@@ -33,16 +31,16 @@ fn spectral_norm_config(case: &Case) -> SpectralNorm {
 fn run_spectral_norm(ctx: &Context, case: &Case) -> Produced {
     let config = spectral_norm_config(case);
     let training = case.params.get("training").and_then(Value::as_bool) == Some(true);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let gw = Tensor::from_array(ctx, case.input("grad_output")?)?;
-        let u = Tensor::from_array(ctx, case.input("u")?)?;
+    let run = || -> Result<Outputs> {
+        let w = case.tensor(ctx, "weight")?;
+        let gw = case.tensor(ctx, "grad_output")?;
+        let u = case.tensor(ctx, "u")?;
         let v = match case.inputs.get("v") {
-            Some(v) => Tensor::from_array(ctx, v)?,
+            Some(_) => case.tensor(ctx, "v")?,
             None => Tensor::zeros(ctx, &[config.matrix_shape(w.shape())?.1])?,
         };
         let gamma = match case.inputs.get("gamma") {
-            Some(g) => Some(Tensor::from_array(ctx, g)?),
+            Some(_) => Some(case.tensor(ctx, "gamma")?),
             None => None,
         };
         let mut state = SpectralNormState {
@@ -64,31 +62,30 @@ fn run_spectral_norm(ctx: &Context, case: &Case) -> Produced {
         })?;
         // Expected `u` is the state after the call (unchanged in evaluation); `v` is
         // the one the forward used.
-        let mut tensors = vec![&fwd.weight, &state.u, &fwd.v, &fwd.sigma, &grad];
-        let mut names = vec!["output", "u", "v", "sigma", "grad_weight"];
+        let mut named = vec![
+            ("output", &fwd.weight),
+            ("u", &state.u),
+            ("v", &fwd.v),
+            ("sigma", &fwd.sigma),
+            ("grad_weight", &grad),
+        ];
         if let Some(gg) = &grad_gamma {
-            tensors.push(gg);
-            names.push("grad_gamma");
+            named.push(("grad_gamma", gg));
         }
-        let got = ctx.read_all(&tensors)?;
-        Ok(names.into_iter().map(String::from).zip(got).collect())
+        read_named(ctx, &named)
     };
     run().map_err(|e| e.to_string())
 }
 
 fn run_spectral_norm_sigma(ctx: &Context, case: &Case) -> Produced {
     let config = spectral_norm_config(case);
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let u = Tensor::from_array(ctx, case.input("u")?)?;
+    let run = || -> Result<Outputs> {
+        let w = case.tensor(ctx, "weight")?;
+        let u = case.tensor(ctx, "u")?;
         // Iterate to convergence, at most `n_power_iterations` times.
         let est = config.estimate_sigma(ctx, &w, &u, 1e-7, config.n_power_iterations as usize)?;
-        let mut m = BTreeMap::new();
-        m.insert(
-            "sigma".to_string(),
-            ArrayD::from_shape_vec(IxDyn(&[1]), vec![est.sigma]).expect("one element"),
-        );
-        Ok(m)
+        let sigma = ArrayD::from_shape_vec(IxDyn(&[1]), vec![est.sigma]).expect("one element");
+        Ok(Outputs::from([("sigma".to_string(), (sigma, DType::F32))]))
     };
     run().map_err(|e| e.to_string())
 }

@@ -1,12 +1,8 @@
 //! Conformance handlers of weight standardization: the golden cases' ops run through the public API.
 
-use std::collections::BTreeMap;
-
-use ndarray::ArrayD;
-
-use super::{Case, Produced};
+use super::{read_named, Case, Outputs, Produced};
 use crate::error::Result;
-use crate::gpu::{Context, Tensor};
+use crate::gpu::Context;
 use crate::ops::weight_standardization::{Variance, WeightStandardization};
 
 fn run_weight_standardization(ctx: &Context, case: &Case) -> Produced {
@@ -19,19 +15,12 @@ fn run_weight_standardization(ctx: &Context, case: &Case) -> Produced {
         },
         axis: case.param_f64("axis").unwrap_or(0.0) as usize,
     };
-    let run = || -> Result<BTreeMap<String, ArrayD<f32>>> {
-        let w = Tensor::from_array(ctx, case.input("weight")?)?;
-        let g = Tensor::from_array(ctx, case.input("grad_output")?)?;
+    let run = || -> Result<Outputs> {
+        let w = case.tensor(ctx, "weight")?;
+        let g = case.tensor(ctx, "grad_output")?;
         let crate::WeightStandardizationStep { output: out, grad } =
             config.forward_backward(ctx, &w, &g)?;
-        let mut r = ctx.read_all(&[&out, &grad])?.into_iter();
-        let mut m = BTreeMap::new();
-        m.insert("output".to_string(), r.next().expect("two tensors read"));
-        m.insert(
-            "grad_weight".to_string(),
-            r.next().expect("two tensors read"),
-        );
-        Ok(m)
+        read_named(ctx, &[("output", &out), ("grad_weight", &grad)])
     };
     run().map_err(|e| e.to_string())
 }

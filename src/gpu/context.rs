@@ -157,8 +157,9 @@ impl fmt::Display for AdapterReport {
 pub(crate) struct PlanLimits {
     /// Largest storage binding, in f32 elements.
     pub max_binding_elems: u64,
-    /// Storage binding windows start at multiples of this many f32 elements: the
-    /// device's offset alignment, but at least 4 (16 bytes), so that every window
+    /// Storage binding windows start at multiples of this many elements: the device's
+    /// offset alignment counted in 2-byte (half-precision) elements, so that windows
+    /// of f32 and half tensors alike are aligned, but at least 4, so that every window
     /// starts on a vec4 and the vec4 kernels need no check of their own (some drivers
     /// allow 4-byte offsets).
     pub align_elems: u64,
@@ -359,7 +360,8 @@ impl Context {
         report.tuning.reduce_item_elems = report.tuning.reduce_item_elems.clamp(256, 1 << 20);
         let plan = PlanLimits {
             max_binding_elems: max_binding / 4,
-            align_elems: (align / 4).max(4),
+            // In 2-byte elements, so that half-precision windows are aligned too.
+            align_elems: (align / 2).max(4),
             max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_buffer_bytes: limits.max_buffer_size,
             tuning: report.tuning,

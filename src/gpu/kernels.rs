@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::context::Context;
+use super::dtype::DType;
+use crate::error::{Error, Result};
 
 /// One composed shader module (build.rs): an op's WGSL file with its shared imports
 /// inlined, with no defines or as one of the variants `shaders/permutations` lists.
@@ -190,6 +192,8 @@ kernels! {
     BnMerge => (BATCH_NORM, "wgnorm.batch_norm.merge", "merge",
         [Uniform, Read, ReadWrite], []);
     Copy => (COPY, "wgnorm.copy.copy", "copy", [Uniform, Read, ReadWrite], []);
+    CastWiden => (CAST, "wgnorm.cast.cast_widen", "cast_widen", [Uniform, Read, ReadWrite], []);
+    CastNarrow => (CAST, "wgnorm.cast.cast_narrow", "cast_narrow", [Uniform, Read, ReadWrite], []);
     CopyVec4 => (COPY_VEC4, "wgnorm.copy.vec4.copy", "copy", [Uniform, Read, ReadWrite], []);
 }
 
@@ -254,6 +258,10 @@ pub(crate) struct Spec {
     pub batched: bool,
     /// `Some(RWG)`: the row kernels' workgroup size (`shaders/shared/rows.wgsl`).
     pub rows: Option<u32>,
+    /// The element type of the data bindings (`D` in `shaders/shared/elem.wgsl`): a
+    /// half type picks the kernel's module `<module>_<dtype>` (`<module>.<dtype>`
+    /// for an op's scalar module), which only vec4 and channels-last kernels may use.
+    pub dtype: DType,
 }
 
 impl Spec {
@@ -277,6 +285,35 @@ pub(crate) struct Pipeline {
     pub layout: wgpu::BindGroupLayout,
 }
 
+/// The module of `shader` (an index into [`SHADERS`]) for data of `dtype`: the shader
+/// itself for f32, its half twin otherwise. Half data has no scalar units (the host
+/// widens it first), so only vec4 and channels-last kernels have a twin; asking for
+/// another is a bug of the caller, reported as an error rather than run on the wrong
+/// bytes.
+pub fn module_for(kernel: Kernel, dtype: DType) -> Result<usize> {
+    let def = kernel.def();
+    if dtype == DType::F32 {
+        return Ok(def.shader);
+    }
+    let base = &SHADERS[def.shader];
+    let units_of_four = base.defines.contains(&"VEC4")
+        || def.entry.ends_with("_cl")
+        || def.entry.starts_with("cast_");
+    let name = if base.name.contains('.') {
+        format!("{}_{dtype}", base.name)
+    } else {
+        format!("{}.{dtype}", base.name)
+    };
+    SHADERS
+        .iter()
+        .position(|s| s.name == name)
+        .filter(|_| units_of_four)
+        .ok_or_else(|| Error::Gpu {
+            during: def.label,
+            reason: format!("no {dtype} variant of this kernel (a bug of wgnorm's planning)"),
+        })
+}
+
 /// Pipelines built lazily, once, behind a read-mostly lock.
 #[derive(Default)]
 pub(crate) struct KernelCache {
@@ -293,7 +330,7 @@ impl KernelCache {
 
 impl Context {
     /// The pipeline of `kernel` specialised by `spec`, built on first use.
-    pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec) -> Arc<Pipeline> {
+    pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec) -> Result<Arc<Pipeline>> {
         let cache = &self.kernels;
         let key = (kernel, spec);
         if let Some(p) = cache
@@ -302,17 +339,18 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return p.clone();
+            return Ok(p.clone());
         }
+        let shader = module_for(kernel, spec.dtype)?;
         let mut pipelines = cache.pipelines.write().unwrap_or_else(|e| e.into_inner());
         // Another thread may have built it while we waited for the write lock.
         if let Some(p) = pipelines.get(&key) {
-            return p.clone();
+            return Ok(p.clone());
         }
         let def = kernel.def();
         let mut constants = def.constants.to_vec();
         constants.extend(spec.constants());
-        let module = self.shader_module(def.shader);
+        let module = self.shader_module(shader);
         let entries: Vec<wgpu::BindGroupLayoutEntry> = def
             .bindings
             .iter()
@@ -361,7 +399,7 @@ impl Context {
             });
         let built = Arc::new(Pipeline { pipeline, layout });
         pipelines.insert(key, built.clone());
-        built
+        Ok(built)
     }
 
     fn shader_module(&self, shader: usize) -> Arc<wgpu::ShaderModule> {

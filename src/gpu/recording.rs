@@ -18,9 +18,13 @@ pub(crate) struct Bind<'a> {
     pub size: u64,
 }
 
-/// What can be bound: a buffer, or a tensor's (op outputs and pooled scratch).
+/// What can be bound: a buffer (of f32), or a tensor's (op outputs and pooled
+/// scratch), whose element type sets the bytes per element.
 pub(crate) trait AsBuffer {
     fn as_buffer(&self) -> &wgpu::Buffer;
+    fn dtype(&self) -> crate::DType {
+        crate::DType::F32
+    }
 }
 
 impl AsBuffer for wgpu::Buffer {
@@ -39,24 +43,30 @@ impl AsBuffer for crate::Tensor {
     fn as_buffer(&self) -> &wgpu::Buffer {
         self.buffer()
     }
+    fn dtype(&self) -> crate::DType {
+        crate::Tensor::dtype(self)
+    }
 }
 
 impl<'a> Bind<'a> {
-    /// The first `len` f32 elements of `buffer` (at least one element is bound).
+    /// The first `len` elements of `buffer` (at least one word is bound).
     pub fn elems(buffer: &'a (impl AsBuffer + ?Sized), len: u64) -> Self {
         Bind {
             buffer: buffer.as_buffer(),
             offset: 0,
-            size: (len * 4).max(4),
+            size: buffer.dtype().bytes(len).max(4),
         }
     }
 
-    /// Elements `[start, start + len)` of `buffer`.
+    /// Elements `[start, start + len)` of `buffer`. Half-precision windows start on an
+    /// even element (the plans start them at multiples of `PlanLimits::align_elems`).
     pub fn window(buffer: &'a (impl AsBuffer + ?Sized), start: u64, len: u64) -> Self {
+        let dtype = buffer.dtype();
+        debug_assert!(start % 2 == 0 || !dtype.is_half());
         Bind {
             buffer: buffer.as_buffer(),
-            offset: start * 4,
-            size: (len * 4).max(4),
+            offset: start * dtype.size(),
+            size: dtype.bytes(len).max(4),
         }
     }
 }
@@ -235,7 +245,7 @@ impl<'c> Recording<'c> {
             });
         }
         let grid = self.ctx.grid(def.label, groups)?;
-        let pipeline = self.ctx.pipeline(kernel, spec);
+        let pipeline = self.ctx.pipeline(kernel, spec)?;
         let align = self.ctx.limits.uniform_align as usize;
         let offset = self.uniforms.len().next_multiple_of(align);
         self.uniforms.resize(offset, 0);

@@ -1,4 +1,5 @@
-//! GPU tensors: an f32 storage buffer and a shape, uploaded from and downloaded to ndarray.
+//! GPU tensors: a storage buffer, a shape and an element type (f32, f16, bf16),
+//! uploaded from and downloaded to ndarray.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -6,9 +7,11 @@ use std::sync::{Arc, Mutex, Weak};
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 
 use super::context::Context;
+use super::dtype::{widen_bytes, DType, Element};
 use crate::error::{Error, Result};
 
-/// A dense row-major f32 tensor in GPU memory.
+/// A dense row-major tensor in GPU memory: f32, or f16 / bf16 packed two per 32-bit
+/// word (see [`DType`]).
 ///
 /// Cloning is cheap and shares the buffer. A tensor belongs to the [`Context`] that
 /// made it; every op and readback refuses a tensor of another context with
@@ -17,6 +20,7 @@ use crate::error::{Error, Result};
 pub struct Tensor {
     storage: Arc<Storage>,
     shape: Vec<usize>,
+    dtype: DType,
     context: u64,
 }
 
@@ -122,11 +126,13 @@ impl BufferPool {
 }
 
 impl Tensor {
-    /// Uploads any ndarray of f32 (views, slices and non-contiguous arrays too;
-    /// they are laid out row-major on the way).
-    pub fn from_array<S, D>(ctx: &Context, array: &ArrayBase<S, D>) -> Result<Self>
+    /// Uploads any ndarray of f32, `half::f16` or `half::bf16` (views, slices and
+    /// non-contiguous arrays too; they are laid out row-major on the way). The tensor
+    /// has the array's element type.
+    pub fn from_array<T, S, D>(ctx: &Context, array: &ArrayBase<S, D>) -> Result<Self>
     where
-        S: Data<Elem = f32>,
+        T: Element,
+        S: Data<Elem = T>,
         D: Dimension,
     {
         let standard = array.as_standard_layout();
@@ -136,8 +142,8 @@ impl Tensor {
         Self::from_slice(ctx, array.shape(), data)
     }
 
-    /// Uploads `data` (row-major) with the given shape.
-    pub fn from_slice(ctx: &Context, shape: &[usize], data: &[f32]) -> Result<Self> {
+    /// Uploads `data` (row-major) with the given shape; the element type is `T`'s.
+    pub fn from_slice<T: Element>(ctx: &Context, shape: &[usize], data: &[T]) -> Result<Self> {
         let len = checked_len("upload", shape)?;
         if len != data.len() {
             return Err(Error::input(
@@ -148,32 +154,53 @@ impl Tensor {
                 ),
             ));
         }
-        let buffer = ctx.storage_buffer("upload", len as u64, true)?;
+        let dtype = T::DTYPE;
+        let buffer = ctx.storage_buffer("upload", dtype.bytes(len as u64), true)?;
         if len > 0 {
-            buffer
-                .slice(..len as u64 * 4)
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            let mut view = buffer
+                .slice(..dtype.bytes(len as u64))
                 .get_mapped_range_mut()
                 .map_err(|e| Error::Gpu {
                     during: "upload",
                     reason: e.to_string(),
-                })?
-                .copy_from_slice(bytemuck::cast_slice(data));
+                })?;
+            if bytes.len() == view.len() {
+                view.copy_from_slice(bytes);
+            } else {
+                // An odd-length half tensor: its last word's upper half is padding.
+                let mut padded = bytes.to_vec();
+                padded.resize(view.len(), 0);
+                view.copy_from_slice(&padded);
+            }
         }
         buffer.unmap();
-        Ok(Tensor::wrap(ctx, buffer, shape, None))
+        Ok(Tensor::wrap(ctx, buffer, shape, dtype, None))
     }
 
     fn wrap(
         ctx: &Context,
         buffer: wgpu::Buffer,
         shape: &[usize],
+        dtype: DType,
         pool: Option<Weak<BufferPool>>,
     ) -> Self {
         Tensor {
             storage: Arc::new(Storage { buffer, pool }),
             shape: shape.to_vec(),
+            dtype,
             context: ctx.id(),
         }
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes the elements take in the buffer (half types rounded up to whole words).
+    pub fn bytes(&self) -> u64 {
+        self.dtype.bytes(self.len() as u64)
     }
 
     /// The [`Context::id`] of the context that made this tensor.
@@ -181,20 +208,31 @@ impl Tensor {
         self.context
     }
 
-    /// An op's output: a buffer from the context's pool when one of the size is free,
-    /// else a new one. Its contents are unspecified: the op writes every element.
+    /// An f32 op output: a buffer from the context's pool when one of the size is
+    /// free, else a new one. Its contents are unspecified: the op writes every element.
     pub(crate) fn output(ctx: &Context, shape: &[usize]) -> Result<Self> {
+        Self::output_typed(ctx, shape, DType::F32)
+    }
+
+    /// [`Self::output`] of element type `dtype`.
+    pub(crate) fn output_typed(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
         let len = checked_len("output", shape)?;
-        let mut t = ctx.scratch("output", len as u64)?;
+        let mut t = ctx.scratch_bytes("output", dtype.bytes(len as u64))?;
         t.shape = shape.to_vec();
+        t.dtype = dtype;
         Ok(t)
     }
 
-    /// A tensor of zeros.
+    /// An f32 tensor of zeros.
     pub fn zeros(ctx: &Context, shape: &[usize]) -> Result<Self> {
+        Self::zeros_typed(ctx, shape, DType::F32)
+    }
+
+    /// A tensor of zeros of element type `dtype`.
+    pub fn zeros_typed(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
         let len = checked_len("zeros", shape)?;
-        let buffer = ctx.storage_buffer("zeros", len as u64, false)?;
-        Ok(Tensor::wrap(ctx, buffer, shape, None))
+        let buffer = ctx.storage_buffer("zeros", dtype.bytes(len as u64), false)?;
+        Ok(Tensor::wrap(ctx, buffer, shape, dtype, None))
     }
 
     /// The shape.
@@ -212,14 +250,33 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// The underlying buffer (f32, row-major; at least 16 bytes even when empty).
+    /// The underlying buffer (row-major, laid out as [`DType`] says; at least 16 bytes
+    /// even when empty).
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.storage.buffer
     }
 
-    /// Downloads the tensor. Waits for all work submitted so far.
+    /// Downloads the tensor as f32 (half types widened, exactly). Waits for all work
+    /// submitted so far.
     pub fn to_array(&self, ctx: &Context) -> Result<ArrayD<f32>> {
         Ok(ctx.read_all(&[self])?.remove(0))
+    }
+
+    /// Downloads the tensor as `T`, which must be its element type (`half::bf16` for a
+    /// bf16 tensor): the stored values, bit for bit.
+    pub fn to_array_of<T: Element>(&self, ctx: &Context) -> Result<ArrayD<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::input(
+                "readback",
+                format!(
+                    "the tensor holds {} but {} was asked for",
+                    self.dtype,
+                    T::DTYPE
+                ),
+            ));
+        }
+        // The f32 readback widened exactly; rounding back gives the stored values.
+        Ok(self.to_array(ctx)?.mapv(T::from_f32))
     }
 
     /// [`Self::to_array`] as a future (see [`Context::read_all_async`]).
@@ -233,7 +290,7 @@ pub(crate) fn checked_len(op: &'static str, shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|n| n.checked_mul(4).is_some())
+        .filter(|n| n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
         .ok_or_else(|| Error::TooLarge {
             op,
             problem: format!("shape {shape:?} overflows the address space"),
@@ -247,32 +304,39 @@ impl Context {
     /// holder drops it and no recording that may use it is open.
     pub(crate) fn scratch(&self, op: &'static str, len: u64) -> Result<Tensor> {
         let len = len.max(1);
-        let size = len * 4;
-        let buffer = match self.pool.take(size.max(16)) {
+        let mut t = self.scratch_bytes(op, len * 4)?;
+        t.shape = vec![len as usize];
+        Ok(t)
+    }
+
+    /// Pooled scratch of `bytes` bytes, as an f32 tensor of `bytes / 4` elements.
+    fn scratch_bytes(&self, op: &'static str, bytes: u64) -> Result<Tensor> {
+        let bytes = bytes.max(4);
+        let buffer = match self.pool.take(bytes.max(16)) {
             Some(b) => b,
-            None => self.storage_buffer(op, len, false)?,
+            None => self.storage_buffer(op, bytes, false)?,
         };
         Ok(Tensor::wrap(
             self,
             buffer,
-            &[len as usize],
+            &[(bytes / 4) as usize],
+            DType::F32,
             Some(Arc::downgrade(&self.pool)),
         ))
     }
 
-    /// A zeroed (or mapped, for upload) f32 storage buffer of `len` elements.
+    /// A zeroed (or mapped, for upload) storage buffer of `bytes` bytes.
     pub(crate) fn storage_buffer(
         &self,
         op: &'static str,
-        len: u64,
+        bytes: u64,
         mapped: bool,
     ) -> Result<wgpu::Buffer> {
-        let bytes = len * 4;
         if bytes > self.limits.max_buffer_bytes {
             return Err(Error::TooLarge {
                 op,
                 problem: format!(
-                    "{len} f32 elements ({bytes} bytes) exceed the device's largest buffer ({} bytes)",
+                    "{bytes} bytes exceed the device's largest buffer ({} bytes)",
                     self.limits.max_buffer_bytes
                 ),
             });
@@ -325,7 +389,7 @@ impl Context {
             });
         let mut staging = Vec::with_capacity(tensors.len());
         for t in tensors {
-            let bytes = t.len() as u64 * 4;
+            let bytes = t.bytes();
             if bytes == 0 {
                 staging.push(None);
                 continue;
@@ -363,7 +427,10 @@ impl Context {
         }
         Ok(Readback {
             device: self.device.clone(),
-            shapes: tensors.iter().map(|t| t.shape().to_vec()).collect(),
+            shapes: tensors
+                .iter()
+                .map(|t| (t.shape().to_vec(), t.dtype()))
+                .collect(),
             staging,
             state,
             waiter: None,
@@ -382,7 +449,7 @@ struct MapState {
 /// GPU has copied and mapped them.
 pub struct Readback {
     device: wgpu::Device,
-    shapes: Vec<Vec<usize>>,
+    shapes: Vec<(Vec<usize>, DType)>,
     staging: Vec<Option<wgpu::Buffer>>,
     state: Arc<Mutex<MapState>>,
     /// The helper thread waiting on the device, once the future was polled pending.
@@ -441,7 +508,7 @@ impl std::future::Future for Readback {
             }));
         }
         let mut out = Vec::with_capacity(self.shapes.len());
-        for (shape, buf) in self.shapes.iter().zip(&self.staging) {
+        for ((shape, dtype), buf) in self.shapes.iter().zip(&self.staging) {
             let data = match buf {
                 None => Vec::new(),
                 Some(buf) => {
@@ -454,7 +521,7 @@ impl std::future::Future for Readback {
                             }))
                         }
                     };
-                    let v = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+                    let v = widen_bytes(*dtype, &view, shape.iter().product());
                     drop(view);
                     buf.unmap();
                     v

@@ -2,11 +2,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::cast::{record_cast, widened};
 use super::channel_stats::{read_vec4, record_sums, record_welford, vec4_buffer, ReducePlan};
 use super::element::{record_elementwise, Extra};
-use super::layout::{check_channel_input, ChannelLayout};
+use super::layout::{check_channel_input, check_grad_dtype, ChannelLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, DType, Kernel, Recording, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "batch_norm";
 
@@ -312,6 +313,26 @@ pub struct BatchNormForward {
     pub(crate) norm: Tensor,
     from_batch: bool,
     shape: Vec<usize>,
+    /// The types of gamma and beta: their gradients are rounded to them.
+    param_dtypes: [DType; 2],
+}
+
+impl BatchNormForward {
+    /// The gradients, those of gamma and beta rounded to their types when half.
+    fn param_grads(
+        &self,
+        rec: &mut Recording<'_>,
+        input: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+    ) -> Result<BatchNormGrads> {
+        let [gd, bd] = self.param_dtypes;
+        Ok(BatchNormGrads {
+            input,
+            gamma: if gd.is_half() { record_cast(rec, &gamma, gd)? } else { gamma },
+            beta: if bd.is_half() { record_cast(rec, &beta, bd)? } else { beta },
+        })
+    }
 }
 
 // Mirrors `FinalizeParams` in shaders/batch_norm.wgsl.
@@ -565,6 +586,18 @@ impl BatchNorm {
             tensors.push(("running_var", &st.running_var));
         }
         rec.context().check_tensors(OP, &tensors)?;
+        let half = |t: Option<&Tensor>| t.is_some_and(|t| t.dtype().is_half());
+        if half(gamma) || half(beta) {
+            // Per-feature parameters are read in f32; their gradients come back in
+            // their own types (see `BatchNormForward::param_dtypes`).
+            let dtypes = [gamma, beta].map(|t| t.map_or(DType::F32, Tensor::dtype));
+            let g = gamma.map(|t| widened(rec, t)).transpose()?;
+            let b = beta.map(|t| widened(rec, t)).transpose()?;
+            let mut f =
+                self.record_forward_with(rec, x, g.as_ref(), b.as_ref(), state, mode, external)?;
+            f.param_dtypes = dtypes;
+            return Ok(f);
+        }
         // With external statistics, a rank of synchronized batch norm may hold an empty
         // batch: it still normalizes nothing and updates its running averages.
         let layout = match external {
@@ -617,6 +650,16 @@ impl BatchNorm {
                         format!("{name} has shape {:?}, expected [{features}]", t.shape()),
                     ));
                 }
+                if t.dtype() != DType::F32 {
+                    return Err(Error::input(
+                        OP,
+                        format!(
+                            "{name} is {}; running statistics stay f32 for inputs of any type \
+                             (as in PyTorch and cuDNN)",
+                            t.dtype()
+                        ),
+                    ));
+                }
             }
         }
 
@@ -630,7 +673,7 @@ impl BatchNorm {
             Some(Tensor::from_slice(ctx, &[features as usize, 4], &packed)?)
         } else {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-            Some(record_welford(rec, OP, &plan, x.buffer())?)
+            Some(record_welford(rec, OP, &plan, x)?)
         };
         let weight = state
             .as_ref()
@@ -678,15 +721,15 @@ impl BatchNorm {
             ],
             features.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let output = Tensor::output(ctx, x.shape())?;
+        let output = Tensor::output_typed(ctx, x.shape(), x.dtype())?;
         if layout.len() > 0 {
             record_elementwise(
                 rec,
                 Kernel::BnNormalize,
                 &layout,
-                &[x.buffer()],
+                &[x],
                 &[Bind::elems(&norm, features * 4)],
-                output.buffer(),
+                &output,
                 Extra::default(),
             )?;
         }
@@ -700,6 +743,7 @@ impl BatchNorm {
             norm,
             from_batch,
             shape: x.shape().to_vec(),
+            param_dtypes: [DType::F32; 2],
         })
     }
 
@@ -733,8 +777,8 @@ impl BatchNorm {
             rec,
             OP,
             &plan,
-            grad_output.buffer(),
-            x.buffer(),
+            grad_output,
+            x,
             Some(&forward.norm),
         )?;
         let grad_gamma = Tensor::zeros(ctx, &[features as usize])?;
@@ -743,13 +787,9 @@ impl BatchNorm {
         let inv_n = 1.0 / layout.per_channel() as f64;
         let out = [&grad_gamma, &grad_beta, &coef];
         record_grad_factors(rec, forward, sums.buffer(), inv_n, out)?;
-        let grad_input = Tensor::output(ctx, x.shape())?;
+        let grad_input = Tensor::output_typed(ctx, x.shape(), x.dtype())?;
         record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
-        Ok(BatchNormGrads {
-            input: grad_input,
-            gamma: grad_gamma,
-            beta: grad_beta,
-        })
+        forward.param_grads(rec, grad_input, grad_gamma, grad_beta)
     }
 
     /// Checks a backward's tensors against the forward's; the layout of `x` (empty
@@ -770,6 +810,7 @@ impl BatchNorm {
             ],
         )?;
         let layout = self.layout_allowing_empty(x.shape())?;
+        check_grad_dtype(OP, "grad_output", grad_output.dtype(), "x", x.dtype())?;
         if x.shape() != forward.shape.as_slice() || grad_output.shape() != x.shape() {
             return Err(Error::input(
                 OP,
@@ -803,8 +844,8 @@ impl BatchNorm {
                 rec,
                 OP,
                 &plan,
-                grad_output.buffer(),
-                x.buffer(),
+                grad_output,
+                x,
                 Some(&forward.norm),
             )
         })?;
@@ -863,15 +904,11 @@ impl BatchNorm {
             record_grad_factors(rec, forward, local.buffer(), inv_n, local_out)?;
             let global_out = [&unused_gamma, &unused_beta, &coef];
             record_grad_factors(rec, forward, global.buffer(), inv_n, global_out)?;
-            let grad_input = Tensor::output(ctx, x.shape())?;
+            let grad_input = Tensor::output_typed(ctx, x.shape(), x.dtype())?;
             if layout.len() > 0 {
                 record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
             }
-            Ok(BatchNormGrads {
-                input: grad_input,
-                gamma: grad_gamma,
-                beta: grad_beta,
-            })
+            forward.param_grads(rec, grad_input, grad_gamma, grad_beta)
         })
     }
 
@@ -882,7 +919,7 @@ impl BatchNorm {
         let layout = self.layout(x.shape())?;
         let stats = ctx.run(|rec| {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-            record_welford(rec, OP, &plan, x.buffer())
+            record_welford(rec, OP, &plan, x)
         })?;
         let host = read_vec4(ctx, &stats, layout.channels)?;
         Ok(ChannelStats {
@@ -998,9 +1035,9 @@ fn record_grad_input(
         rec,
         Kernel::BnGradInput,
         layout,
-        &[x.buffer(), grad_output.buffer()],
+        &[x, grad_output],
         &[Bind::elems(coef, layout.channels * 4)],
-        grad_input.buffer(),
+        &grad_input,
         Extra::default(),
     )
 }
@@ -1028,7 +1065,7 @@ impl PopulationStats {
         }
         ctx.run(|rec| {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-            let stats = record_welford(rec, OP, &plan, x.buffer())?;
+            let stats = record_welford(rec, OP, &plan, x)?;
             let f = layout.channels;
             rec.dispatch(
                 Kernel::BnMerge,

@@ -5,8 +5,11 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, PlanLimits, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{
+    Bind, Context, DType, Kernel, PlanLimits, Recording, Spec, Tensor, WORKGROUP_SIZE,
+};
 
+use super::cast::widened;
 use super::layout::ChannelLayout;
 
 /// Threads per workgroup of the reductions (`WG` in shaders/channel_stats.wgsl).
@@ -420,15 +423,18 @@ pub(crate) fn record_welford(
     rec: &mut Recording<'_>,
     op: &'static str,
     plan: &ReducePlan,
-    x: &wgpu::Buffer,
+    x: &Tensor,
 ) -> Result<Tensor> {
+    let kernel = Kernel::WelfordPartials;
+    let (data, dtype) = data_tensors(rec, plan, kernel, &[x])?;
     record_partials(
         rec,
         op,
         plan,
-        Kernel::WelfordPartials,
+        kernel,
         Kernel::WelfordCombine,
-        |start, len| vec![Bind::window(x, start, len)],
+        dtype,
+        |start, len| vec![Bind::window(&data[0], start, len)],
     )
 }
 
@@ -438,8 +444,8 @@ pub(crate) fn record_sums(
     rec: &mut Recording<'_>,
     op: &'static str,
     plan: &ReducePlan,
-    a: &wgpu::Buffer,
-    b: &wgpu::Buffer,
+    a: &Tensor,
+    b: &Tensor,
     centre: Option<&Tensor>,
 ) -> Result<Tensor> {
     let channels = plan.layout.slices();
@@ -448,10 +454,11 @@ pub(crate) fn record_sums(
         Some(c) => (Kernel::SumPartialsCentered, c.buffer(), channels * 4),
         None => (Kernel::SumPartials, &*dummy, 4),
     };
-    record_vec4_sums(rec, op, plan, kernel, |start, len| {
+    let (data, dtype) = data_tensors(rec, plan, kernel, &[a, b])?;
+    record_partials(rec, op, plan, kernel, Kernel::SumCombine, dtype, |start, len| {
         vec![
-            Bind::window(a, start, len),
-            Bind::window(b, start, len),
+            Bind::window(&data[0], start, len),
+            Bind::window(&data[1], start, len),
             Bind::elems(centre, centre_len),
         ]
     })
@@ -459,40 +466,60 @@ pub(crate) fn record_sums(
 
 /// Records per-channel `sum_{o, j} x[o, c, j] * vector[o * inner + j]` (first component
 /// of a vec4 per channel), for a layout with `batch == 1`: the row reduction `M v`.
+/// `vector` is f32.
 pub(crate) fn record_dot(
     rec: &mut Recording<'_>,
     op: &'static str,
     plan: &ReducePlan,
-    x: &wgpu::Buffer,
+    x: &Tensor,
     vector: &wgpu::Buffer,
 ) -> Result<Tensor> {
     debug_assert_eq!(plan.layout.batch, 1);
     let vector_len = plan.layout.outer * plan.layout.inner;
-    record_vec4_sums(rec, op, plan, Kernel::DotPartials, |start, len| {
-        vec![Bind::window(x, start, len), Bind::elems(vector, vector_len)]
+    let kernel = Kernel::DotPartials;
+    let (data, dtype) = data_tensors(rec, plan, kernel, &[x])?;
+    record_partials(rec, op, plan, kernel, Kernel::SumCombine, dtype, |start, len| {
+        vec![
+            Bind::window(&data[0], start, len),
+            Bind::elems(vector, vector_len),
+        ]
     })
 }
 
-/// The partials-then-`sum_combine` scaffolding of a vec4 sum per channel.
-fn record_vec4_sums<'x>(
+/// The data tensors a reduction reads, and their type: as given when they share one
+/// and the plan reads them in units of four (vec4 or channels-last kernels), else
+/// widened to f32 (see `cast.rs`).
+fn data_tensors(
     rec: &mut Recording<'_>,
-    op: &'static str,
     plan: &ReducePlan,
     kernel: Kernel,
-    binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
-) -> Result<Tensor> {
-    record_partials(rec, op, plan, kernel, Kernel::SumCombine, binds)
+    tensors: &[&Tensor],
+) -> Result<(Vec<Tensor>, DType)> {
+    let dtype = tensors[0].dtype();
+    let by_four = (plan.channels_last.is_some() && kernel.channels_last_twin().is_some())
+        || (plan.by_vec4() && kernel.vec4_twin().is_some());
+    let same = tensors.iter().all(|t| t.dtype() == dtype);
+    if same && (dtype == DType::F32 || by_four) {
+        return Ok((tensors.iter().map(|t| (*t).clone()).collect(), dtype));
+    }
+    let wide = tensors
+        .iter()
+        .map(|t| widened(rec, t))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((wide, DType::F32))
 }
 
 /// The partials-then-combine scaffolding: one dispatch of `kernel` (or its vec4 or
 /// channels-last twin) per box, with `binds(window start, window length)` then the
 /// partials binding; then `combine` (skipped when each channel has one partial).
+/// `dtype` is the type of the data `binds` binds.
 fn record_partials<'x>(
     rec: &mut Recording<'_>,
     op: &'static str,
     plan: &ReducePlan,
     kernel: Kernel,
     combine: Kernel,
+    dtype: DType,
     binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
 ) -> Result<Tensor> {
     let ctx = rec.context();
@@ -502,6 +529,10 @@ fn record_partials<'x>(
         Some((cl, _)) => (cl.blocks, cl.boxes.is_empty()),
         None => (plan.partials_per_channel(), plan.boxes.is_empty()),
     };
+    let spec = Spec {
+        dtype,
+        ..Spec::default()
+    };
     let partials = vec4_buffer(ctx, op, channels * ppc)?;
     let partials_bind = Bind::elems(&partials, channels * ppc * 4);
     if let Some((cl, kcl)) = channels_last {
@@ -509,7 +540,7 @@ fn record_partials<'x>(
             let mut all = binds(bx.bind_start, bx.bind_len);
             all.push(partials_bind);
             let params = cl.params(plan.layout.outer, bx);
-            rec.dispatch(kcl, &params, &all, bx.nblocks * cl.ngroups)?;
+            rec.dispatch_spec(kcl, spec, &params, &all, bx.nblocks * cl.ngroups)?;
         }
     } else {
         let by4 = plan.by_vec4();
@@ -517,7 +548,7 @@ fn record_partials<'x>(
             let mut all = binds(bx.bind_start, bx.bind_len);
             all.push(partials_bind);
             let (kernel, params) = plan.partials(kernel, by4, bx);
-            rec.dispatch(kernel, &params, &all, bx.nb * bx.nc * bx.njc)?;
+            rec.dispatch_spec(kernel, spec, &params, &all, bx.nb * bx.nc * bx.njc)?;
         }
     }
     if ppc == 1 && !empty {

@@ -13,16 +13,16 @@ use super::layout::ChannelLayout;
 /// that is faster.
 pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
     rec.context().check_tensors("copy", &[("source", src)])?;
-    let dst = Tensor::output(rec.context(), src.shape())?;
+    let dst = Tensor::output_typed(rec.context(), src.shape(), src.dtype())?;
     // One slice of every element: a length that is a multiple of 4 moves vec4s.
     let layout = ChannelLayout::new(src.shape(), None);
     record_elementwise(
         rec,
         Kernel::Copy,
         &layout,
-        &[src.buffer()],
+        &[src],
         &[],
-        dst.buffer(),
+        &dst,
         Extra::default(),
     )?;
     Ok(dst)

@@ -4,9 +4,10 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::cast::{record_cast_into, widened};
 use super::layout::{element_windows, ChannelLayout, ElementWindow};
 use crate::error::Result;
-use crate::gpu::{Bind, Kernel, Recording, Spec, WORKGROUP_SIZE};
+use crate::gpu::{Bind, DType, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
 
 /// Units each thread of an elementwise pass handles (`PER_THREAD` in element.wgsl).
 pub(crate) const PER_THREAD: u64 = 4;
@@ -134,19 +135,38 @@ fn params(
 
 /// Records an elementwise `kernel` (its scalar form; the vec4 or channels-last variant
 /// is picked from the layout) over `layout`, window by window. Bindings: `params`,
-/// then `windowed` (buffers shaped like the layout, bound window by window), then
+/// then `windowed` (tensors shaped like the layout, bound window by window), then
 /// `whole` (bound as given: per-slice values, scalars), then `out` (windowed).
+///
+/// Half tensors run natively when they all share `out`'s type and the layout has vec4
+/// or channels-last units; otherwise through f32 (see `cast.rs`).
 pub(crate) fn record_elementwise(
     rec: &mut Recording<'_>,
     kernel: Kernel,
     layout: &ChannelLayout,
-    windowed: &[&wgpu::Buffer],
+    windowed: &[&Tensor],
     whole: &[Bind<'_>],
-    out: &wgpu::Buffer,
+    out: &Tensor,
     extra: Extra,
 ) -> Result<()> {
     let ctx = rec.context();
-    let (kernel, variant) = variant(kernel, layout);
+    let (kernel4, variant) = variant(kernel, layout);
+    let dtype = out.dtype();
+    let native = windowed.iter().all(|t| t.dtype() == dtype)
+        && (dtype == DType::F32 || variant != Variant::Scalar);
+    if !native {
+        let wide = windowed
+            .iter()
+            .map(|t| widened(rec, t))
+            .collect::<Result<Vec<_>>>()?;
+        let wide: Vec<&Tensor> = wide.iter().collect();
+        if dtype == DType::F32 {
+            return record_elementwise(rec, kernel, layout, &wide, whole, out, extra);
+        }
+        let tmp = Tensor::output(ctx, out.shape())?;
+        record_elementwise(rec, kernel, layout, &wide, whole, &tmp, extra)?;
+        return record_cast_into(rec, &tmp, out);
+    }
     let coalesced = ctx.limits.tuning.coalesced;
     for w in element_windows(*layout, &ctx.limits) {
         let (params, groups) = params(layout, &w, variant, coalesced, extra);
@@ -159,6 +179,7 @@ pub(crate) fn record_elementwise(
             }),
             batched: layout.batch > 1,
             rows: None,
+            dtype,
         };
         let mut binds: Vec<Bind<'_>> = windowed
             .iter()
@@ -166,7 +187,7 @@ pub(crate) fn record_elementwise(
             .collect();
         binds.extend_from_slice(whole);
         binds.push(Bind::window(out, w.start, w.len));
-        rec.dispatch_spec(kernel, spec, &params, &binds, groups)?;
+        rec.dispatch_spec(kernel4, spec, &params, &binds, groups)?;
     }
     Ok(())
 }

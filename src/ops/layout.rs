@@ -264,6 +264,24 @@ pub(crate) fn check_same_shape(
     Ok(())
 }
 
+/// A gradient has its tensor's type (PyTorch's autograd keeps them equal): `what`,
+/// of type `got`, must be of `whose` type `want`.
+pub(crate) fn check_grad_dtype(
+    op: &'static str,
+    what: &str,
+    got: crate::DType,
+    whose: &str,
+    want: crate::DType,
+) -> Result<()> {
+    if got != want {
+        return Err(Error::input(
+            op,
+            format!("{what} is {got} but {whose} is {want}; a gradient has its tensor's type"),
+        ));
+    }
+    Ok(())
+}
+
 // Mirrors `RowParams` in shaders/shared/rows.wgsl (WS and WN row kernels).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]

@@ -2,6 +2,7 @@
 
 pub mod batch_norm;
 pub(crate) mod channel_stats;
+pub mod cast;
 pub mod copy;
 pub(crate) mod element;
 pub(crate) mod layout;

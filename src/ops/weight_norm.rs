@@ -2,12 +2,15 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::cast::{record_cast, record_cast_into, widened};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
-use super::layout::{row_windows, ChannelLayout, RowGeometry, RowParams, RowWindow};
+use super::layout::{
+    check_grad_dtype, row_windows, ChannelLayout, RowGeometry, RowParams, RowWindow,
+};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "weight_norm";
 
@@ -249,15 +252,20 @@ impl WeightNorm {
         v: &Tensor,
     ) -> Result<Tensor> {
         rec.context().check_tensors(OP, &[("g", g), ("v", v)])?;
+        if g.dtype().is_half() {
+            // g is per slice: widened, the kernels read it in f32.
+            let g = widened(rec, g)?;
+            return self.record_forward(rec, &g, v);
+        }
         let layout = self.check_g(g.shape(), v.shape())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
-            let out = Tensor::output(ctx, v.shape())?;
+            let out = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
             self.record_rows(rec, &layout, &windows, g, v, None, &out)?;
             return Ok(out);
         }
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-        let sums = record_sums(rec, OP, &plan, v.buffer(), v.buffer(), None)?;
+        let sums = record_sums(rec, OP, &plan, v, v, None)?;
         let factors = vec4_buffer(ctx, OP, layout.slices())?;
         rec.dispatch(
             Kernel::WnFactors,
@@ -269,14 +277,14 @@ impl WeightNorm {
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let out = Tensor::output(ctx, v.shape())?;
+        let out = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
         record_elementwise(
             rec,
             Kernel::WnApply,
             &layout,
-            &[v.buffer()],
+            &[v],
             &[Bind::elems(&factors, layout.slices() * 4)],
-            out.buffer(),
+            &out,
             Extra::default(),
         )?;
         Ok(out)
@@ -292,12 +300,22 @@ impl WeightNorm {
     ) -> Result<WeightNormGrads> {
         rec.context()
             .check_tensors(OP, &[("g", g), ("v", v), ("grad_w", grad_w)])?;
+        if g.dtype().is_half() {
+            // grad_g in g's type, computed in f32 and rounded once.
+            let wide = widened(rec, g)?;
+            let grads = self.record_backward(rec, &wide, v, grad_w)?;
+            return Ok(WeightNormGrads {
+                g: record_cast(rec, &grads.g, g.dtype())?,
+                v: grads.v,
+            });
+        }
         let layout = self.check_g(g.shape(), v.shape())?;
         self.check_same("grad_w", grad_w.shape(), v.shape())?;
+        check_grad_dtype(OP, "grad_w", grad_w.dtype(), "v", v.dtype())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
             let grad_g = Tensor::zeros(ctx, g.shape())?;
-            let grad_v = Tensor::output(ctx, v.shape())?;
+            let grad_v = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
             self.record_rows(
                 rec,
                 &layout,
@@ -314,7 +332,7 @@ impl WeightNorm {
         }
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         // One pass over v and grad_w: <grad_w, v> and |v|^2 per slice.
-        let sums = record_sums(rec, OP, &plan, grad_w.buffer(), v.buffer(), None)?;
+        let sums = record_sums(rec, OP, &plan, grad_w, v, None)?;
         let grad_g = Tensor::zeros(ctx, g.shape())?;
         let coef = vec4_buffer(ctx, OP, layout.slices())?;
         rec.dispatch(
@@ -328,14 +346,14 @@ impl WeightNorm {
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let grad_v = Tensor::output(ctx, v.shape())?;
+        let grad_v = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
         record_elementwise(
             rec,
             Kernel::WnGradV,
             &layout,
-            &[v.buffer(), grad_w.buffer()],
+            &[v, grad_w],
             &[Bind::elems(&coef, layout.slices() * 4)],
-            grad_v.buffer(),
+            &grad_v,
             Extra::default(),
         )?;
         Ok(WeightNormGrads {
@@ -358,6 +376,20 @@ impl WeightNorm {
         out: &Tensor,
     ) -> Result<()> {
         let geo = RowGeometry::new(layout, &rec.context().limits.tuning);
+        let dtype = v.dtype();
+        if dtype.is_half() && !geo.vec4 {
+            // Rows not a multiple of 4 long: through f32 (see `cast.rs`).
+            let wide_v = widened(rec, v)?;
+            let wide_grad = grad.map(|(gw, _)| widened(rec, gw)).transpose()?;
+            let wide_out = Tensor::output(rec.context(), out.shape())?;
+            let grad = wide_grad.as_ref().zip(grad.map(|(_, gg)| gg));
+            self.record_rows(rec, layout, windows, g, &wide_v, grad, &wide_out)?;
+            return record_cast_into(rec, &wide_out, out);
+        }
+        let spec = Spec {
+            dtype,
+            ..geo.spec()
+        };
         let rows = layout.channels;
         let mut first_row = 0;
         for w in windows {
@@ -367,23 +399,23 @@ impl WeightNorm {
                 ..geo.params(w, first_row)
             };
             let gb = Bind::elems(g.buffer(), rows);
-            let vb = Bind::window(v.buffer(), w.start, w.len);
-            let ob = Bind::window(out.buffer(), w.start, w.len);
+            let vb = Bind::window(v, w.start, w.len);
+            let ob = Bind::window(out, w.start, w.len);
             match grad {
                 None => {
                     let kernel = geo.pick(Kernel::WnRowsForward);
-                    rec.dispatch_spec(kernel, geo.spec(), &params, &[gb, vb, ob], groups)?;
+                    rec.dispatch_spec(kernel, spec, &params, &[gb, vb, ob], groups)?;
                 }
                 Some((grad_w, grad_g)) => {
                     let kernel = geo.pick(Kernel::WnRowsGrad);
                     let binds = [
                         gb,
                         vb,
-                        Bind::window(grad_w.buffer(), w.start, w.len),
+                        Bind::window(grad_w, w.start, w.len),
                         Bind::elems(grad_g.buffer(), rows),
                         ob,
                     ];
-                    rec.dispatch_spec(kernel, geo.spec(), &params, &binds, groups)?;
+                    rec.dispatch_spec(kernel, spec, &params, &binds, groups)?;
                 }
             }
             first_row += w.rows;
@@ -401,7 +433,7 @@ impl WeightNorm {
         let layout = self.layout(weight.shape())?;
         let ctx = rec.context();
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-        let sums = record_sums(rec, OP, &plan, weight.buffer(), weight.buffer(), None)?;
+        let sums = record_sums(rec, OP, &plan, weight, weight, None)?;
         let g = Tensor::zeros(ctx, &self.g_shape(weight.shape())?)?;
         rec.dispatch(
             Kernel::WnNorms,

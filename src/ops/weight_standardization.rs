@@ -2,14 +2,15 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::cast::{record_cast, widened};
 use super::channel_stats::{record_sums, record_welford, vec4_buffer, ReducePlan};
 use super::element::{record_elementwise, Extra};
 use super::layout::{
-    check_channel_input, check_same_shape, row_windows, ChannelLayout, RowGeometry, RowParams,
+    check_channel_input, check_grad_dtype, check_same_shape, row_windows, ChannelLayout, RowGeometry, RowParams,
     RowWindow,
 };
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
 
 const OP: &str = "weight_standardization";
 
@@ -202,6 +203,7 @@ impl WeightStandardization {
             .check_tensors(OP, &[("weight", weight), ("grad_output", grad_output)])?;
         let layout = self.check(weight.shape())?;
         check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
+        check_grad_dtype(OP, "grad_output", grad_output.dtype(), "the weight", weight.dtype())?;
         Ok(layout)
     }
 
@@ -214,7 +216,7 @@ impl WeightStandardization {
     ) -> Result<Tensor> {
         let ctx = rec.context();
         let layout = &plan.layout;
-        let stats = record_welford(rec, OP, plan, weight.buffer())?;
+        let stats = record_welford(rec, OP, plan, weight)?;
         let norm = vec4_buffer(ctx, OP, layout.channels)?;
         let params = FinalizeParams {
             channels: layout.channels as u32,
@@ -243,14 +245,14 @@ impl WeightStandardization {
         norm: &Tensor,
     ) -> Result<Tensor> {
         let ctx = rec.context();
-        let out = Tensor::output(ctx, weight.shape())?;
+        let out = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
         record_elementwise(
             rec,
             Kernel::WsNormalize,
             layout,
-            &[weight.buffer()],
+            &[weight],
             &[Bind::elems(norm, layout.channels * 4)],
-            out.buffer(),
+            &out,
             Extra::default(),
         )?;
         Ok(out)
@@ -271,11 +273,11 @@ impl WeightStandardization {
             rec,
             OP,
             plan,
-            grad_output.buffer(),
-            weight.buffer(),
+            grad_output,
+            weight,
             Some(norm),
         )?;
-        let out = Tensor::output(ctx, weight.shape())?;
+        let out = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
         let extra = Extra {
             flag: 0,
             aux: [
@@ -287,12 +289,12 @@ impl WeightStandardization {
             rec,
             Kernel::WsGrad,
             layout,
-            &[weight.buffer(), grad_output.buffer()],
+            &[weight, grad_output],
             &[
                 Bind::elems(norm, layout.channels * 4),
                 Bind::elems(&sums, layout.channels * 4),
             ],
-            out.buffer(),
+            &out,
             extra,
         )?;
         Ok(out)
@@ -308,8 +310,20 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let out = Tensor::output(rec.context(), weight.shape())?;
         let geo = RowGeometry::new(layout, &rec.context().limits.tuning);
+        let dtype = weight.dtype();
+        if dtype.is_half() && !geo.vec4 {
+            // Rows not a multiple of 4 long: through f32 (see `cast.rs`).
+            let w = widened(rec, weight)?;
+            let g = grad_output.map(|g| widened(rec, g)).transpose()?;
+            let out = self.record_rows(rec, layout, windows, &w, g.as_ref())?;
+            return record_cast(rec, &out, dtype);
+        }
+        let out = Tensor::output_typed(rec.context(), weight.shape(), dtype)?;
+        let spec = Spec {
+            dtype,
+            ..geo.spec()
+        };
         let (forward, grad) = (
             geo.pick(Kernel::WsRowsForward),
             geo.pick(Kernel::WsRowsGrad),
@@ -322,15 +336,15 @@ impl WeightStandardization {
                 inv_divisor: (1.0 / self.divisor(layout)) as f32,
                 ..geo.params(w, 0)
             };
-            let x = Bind::window(weight.buffer(), w.start, w.len);
-            let y = Bind::window(out.buffer(), w.start, w.len);
+            let x = Bind::window(weight, w.start, w.len);
+            let y = Bind::window(&out, w.start, w.len);
             match grad_output {
-                None => rec.dispatch_spec(forward, geo.spec(), &params, &[x, y], groups)?,
+                None => rec.dispatch_spec(forward, spec, &params, &[x, y], groups)?,
                 Some(g) => rec.dispatch_spec(
                     grad,
-                    geo.spec(),
+                    spec,
                     &params,
-                    &[x, Bind::window(g.buffer(), w.start, w.len), y],
+                    &[x, Bind::window(g, w.start, w.len), y],
                     groups,
                 )?,
             }

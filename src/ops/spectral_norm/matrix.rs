@@ -7,7 +7,8 @@ use bytemuck::{Pod, Zeroable};
 
 use super::OP;
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Kernel, PlanLimits, Recording, Tensor};
+use crate::gpu::{Bind, Kernel, PlanLimits, Recording, Spec, Tensor};
+use crate::ops::cast::widened;
 use crate::ops::channel_stats::{record_dot, vec4_buffer, ReducePlan};
 use crate::ops::layout::{check_channel_input, row_windows, ChannelLayout, RowGeometry, RowWindow};
 
@@ -214,6 +215,14 @@ pub(super) fn record_mtv(
         && m.boxes.iter().all(|b| {
             b.c0.is_multiple_of(4) && b.nc.is_multiple_of(4) && b.bind_start.is_multiple_of(4)
         });
+    if weight.dtype().is_half() && !by4 {
+        let wide = widened(rec, weight)?;
+        return record_mtv(rec, m, &wide, u);
+    }
+    let spec = Spec {
+        dtype: weight.dtype(),
+        ..Spec::default()
+    };
     let kernel = if by4 {
         Kernel::SnMtvPartialsVec4
     } else {
@@ -221,8 +230,9 @@ pub(super) fn record_mtv(
     };
     for bx in &m.boxes {
         let tiles = bx.nc.div_ceil(COLUMN_TILE);
-        rec.dispatch(
+        rec.dispatch_spec(
             kernel,
+            spec,
             &ColumnParams {
                 rows: l.channels as u32,
                 inner: l.inner as u32,
@@ -238,7 +248,7 @@ pub(super) fn record_mtv(
                 _pad: 0,
             },
             &[
-                Bind::window(weight.buffer(), bx.bind_start, bx.bind_len),
+                Bind::window(weight, bx.bind_start, bx.bind_len),
                 Bind::elems(u.buffer(), m.rows()),
                 Bind::elems(&partials, m.blocks * cols),
             ],
@@ -270,19 +280,29 @@ pub(super) fn record_mv(
     weight: &Tensor,
     v: &Tensor,
 ) -> Result<Tensor> {
+    let geo = RowGeometry::new(&m.layout, &rec.context().limits.tuning);
+    if weight.dtype().is_half() && m.row_windows.is_some() && !geo.vec4 {
+        // Rows not a multiple of 4 long: through f32 (the reduction of `record_dot`
+        // decides for itself).
+        let wide = widened(rec, weight)?;
+        return record_mv(rec, m, &wide, v);
+    }
     let Some(windows) = &m.row_windows else {
-        return record_dot(rec, OP, &m.rows_plan, weight.buffer(), v.buffer());
+        return record_dot(rec, OP, &m.rows_plan, weight, v.buffer());
     };
     let out = vec4_buffer(rec.context(), OP, m.rows())?;
-    let geo = RowGeometry::new(&m.layout, &rec.context().limits.tuning);
+    let spec = Spec {
+        dtype: weight.dtype(),
+        ..geo.spec()
+    };
     let mut first_row = 0;
     for w in windows {
         rec.dispatch_spec(
             geo.pick(Kernel::SnRowsDot),
-            geo.spec(),
+            spec,
             &geo.params(w, first_row),
             &[
-                Bind::window(weight.buffer(), w.start, w.len),
+                Bind::window(weight, w.start, w.len),
                 Bind::elems(v.buffer(), m.cols()),
                 Bind::elems(&out, m.rows() * 4),
             ],

@@ -11,7 +11,7 @@ use self::power::{normalize_host, record_vector_partials, Normalized};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
-use super::layout::{check_channel_input, check_same_shape, ChannelLayout};
+use super::layout::{check_channel_input, check_grad_dtype, check_same_shape, ChannelLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor};
 
@@ -212,6 +212,7 @@ impl SpectralNorm {
     }
 
     fn check_vector(&self, what: &str, t: &Tensor, len: u64, shape: &[usize]) -> Result<()> {
+        check_f32(what, t)?;
         if t.shape() != [len as usize] {
             return Err(Error::input(
                 OP,
@@ -241,6 +242,7 @@ impl SpectralNorm {
                 OP,
                 format!("gamma must have shape [1], got {:?}", g.shape()),
             )),
+            (Some(g), _) => check_f32("gamma", g),
             _ => Ok(()),
         }
     }
@@ -363,19 +365,19 @@ impl SpectralNorm {
                 sigma,
             )
         };
-        let out = Tensor::output(ctx, weight.shape())?;
+        let out = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         // One slice of every element: a length that is a multiple of 4 moves vec4s.
         record_elementwise(
             rec,
             Kernel::SnScale,
             &ChannelLayout::new(weight.shape(), None),
-            &[weight.buffer()],
+            &[weight],
             &[
                 Bind::elems(sigma.buffer(), 1),
                 Bind::elems(gamma.unwrap_or(&sigma).buffer(), 1),
             ],
-            out.buffer(),
+            &out,
             Extra {
                 flag: u32::from(gamma.is_some()),
                 aux: [0.0; 2],
@@ -412,6 +414,7 @@ impl SpectralNorm {
         let factor = self.check()?;
         let m = self.matrix(ctx, weight.shape())?;
         check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
+        check_grad_dtype(OP, "grad_output", grad_output.dtype(), "the weight", weight.dtype())?;
         self.check_vector("the forward's u", &forward.u, m.rows(), weight.shape())?;
         self.check_vector("the forward's v", &forward.v, m.cols(), weight.shape())?;
         if forward.sigma.shape() != [1] {
@@ -421,7 +424,7 @@ impl SpectralNorm {
         // <G, W> in one pass over both (per leading-axis slice, then summed).
         let sums_layout = ChannelLayout::new(weight.shape(), Some(0));
         let plan = ReducePlan::new(OP, sums_layout, &ctx.limits)?;
-        let sums = record_sums(rec, OP, &plan, grad_output.buffer(), weight.buffer(), None)?;
+        let sums = record_sums(rec, OP, &plan, grad_output, weight, None)?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         let grad_gamma = match gamma {
             Some(_) => Some(Tensor::zeros(ctx, &[1])?),
@@ -445,19 +448,19 @@ impl SpectralNorm {
             ],
             1,
         )?;
-        let grad = Tensor::output(ctx, weight.shape())?;
+        let grad = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
         // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
         record_elementwise(
             rec,
             Kernel::SnGrad,
             &m.layout,
-            &[grad_output.buffer()],
+            &[grad_output],
             &[
                 Bind::elems(forward.u.buffer(), m.rows()),
                 Bind::elems(forward.v.buffer(), m.cols()),
                 Bind::elems(&coef, 4),
             ],
-            grad.buffer(),
+            &grad,
             Extra::default(),
         )?;
         Ok(SpectralNormGrads {
@@ -557,4 +560,19 @@ mod tests {
         use crate::gpu::kernels::mirror;
         mirror!("spectral_norm", GradCoefParams, [slices, use_gamma, factor]);
     }
+}
+
+/// `u`, `v` and `gamma` stay f32 whatever the weight's type, as PyTorch keeps its
+/// buffers `_u` and `_v` and sigma in f32 under autocast.
+fn check_f32(what: &str, t: &Tensor) -> Result<()> {
+    if t.dtype() != crate::DType::F32 {
+        return Err(Error::input(
+            OP,
+            format!(
+                "{what} is {}; spectral norm keeps u, v, sigma and gamma in f32 for weights of any type",
+                t.dtype()
+            ),
+        ));
+    }
+    Ok(())
 }
