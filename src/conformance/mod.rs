@@ -100,7 +100,8 @@ impl Case {
             let rtol = meta.get(&format!("rtol.{name}")).map(|v| v.parse::<f64>());
             let atol = meta.get(&format!("atol.{name}")).map(|v| v.parse::<f64>());
             if let (Some(r), Some(a)) = (rtol, atol) {
-                let bad = |e: std::num::ParseFloatError| file_err(format!("tolerance of `{name}`: {e}"));
+                let bad =
+                    |e: std::num::ParseFloatError| file_err(format!("tolerance of `{name}`: {e}"));
                 tolerances.insert(name.clone(), (r.map_err(bad)?, a.map_err(bad)?));
             }
         }

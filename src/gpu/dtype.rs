@@ -145,6 +145,9 @@ mod tests {
         // 1 + 2^-11 is halfway between two f16s: ties go to the even one, 1.0.
         assert_eq!(DType::F16.round(1.0 + 2f32.powi(-11)), 1.0);
         assert_eq!(DType::BF16.round(1.0 + 2f32.powi(-8)), 1.0);
-        assert_eq!(DType::BF16.round(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(
+            DType::BF16.round(1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
     }
 }

@@ -329,8 +329,16 @@ impl BatchNormForward {
         let [gd, bd] = self.param_dtypes;
         Ok(BatchNormGrads {
             input,
-            gamma: if gd.is_half() { record_cast(rec, &gamma, gd)? } else { gamma },
-            beta: if bd.is_half() { record_cast(rec, &beta, bd)? } else { beta },
+            gamma: if gd.is_half() {
+                record_cast(rec, &gamma, gd)?
+            } else {
+                gamma
+            },
+            beta: if bd.is_half() {
+                record_cast(rec, &beta, bd)?
+            } else {
+                beta
+            },
         })
     }
 }
@@ -773,14 +781,7 @@ impl BatchNorm {
         let ctx = rec.context();
         let features = layout.channels;
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-        let sums = record_sums(
-            rec,
-            OP,
-            &plan,
-            grad_output,
-            x,
-            Some(&forward.norm),
-        )?;
+        let sums = record_sums(rec, OP, &plan, grad_output, x, Some(&forward.norm))?;
         let grad_gamma = Tensor::zeros(ctx, &[features as usize])?;
         let grad_beta = Tensor::zeros(ctx, &[features as usize])?;
         let coef = vec4_buffer(ctx, OP, features)?;
@@ -840,14 +841,7 @@ impl BatchNorm {
         }
         let sums = ctx.run(|rec| {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
-            record_sums(
-                rec,
-                OP,
-                &plan,
-                grad_output,
-                x,
-                Some(&forward.norm),
-            )
+            record_sums(rec, OP, &plan, grad_output, x, Some(&forward.norm))
         })?;
         let host = read_vec4(ctx, &sums, layout.channels)?;
         Ok(host

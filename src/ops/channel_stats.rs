@@ -455,13 +455,21 @@ pub(crate) fn record_sums(
         None => (Kernel::SumPartials, &*dummy, 4),
     };
     let (data, dtype) = data_tensors(rec, plan, kernel, &[a, b])?;
-    record_partials(rec, op, plan, kernel, Kernel::SumCombine, dtype, |start, len| {
-        vec![
-            Bind::window(&data[0], start, len),
-            Bind::window(&data[1], start, len),
-            Bind::elems(centre, centre_len),
-        ]
-    })
+    record_partials(
+        rec,
+        op,
+        plan,
+        kernel,
+        Kernel::SumCombine,
+        dtype,
+        |start, len| {
+            vec![
+                Bind::window(&data[0], start, len),
+                Bind::window(&data[1], start, len),
+                Bind::elems(centre, centre_len),
+            ]
+        },
+    )
 }
 
 /// Records per-channel `sum_{o, j} x[o, c, j] * vector[o * inner + j]` (first component
@@ -478,12 +486,20 @@ pub(crate) fn record_dot(
     let vector_len = plan.layout.outer * plan.layout.inner;
     let kernel = Kernel::DotPartials;
     let (data, dtype) = data_tensors(rec, plan, kernel, &[x])?;
-    record_partials(rec, op, plan, kernel, Kernel::SumCombine, dtype, |start, len| {
-        vec![
-            Bind::window(&data[0], start, len),
-            Bind::elems(vector, vector_len),
-        ]
-    })
+    record_partials(
+        rec,
+        op,
+        plan,
+        kernel,
+        Kernel::SumCombine,
+        dtype,
+        |start, len| {
+            vec![
+                Bind::window(&data[0], start, len),
+                Bind::elems(vector, vector_len),
+            ]
+        },
+    )
 }
 
 /// The data tensors a reduction reads, and their type: as given when they share one

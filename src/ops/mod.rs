@@ -1,8 +1,8 @@
 //! The public ops: configs with documented defaults, input checks, dispatch sizing.
 
 pub mod batch_norm;
-pub(crate) mod channel_stats;
 pub mod cast;
+pub(crate) mod channel_stats;
 pub mod copy;
 pub(crate) mod element;
 pub(crate) mod layout;

@@ -414,7 +414,13 @@ impl SpectralNorm {
         let factor = self.check()?;
         let m = self.matrix(ctx, weight.shape())?;
         check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
-        check_grad_dtype(OP, "grad_output", grad_output.dtype(), "the weight", weight.dtype())?;
+        check_grad_dtype(
+            OP,
+            "grad_output",
+            grad_output.dtype(),
+            "the weight",
+            weight.dtype(),
+        )?;
         self.check_vector("the forward's u", &forward.u, m.rows(), weight.shape())?;
         self.check_vector("the forward's v", &forward.v, m.cols(), weight.shape())?;
         if forward.sigma.shape() != [1] {

@@ -1,0 +1,423 @@
+//! f16 and bf16 tensors: the codec against the `half` crate (every 16-bit pattern),
+//! uploads and readbacks, and every op on half inputs against the f64 reference, on
+//! the same random shapes, axes, thread layouts and binding caps as the f32 property
+//! tests, with tolerances derived from the type's epsilon.
+
+mod common;
+
+use common::{assert_close, ctx, Rng};
+use half::{bf16, f16};
+use ndarray::{ArrayD, IxDyn};
+use wgnorm::ops::cast::record_cast;
+use wgnorm::reference;
+use wgnorm::{
+    BatchNorm, BatchNormMode, BatchNormState, Context, DType, SpectralNorm, SpectralNormState,
+    Tensor, WeightNorm, WeightStandardization,
+};
+
+/// Outputs in f32 computed from half inputs (statistics, `u`, `v`, sigma, the
+/// gradients of f32 parameters): the f32 tests' tolerances for gradients, relative to
+/// the tensor's largest magnitude for the absolute part.
+const F32_RTOL: f32 = 1e-3;
+const F32_ATOL_OF_MAX: f32 = 1e-4;
+
+/// `a` rounded to `dtype` (nearest even).
+fn round(dtype: DType, a: &ArrayD<f32>) -> ArrayD<f32> {
+    a.mapv(|x| dtype.round(x))
+}
+
+fn upload(ctx: &Context, dtype: DType, a: &ArrayD<f32>) -> Tensor {
+    match dtype {
+        DType::F32 => Tensor::from_array(ctx, a),
+        DType::F16 => Tensor::from_array(ctx, &a.mapv(f16::from_f32)),
+        DType::BF16 => Tensor::from_array(ctx, &a.mapv(bf16::from_f32)),
+    }
+    .unwrap()
+}
+
+fn max_abs(a: &ArrayD<f32>) -> f32 {
+    a.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// A half output against the f64 reference rounded once to its type: `rtol` = the
+/// type's epsilon, `atol` = half an epsilon times the largest expected magnitude (the
+/// golden cases' tolerances, tests/conformance/README.md), and at least half an
+/// epsilon: the data here are O(1), so an output that cancels to 0 (weight norm's
+/// gradient on one-element slices) keeps the f32 residue of O(1) terms. An output
+/// accumulated in half precision misses it.
+#[track_caller]
+fn check_half(ctx: &Context, what: &str, got: &Tensor, want: &ArrayD<f32>, dtype: DType) {
+    assert_eq!(got.dtype(), dtype, "{what}: type");
+    let want = round(dtype, want);
+    let eps = dtype.epsilon() as f32;
+    let atol = 0.5 * eps * max_abs(&want).max(1.0);
+    assert_close(what, &got.to_array(ctx).unwrap(), &want, eps, atol);
+}
+
+#[track_caller]
+fn check_f32(ctx: &Context, what: &str, got: &Tensor, want: &ArrayD<f32>) {
+    assert_eq!(got.dtype(), DType::F32, "{what}: type");
+    let atol = F32_ATOL_OF_MAX * max_abs(want).max(1e-3);
+    assert_close(what, &got.to_array(ctx).unwrap(), want, F32_RTOL, atol);
+}
+
+fn half_type(bf: bool) -> DType {
+    if bf {
+        DType::BF16
+    } else {
+        DType::F16
+    }
+}
+
+/// Every f16 and bf16 bit pattern widens to the `half` crate's f32 and narrows back
+/// to itself (NaN stays NaN): the kernels' codec, exhaustively.
+#[test]
+fn the_codec_round_trips_every_half_value() {
+    let ctx = ctx();
+    for dtype in [DType::F16, DType::BF16] {
+        let bits: Vec<u16> = (0..=u16::MAX).collect();
+        let (t, want): (Tensor, Vec<f32>) = match dtype {
+            DType::F16 => {
+                let h: Vec<f16> = bits.iter().map(|&b| f16::from_bits(b)).collect();
+                (
+                    Tensor::from_slice(&ctx, &[h.len()], &h).unwrap(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
+            }
+            _ => {
+                let h: Vec<bf16> = bits.iter().map(|&b| bf16::from_bits(b)).collect();
+                (
+                    Tensor::from_slice(&ctx, &[h.len()], &h).unwrap(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
+            }
+        };
+        let (wide, back) = ctx
+            .run(|rec| {
+                let wide = record_cast(rec, &t, DType::F32)?;
+                let back = record_cast(rec, &wide, dtype)?;
+                Ok((wide, back))
+            })
+            .unwrap();
+        let got = wide.to_array(&ctx).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{dtype} {i:#06x}: widened to {g}, want {w}"
+            );
+        }
+        let back = back.to_array(&ctx).unwrap();
+        for (i, (g, w)) in back.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{dtype} {i:#06x}: narrowed back to {g}, want {w}"
+            );
+        }
+    }
+}
+
+/// f32 values that round in every way: ties to even, just past ties, subnormal
+/// results, the overflow threshold, infinities, NaN, signed zeros. The GPU's rounding
+/// is the `half` crate's (nearest even), bit for bit.
+#[test]
+fn narrowing_rounds_to_nearest_even() {
+    let ctx = ctx();
+    let mut values: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        1.0 + 2f32.powi(-11) + 2f32.powi(-20),
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        65504.0,
+        65519.0,
+        65520.0,
+        1e6,
+        -1e6,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        6.0e-5,
+        2f32.powi(-14),
+        2f32.powi(-24),
+        2f32.powi(-25),
+        2f32.powi(-25) * 1.0001,
+        3.0 * 2f32.powi(-25),
+        1e-30,
+        f32::MIN_POSITIVE / 2.0,
+        3.4e38,
+        -3.4e38,
+    ];
+    let mut rng = Rng::new(5);
+    values.extend((0..997).map(|_| rng.normal() * 10f32.powi((rng.uniform() * 12.0) as i32 - 6)));
+    let t = Tensor::from_slice(&ctx, &[values.len()], &values).unwrap();
+    let (h, b) = ctx
+        .run(|rec| {
+            Ok((
+                record_cast(rec, &t, DType::F16)?,
+                record_cast(rec, &t, DType::BF16)?,
+            ))
+        })
+        .unwrap();
+    let h = h.to_array_of::<f16>(&ctx).unwrap();
+    let b = b.to_array_of::<bf16>(&ctx).unwrap();
+    for (i, &x) in values.iter().enumerate() {
+        let (wh, wb) = (f16::from_f32(x), bf16::from_f32(x));
+        assert!(
+            h[i].to_bits() == wh.to_bits() || (x.is_nan() && h[i].is_nan()),
+            "f16 of {x:e}: got {:#06x}, want {:#06x}",
+            h[i].to_bits(),
+            wh.to_bits()
+        );
+        assert!(
+            b[i].to_bits() == wb.to_bits() || (x.is_nan() && b[i].is_nan()),
+            "bf16 of {x:e}: got {:#06x}, want {:#06x}",
+            b[i].to_bits(),
+            wb.to_bits()
+        );
+    }
+}
+
+/// Half tensors of odd length upload and read back bit for bit, and copy; asking for
+/// another type is an error naming both.
+#[test]
+fn odd_lengths_upload_read_back_and_copy() {
+    let ctx = ctx();
+    for len in [1usize, 7, 513] {
+        let h: Vec<f16> = (0..len)
+            .map(|i| f16::from_f32(i as f32 * 0.37 - 3.0))
+            .collect();
+        let t = Tensor::from_slice(&ctx, &[len], &h).unwrap();
+        assert_eq!(t.dtype(), DType::F16);
+        assert_eq!(t.bytes(), len.div_ceil(2) as u64 * 4);
+        let back = t.to_array_of::<f16>(&ctx).unwrap();
+        assert_eq!(back.as_slice().unwrap(), h.as_slice());
+        let copy = ctx
+            .run(|rec| wgnorm::ops::copy::record_copy(rec, &t))
+            .unwrap();
+        assert_eq!(copy.dtype(), DType::F16);
+        assert_eq!(copy.to_array_of::<f16>(&ctx).unwrap(), back);
+        let err = t.to_array_of::<bf16>(&ctx).unwrap_err().to_string();
+        assert!(err.contains("f16") && err.contains("bf16"), "{err}");
+    }
+}
+
+/// A gradient of another type than its tensor, and half state where the frameworks
+/// keep f32, are refused with errors that say so.
+#[test]
+fn mismatched_types_are_refused() {
+    let ctx = ctx();
+    let mut rng = Rng::new(3);
+    let w = rng.array(&[8, 12], 0.0, 1.0);
+    let (w16, w32) = (upload(&ctx, DType::F16, &w), upload(&ctx, DType::F32, &w));
+    let ws = WeightStandardization::default();
+    let err = ws.backward(&ctx, &w16, &w32).unwrap_err().to_string();
+    assert!(
+        err.contains("grad_output is f32 but the weight is f16"),
+        "{err}"
+    );
+
+    let sn = SpectralNorm::pytorch();
+    let mut state = SpectralNormState {
+        u: upload(&ctx, DType::F16, &rng.array(&[8], 0.0, 1.0)),
+        v: upload(&ctx, DType::F32, &rng.array(&[12], 0.0, 1.0)),
+        gamma: None,
+        sigma: None,
+    };
+    let err = sn
+        .forward(&ctx, &w16, &mut state, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("u is f16") && err.contains("f32"), "{err}");
+
+    let bn = BatchNorm {
+        scale: false,
+        center: false,
+        ..BatchNorm::pytorch()
+    };
+    let mut st = BatchNormState {
+        running_mean: upload(&ctx, DType::BF16, &rng.array(&[12], 0.0, 1.0)),
+        running_var: upload(&ctx, DType::F32, &rng.array(&[12], 1.0, 0.1)),
+        num_updates: 0,
+    };
+    let x = upload(&ctx, DType::BF16, &rng.array(&[4, 12, 3], 0.0, 1.0));
+    let err = bn
+        .forward(&ctx, &x, None, None, Some(&mut st), BatchNormMode::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("running_mean is bf16"), "{err}");
+    assert_eq!(st.num_updates, 0);
+}
+
+/// Random shapes (with a last axis a multiple of 4 half the time, so that the vec4 and
+/// channels-last kernels read half data themselves, and otherwise the f32 detour).
+fn shape_strategy() -> impl proptest::strategy::Strategy<Value = Vec<usize>> {
+    use proptest::prelude::*;
+    (common::property_shape(40, 6), any::<bool>()).prop_map(|(mut s, by4)| {
+        if by4 {
+            *s.last_mut().unwrap() *= 4;
+        }
+        s
+    })
+}
+
+fn pick<'a>(index: &proptest::sample::Index) -> &'a Context {
+    index.get(common::property_contexts())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(48)))]
+
+    /// Weight standardization on f16/bf16 weights and gradients, forward and backward.
+    #[test]
+    fn property_weight_standardization(
+        shape in shape_strategy(),
+        axis in proptest::prelude::any::<proptest::sample::Index>(),
+        bf in proptest::prelude::any::<bool>(),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let ctx = pick(&context);
+        let dtype = half_type(bf);
+        let config = WeightStandardization { axis: axis.index(shape.len()), ..WeightStandardization::chainer() };
+        let mut rng = Rng::new(seed);
+        let w = round(dtype, &rng.array(&shape, -0.3, 2.0));
+        let g = round(dtype, &rng.array(&shape, 0.0, 1.0));
+        let step = config
+            .forward_backward(ctx, &upload(ctx, dtype, &w), &upload(ctx, dtype, &g))
+            .unwrap();
+        let what = format!("{dtype} {shape:?} axis {}", config.axis);
+        let want = reference::weight_standardization::forward(&config, w.view()).unwrap();
+        check_half(ctx, &format!("output {what}"), &step.output, &want, dtype);
+        let want = reference::weight_standardization::backward(&config, w.view(), g.view()).unwrap();
+        check_half(ctx, &format!("grad {what}"), &step.grad, &want, dtype);
+    }
+
+    /// Weight norm with half `v` and gradient and an f32 `g`, every kept axis and none.
+    #[test]
+    fn property_weight_norm(
+        shape in shape_strategy(),
+        axis in proptest::prelude::any::<proptest::sample::Index>(),
+        whole in proptest::prelude::any::<bool>(),
+        bf in proptest::prelude::any::<bool>(),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let ctx = pick(&context);
+        let dtype = half_type(bf);
+        let dim = (!whole).then(|| axis.index(shape.len()));
+        let config = WeightNorm::pytorch(dim);
+        let mut rng = Rng::new(seed);
+        let v = round(dtype, &rng.array(&shape, 0.2, 1.0));
+        let gw = round(dtype, &rng.array(&shape, 0.0, 1.0));
+        let g_shape = config.g_shape(&shape).unwrap();
+        let g = rng.array(&g_shape, 1.0, 0.5);
+        let (tg, tv, tgw) = (upload(ctx, DType::F32, &g), upload(ctx, dtype, &v), upload(ctx, dtype, &gw));
+        let (out, grads) = ctx
+            .run(|rec| Ok((config.record_forward(rec, &tg, &tv)?, config.record_backward(rec, &tg, &tv, &tgw)?)))
+            .unwrap();
+        let what = format!("{dtype} {shape:?} dim {dim:?}");
+        let want = reference::weight_norm::forward(&config, g.view(), v.view()).unwrap();
+        check_half(ctx, &format!("output {what}"), &out, &want, dtype);
+        let (want_g, want_v) = reference::weight_norm::backward(&config, g.view(), v.view(), gw.view()).unwrap();
+        check_f32(ctx, &format!("grad_g {what}"), &grads.g, &want_g);
+        check_half(ctx, &format!("grad_v {what}"), &grads.v, &want_v, dtype);
+    }
+
+    /// Spectral norm (both flavours, training) with a half weight and f32 `u`, `v`.
+    #[test]
+    fn property_spectral_norm(
+        shape in shape_strategy(),
+        axis in proptest::prelude::any::<proptest::sample::Index>(),
+        chainer in proptest::prelude::any::<bool>(),
+        bf in proptest::prelude::any::<bool>(),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let ctx = pick(&context);
+        let dtype = half_type(bf);
+        let base = if chainer { SpectralNorm::chainer() } else { SpectralNorm::pytorch() };
+        let config = SpectralNorm { axis: axis.index(shape.len()), ..base };
+        let (rows, cols) = config.matrix_shape(&shape).unwrap();
+        // u and v within the smallest binding cap of the property contexts (16 KiB: a
+        // vec4 per element), past which spectral norm is refused (README's limits).
+        proptest::prop_assume!(rows.max(cols) <= 1024);
+        let mut rng = Rng::new(seed);
+        let w = round(dtype, &rng.array(&shape, 0.1, 1.0));
+        let gw = round(dtype, &rng.array(&shape, 0.0, 1.0));
+        let u: Vec<f32> = (0..rows).map(|_| 0.1 + rng.uniform() as f32).collect();
+        let v: Vec<f32> = (0..cols).map(|_| 0.1 + rng.uniform() as f32).collect();
+        let mut state = SpectralNormState {
+            u: Tensor::from_slice(ctx, &[rows], &u).unwrap(),
+            v: Tensor::from_slice(ctx, &[cols], &v).unwrap(),
+            gamma: None,
+            sigma: None,
+        };
+        let (tw, tgw) = (upload(ctx, dtype, &w), upload(ctx, dtype, &gw));
+        let (fwd, grads) = ctx
+            .run(|rec| {
+                let fwd = config.record_forward(rec, &tw, &mut state, true)?;
+                let grads = config.record_backward(rec, &tw, &tgw, &fwd, &state)?;
+                Ok((fwd, grads))
+            })
+            .unwrap();
+        let what = format!("{dtype} {shape:?} {config:?}");
+        let want = reference::spectral_norm::forward(&config, w.view(), &u, &v, 1.0, true).unwrap();
+        let vec = |x: &[f32]| ArrayD::from_shape_vec(IxDyn(&[x.len()]), x.to_vec()).unwrap();
+        check_f32(ctx, &format!("u {what}"), &state.u, &vec(want.u.as_slice().unwrap()));
+        check_f32(ctx, &format!("sigma {what}"), &fwd.sigma, &vec(&[want.sigma]));
+        check_half(ctx, &format!("output {what}"), &fwd.weight, &want.output, dtype);
+        let (want_grad, _) = reference::spectral_norm::backward(&config, w.view(), gw.view(), &want, 1.0).unwrap();
+        check_half(ctx, &format!("grad {what}"), &grads.weight, &want_grad, dtype);
+    }
+
+    /// Batch norm on half inputs with f32 gamma, beta and running statistics: any
+    /// feature axis (the last one with a multiple of 4 features takes the
+    /// channels-last kernels), training and evaluation, forward and backward.
+    #[test]
+    fn property_batch_norm(
+        shape in shape_strategy(),
+        axis in proptest::prelude::any::<proptest::sample::Index>(),
+        train in proptest::prelude::any::<bool>(),
+        bf in proptest::prelude::any::<bool>(),
+        context in proptest::prelude::any::<proptest::sample::Index>(),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let ctx = pick(&context);
+        let dtype = half_type(bf);
+        let config = BatchNorm { feature_axis: axis.index(shape.len()) as isize, ..BatchNorm::pytorch() };
+        let features = shape[config.feature_axis as usize];
+        let mode = if train { BatchNormMode::Train } else { BatchNormMode::Eval };
+        proptest::prop_assume!(!train || shape.iter().product::<usize>() / features > 1);
+        let mut rng = Rng::new(seed);
+        let x = round(dtype, &rng.array(&shape, 0.5, 2.0));
+        let dy = round(dtype, &rng.array(&shape, 0.0, 1.0));
+        let gamma: Vec<f32> = (0..features).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+        let beta: Vec<f32> = (0..features).map(|_| 0.5 * rng.normal()).collect();
+        let rm: Vec<f32> = (0..features).map(|_| 0.5 + rng.normal()).collect();
+        let rv: Vec<f32> = (0..features).map(|_| 1.0 + rng.uniform() as f32).collect();
+        let vt = |v: &[f32]| Tensor::from_slice(ctx, &[v.len()], v).unwrap();
+        let (tg, tb) = (vt(&gamma), vt(&beta));
+        let mut state = BatchNormState { running_mean: vt(&rm), running_var: vt(&rv), num_updates: 3 };
+        let (tx, tdy) = (upload(ctx, dtype, &x), upload(ctx, dtype, &dy));
+        let (fwd, grads) = ctx
+            .run(|rec| {
+                let fwd = config.record_forward(rec, &tx, Some(&tg), Some(&tb), Some(&mut state), mode)?;
+                let grads = config.record_backward(rec, &tx, &tdy, &fwd)?;
+                Ok((fwd, grads))
+            })
+            .unwrap();
+        let what = format!("{dtype} {shape:?} axis {} {mode:?}", config.feature_axis);
+        let want = reference::batch_norm::forward(&config, x.view(), Some(&gamma), Some(&beta), &rm, &rv, 3, mode).unwrap();
+        check_half(ctx, &format!("output {what}"), &fwd.output, &want.output, dtype);
+        check_f32(ctx, &format!("running_mean {what}"), &state.running_mean, &want.running_mean.clone().into_dyn());
+        check_f32(ctx, &format!("running_var {what}"), &state.running_var, &want.running_var.clone().into_dyn());
+        let (want_dx, want_dg, want_db) =
+            reference::batch_norm::backward(&config, x.view(), dy.view(), Some(&gamma), &rm, &rv, mode).unwrap();
+        check_half(ctx, &format!("grad_input {what}"), &grads.input, &want_dx, dtype);
+        check_f32(ctx, &format!("grad_gamma {what}"), &grads.gamma, &want_dg.into_dyn());
+        check_f32(ctx, &format!("grad_beta {what}"), &grads.beta, &want_db.into_dyn());
+    }
+}
