@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wgnorm::bench::{Case, Op, Prepared};
-use wgnorm::{Context, Recording};
+use wgnorm::{Context, DType, Recording};
 
 /// One group per family of the suite (the copy is every group's yardstick).
 fn bench(c: &mut Criterion) {
@@ -41,7 +41,13 @@ fn bench_family(c: &mut Criterion, ctx: &Context, family: &str) {
         .collect();
     let mut group = c.benchmark_group(family);
     group.sample_size(10);
-    for workload in ops[0].workloads() {
+    // Each workload in f32, then f16 and bf16 (data tensors; statistics stay f32).
+    let workloads = ops[0]
+        .workloads()
+        .into_iter()
+        .flat_map(|w| [DType::F32, DType::F16, DType::BF16].map(|d| w.clone().with_dtype(d)));
+    for workload in workloads {
+        let label = workload.label();
         let copy = Case {
             op: Op::COPY,
             workload: workload.clone(),
@@ -54,31 +60,29 @@ fn bench_family(c: &mut Criterion, ctx: &Context, family: &str) {
             let name = case.op.name();
             group.throughput(Throughput::Bytes(case.min_bytes()));
             if timestamps {
-                group.bench_function(
-                    BenchmarkId::new(format!("{name}/kernel"), &workload.name),
-                    |b| b.iter_custom(|iters| kernel_time(&mut prepared, iters)),
-                );
+                group.bench_function(BenchmarkId::new(format!("{name}/kernel"), &label), |b| {
+                    b.iter_custom(|iters| kernel_time(&mut prepared, iters))
+                });
             }
             group.bench_function(
-                BenchmarkId::new(format!("{name}/end_to_end"), &workload.name),
+                BenchmarkId::new(format!("{name}/end_to_end"), &label),
                 |b| b.iter(|| prepared.run().expect("run")),
             );
-            if case.op != Op::COPY {
+            if case.op != Op::COPY && workload.dtype == DType::F32 {
                 group.bench_function(
-                    BenchmarkId::new(format!("{name}/cpu_reference"), &workload.name),
+                    BenchmarkId::new(format!("{name}/cpu_reference"), &label),
                     |b| b.iter(|| prepared.run_reference().expect("reference")),
                 );
-            } else if timestamps {
+            } else if case.op == Op::COPY && timestamps {
                 // The second yardstick: the same copy by the driver.
                 let driver = Case {
                     op: Op::DRIVER_COPY,
                     workload: workload.clone(),
                 };
                 let mut prepared = Prepared::new(ctx, &driver).expect("inputs");
-                group.bench_function(
-                    BenchmarkId::new("driver_copy/kernel", &workload.name),
-                    |b| b.iter_custom(|iters| kernel_time(&mut prepared, iters)),
-                );
+                group.bench_function(BenchmarkId::new("driver_copy/kernel", &label), |b| {
+                    b.iter_custom(|iters| kernel_time(&mut prepared, iters))
+                });
             }
         }
     }

@@ -15,12 +15,17 @@
 //!   `<m>.num_batches_tracked` as a 0-dim int64), and whole batch-norm layers
 //!   ([`BatchNormLayer`]: also `<m>.weight` = gamma and `<m>.bias` = beta).
 //!
-//! Loading reads f32, f16, bf16 and f64 entries (converted to f32; an f64 value past
-//! f32's range is refused) and an int64 or int32 `num_batches_tracked`, from a path or
-//! from bytes. It checks every name, dtype and shape before anything changes, then
+//! Loading reads f32, f16, bf16 and f64 entries (an f64 value past f32's range is
+//! refused) into the model's types, as PyTorch's `load_state_dict` copies into the
+//! existing tensors: a weight's raw entry takes its data's type and a hook's state the
+//! type of the state it replaces (f32, f16 or bf16, rounded to nearest even; f32 where
+//! there is none yet), except what the ops keep in f32 for weights of any type
+//! (spectral norm's `u`, `v`, `gamma`); batch norm's statistics, gamma and beta are
+//! f32; `num_batches_tracked` is an int64 or int32. From a path or from bytes. It checks every name, dtype and shape before anything changes, then
 //! uploads everything, then swaps it in: a refused file leaves every weight and
 //! statistic as it was. Tensors in the file that nothing asked for are ignored (a file
-//! may hold a whole model). Saving writes f32 and an int64 count.
+//! may hold a whole model). Saving writes each tensor in its type (F32, F16 or BF16)
+//! and an int64 count.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,7 +33,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Context, Tensor};
+use crate::gpu::{Context, DType, Tensor};
 use crate::hooks::Weight;
 use crate::ops::batch_norm::{BatchNormLayer, BatchNormState};
 
@@ -72,7 +77,8 @@ impl Naming {
 }
 
 /// A checked tensor on the host: name (the hook API's), shape, values.
-type HostEntry = (String, Vec<usize>, Vec<f32>);
+/// A weight's checked entry: its key, shape, values and the type it is uploaded in.
+type HostEntry = (String, Vec<usize>, Vec<f32>, DType);
 
 fn file_err(source: &str, problem: impl Into<String>) -> Error {
     Error::File {
@@ -154,9 +160,27 @@ pub fn to_bytes(
     let mut entries: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = names
         .into_iter()
         .zip(&data)
-        .map(|(k, a)| {
-            let bytes = a.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (k, a.shape().to_vec(), Dtype::F32, bytes)
+        .zip(&tensors)
+        .map(|((k, a), t)| match t.dtype() {
+            DType::F32 => {
+                let bytes = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (k, a.shape().to_vec(), Dtype::F32, bytes)
+            }
+            // The readback widened exactly: rounding back gives the stored bits.
+            DType::F16 => {
+                let bytes = a
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect();
+                (k, a.shape().to_vec(), Dtype::F16, bytes)
+            }
+            DType::BF16 => {
+                let bytes = a
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect();
+                (k, a.shape().to_vec(), Dtype::BF16, bytes)
+            }
         })
         .collect();
     for (k, n) in counts {
@@ -229,7 +253,7 @@ pub fn load_bytes(
     load_from(ctx, "(bytes)", bytes, weights, batch_norms, layers)
 }
 
-/// Reads entry `name` as f32 values, converting f16, bf16 and f64.
+/// Reads entry `name` as f32 values: f16 and bf16 widened exactly, f64 rounded.
 fn read_f32(
     st: &SafeTensors<'_>,
     source: &str,
@@ -342,7 +366,8 @@ fn load_from(
         let mut entries = Vec::new();
         for (k, shape) in w.state_shapes(&raw_shape)? {
             let v = read_f32(&st, source, &naming.key(w, &k), Some(&shape))?;
-            entries.push((k, shape, v));
+            let dtype = w.load_dtype(&k);
+            entries.push((k, shape, v, dtype));
         }
         weight_data.push(entries);
     }
@@ -409,8 +434,19 @@ fn commit(
     let mut weight_tensors = Vec::new();
     for entries in &weight_data {
         let mut ts = Vec::new();
-        for (k, shape, v) in entries {
-            ts.push((k.clone(), Tensor::from_slice(ctx, shape, v)?));
+        for (k, shape, v, dtype) in entries {
+            let t = match dtype {
+                DType::F32 => Tensor::from_slice(ctx, shape, v)?,
+                DType::F16 => {
+                    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                    Tensor::from_slice(ctx, shape, &h)?
+                }
+                DType::BF16 => {
+                    let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                    Tensor::from_slice(ctx, shape, &h)?
+                }
+            };
+            ts.push((k.clone(), t));
         }
         weight_tensors.push(ts);
     }
@@ -516,7 +552,7 @@ pub fn load_chainer_npz(
                 Some(name) => file.f32(&name, &shape)?,
                 None => vec![0.0; shape.iter().product()],
             };
-            entries.push((k, shape, values));
+            entries.push((k, shape, values, DType::F32));
         }
         weight_data.push(entries);
     }

@@ -330,3 +330,76 @@ fn f64_and_int32_entries_load_and_out_of_range_is_refused() {
         [1.25, 2.0, 3.0]
     );
 }
+
+/// Half-precision weights save as F16 / BF16 entries (spectral norm's `u` and `v`, and
+/// weight norm's `g` made from the weight, stay F32) and load back into a half model
+/// bit for bit; an f32 file loads into a bf16 model rounded to nearest even, as
+/// PyTorch's `load_state_dict` copies into a bf16 parameter.
+#[test]
+fn half_weights_save_and_load_in_their_types() {
+    use half::{bf16, f16};
+    let ctx = ctx();
+    let values = |seed: u64, shape: &[usize]| common::Rng::new(seed).array(shape, 0.1, 1.0);
+    let conv = values(1, &[8, 4, 3, 3]);
+    let fc = values(2, &[6, 10]);
+    let make = |conv_data: Option<Tensor>, fc_data: Option<Tensor>| {
+        let mut c = Weight::new("conv", conv_data);
+        c.add_hook(
+            &ctx,
+            Box::new(SpectralNormHook::new(SpectralNorm::pytorch(), 1)),
+        )
+        .unwrap();
+        let mut f = Weight::new("fc", fc_data);
+        f.add_hook(
+            &ctx,
+            Box::new(WeightNormHook::new(WeightNorm::pytorch(Some(0)))),
+        )
+        .unwrap();
+        vec![c, f]
+    };
+    let conv_bf = Tensor::from_array(&ctx, &conv.mapv(bf16::from_f32)).unwrap();
+    let fc_h = Tensor::from_array(&ctx, &fc.mapv(f16::from_f32)).unwrap();
+    let mut weights = make(Some(conv_bf.clone()), Some(fc_h.clone()));
+    let before: Vec<ArrayD<f32>> = weights
+        .iter_mut()
+        .map(|w| w.forward(&ctx, false).unwrap().to_array(&ctx).unwrap())
+        .collect();
+    let refs: Vec<&Weight> = weights.iter().collect();
+    let bytes = state::to_bytes(&ctx, &refs, &[], &[], Naming::PyTorchHooks).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dtype = |k: &str| st.tensor(k).unwrap().dtype();
+    assert_eq!(dtype("conv.weight_orig"), safetensors::Dtype::BF16);
+    assert_eq!(dtype("fc.weight_v"), safetensors::Dtype::F16);
+    assert_eq!(dtype("conv.weight_u"), safetensors::Dtype::F32);
+    assert_eq!(dtype("fc.weight_g"), safetensors::Dtype::F32);
+
+    // Back into a half model (zeros of the same types): the same bits, the same forward.
+    let zeros = |t: &Tensor| Tensor::zeros_typed(&ctx, t.shape(), t.dtype()).unwrap();
+    let mut back = make(Some(zeros(&conv_bf)), Some(zeros(&fc_h)));
+    let mut refs: Vec<&mut Weight> = back.iter_mut().collect();
+    state::load_bytes(&ctx, &bytes, &mut refs, &mut [], &mut []).unwrap();
+    let raw = back[0].data().unwrap();
+    assert_eq!(raw.dtype(), wgnorm::DType::BF16);
+    assert_eq!(
+        raw.to_array_of::<bf16>(&ctx).unwrap(),
+        conv_bf.to_array_of::<bf16>(&ctx).unwrap()
+    );
+    assert_eq!(back[1].data().unwrap().dtype(), wgnorm::DType::F16);
+    for (w, want) in back.iter_mut().zip(&before) {
+        let got = w.forward(&ctx, false).unwrap();
+        assert_eq!(&got.to_array(&ctx).unwrap(), want, "{}", w.name());
+    }
+
+    // An f32 file into a bf16 model: rounded once, to nearest even.
+    let f32_model = make(
+        Some(Tensor::from_array(&ctx, &conv).unwrap()),
+        Some(Tensor::from_array(&ctx, &fc).unwrap()),
+    );
+    let refs: Vec<&Weight> = f32_model.iter().collect();
+    let bytes = state::to_bytes(&ctx, &refs, &[], &[], Naming::PyTorchHooks).unwrap();
+    let mut half_model = make(Some(zeros(&conv_bf)), Some(zeros(&fc_h)));
+    let mut refs: Vec<&mut Weight> = half_model.iter_mut().collect();
+    state::load_bytes(&ctx, &bytes, &mut refs, &mut [], &mut []).unwrap();
+    let raw = half_model[0].data().unwrap().to_array(&ctx).unwrap();
+    assert_eq!(raw, conv.mapv(|x| bf16::from_f32(x).to_f32()));
+}

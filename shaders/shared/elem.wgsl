@@ -101,13 +101,13 @@ fn to_half(x: f32) -> u32 {
     return select(rounded, (f >> 16u) | 0x40u, nan);
 }
 #else
-// IEEE binary16 bits to f32, exactly (subnormals, infinities and NaN included).
+// IEEE binary16 bits to f32, exactly, by integer arithmetic (WGSL's unpack2x16float
+// needs a capability not every adapter has): normal values re-biased, infinities and
+// NaN kept, subnormals as m * 2^-24 (exact, and safe where f32 subnormals flush).
 fn from_half(h: u32) -> f32 {
     let em = h & 0x7fffu;
-    let e = em >> 10u;
-    var bits = select((em << 13u) + (112u << 23u), (em << 13u) | 0x7f800000u, e == 31u);
-    // Subnormal or zero: m * 2^-24, exact in f32.
-    bits = select(bits, bitcast<u32>(f32(em) * 5.9604644775390625e-8), e == 0u);
+    var bits = select((em << 13u) + (112u << 23u), (em << 13u) | 0x7f800000u, em >= 0x7c00u);
+    bits = select(bits, bitcast<u32>(f32(i32(em)) * 5.9604644775390625e-8), em < 0x400u);
     return bitcast<f32>(bits | ((h & 0x8000u) << 16u));
 }
 
@@ -115,27 +115,19 @@ fn unpack_pair(w: u32) -> vec2<f32> {
     return vec2<f32>(from_half(w & 0xffffu), from_half(w >> 16u));
 }
 
-// f32 to binary16 bits, rounded to nearest even by integer arithmetic: overflow to
-// infinity, subnormal results rounded at 2^-24, NaN quiet.
+// f32 to binary16 bits, rounded to nearest even (WGSL leaves pack2x16float's rounding
+// to the implementation). Normal results drop 13 mantissa bits, ties to even, a carry
+// reaching infinity; results below 2^-14 come from one f32 addition, which WGSL rounds
+// correctly (F. Giesen's `float_to_half_fast3_rtne`); overflow gives infinity, NaN
+// stays a quiet NaN.
 fn to_half(x: f32) -> u32 {
     let f = bitcast<u32>(x);
-    let sign = (f >> 16u) & 0x8000u;
     let a = f & 0x7fffffffu;
-    // Normal results: drop 13 mantissa bits, ties to even; a carry may reach infinity.
     let normal = (a + 0xc8000fffu + ((a >> 13u) & 1u)) >> 13u;
-    // Subnormal results (|x| < 2^-14): the 24-bit significand shifted to units of
-    // 2^-24, ties to even; shifts past 24 leave 0.
-    let e = a >> 23u;
-    let m = (a & 0x7fffffu) | 0x800000u;
-    let shift = min(126u - min(e, 126u), 25u);
-    let q = m >> shift;
-    let rem = m & ((1u << shift) - 1u);
-    let halfway = 1u << (shift - 1u);
-    let sub = q + u32(rem > halfway || (rem == halfway && (q & 1u) == 1u));
+    let sub = bitcast<u32>(bitcast<f32>(a) + 0.5) - 0x3f000000u;
     var h = select(normal, sub, a < 0x38800000u);
-    h = select(h, 0x7c00u, a >= 0x477ff000u);
-    h = select(h, 0x7e00u, a > 0x7f800000u);
-    return sign | h;
+    h = select(h, select(0x7c00u, 0x7e00u, a > 0x7f800000u), a >= 0x477ff000u);
+    return ((f >> 16u) & 0x8000u) | h;
 }
 #endif
 

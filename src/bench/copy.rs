@@ -50,7 +50,7 @@ struct Copy {
 impl Item for Copy {
     fn record(&mut self, rec: &mut Recording<'_>) -> Result<()> {
         if self.driver {
-            let dst = Tensor::zeros(rec.context(), self.x.shape())?;
+            let dst = Tensor::output_typed(rec.context(), self.x.shape(), self.x.dtype())?;
             rec.copy_tensor(&self.x, &dst)
         } else {
             record_copy(rec, &self.x).map(drop)

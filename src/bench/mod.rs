@@ -40,7 +40,7 @@ use std::time::Instant;
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::Result;
-use crate::gpu::{Context, Recording, Tensor};
+use crate::gpu::{Context, DType, Recording, Tensor};
 
 /// The registry: every family's ops, in report order, the copy first. A new
 /// normalization adds its `src/bench/<family>.rs` (its [`OpDef`]s and the inputs they
@@ -81,8 +81,13 @@ pub(crate) struct Input<'a> {
 }
 
 impl Input<'_> {
+    /// A data tensor (weight, activation, gradient) in the workload's type.
     fn upload(&self, a: &ArrayD<f32>) -> Result<Tensor> {
-        Tensor::from_array(self.ctx, a)
+        match self.case.workload.dtype {
+            DType::F32 => Tensor::from_array(self.ctx, a),
+            DType::F16 => Tensor::from_array(self.ctx, &a.mapv(half::f16::from_f32)),
+            DType::BF16 => Tensor::from_array(self.ctx, &a.mapv(half::bf16::from_f32)),
+        }
     }
 
     /// The gradient flowing into a backward, deterministic like the input.
@@ -199,6 +204,9 @@ pub struct Workload {
     pub shapes: Vec<Vec<usize>>,
     /// The batch-norm feature axis (1 for NCHW, 3 for NHWC); 0 for weights.
     pub feature_axis: usize,
+    /// The type of the data tensors (weights, activations, gradients); per-channel
+    /// parameters and statistics stay f32. Default f32.
+    pub dtype: DType,
 }
 
 impl Workload {
@@ -211,6 +219,7 @@ impl Workload {
                 .map(|s| s.to_vec())
                 .collect(),
             feature_axis: 0,
+            dtype: DType::F32,
         }
     }
 
@@ -220,7 +229,28 @@ impl Workload {
             name: name.into(),
             shapes: vec![shape.to_vec()],
             feature_axis,
+            dtype: DType::F32,
         }
+    }
+
+    /// The same tensors in `dtype`.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The name, with the type when it is not f32 (`linear_4096x4096_bf16`): bench
+    /// ids, table rows.
+    pub fn label(&self) -> String {
+        match self.dtype {
+            DType::F32 => self.name.clone(),
+            d => format!("{}_{d}", self.name),
+        }
+    }
+
+    /// Bytes per element of the data tensors.
+    pub fn element_bytes(&self) -> u64 {
+        self.dtype.size()
     }
 
     /// ResNet-50, a 4096 x 4096 linear weight, a 50000 x 512 embedding.
@@ -270,9 +300,9 @@ pub struct Case {
 
 impl Case {
     /// The bytes the op must move at minimum on this workload (criterion's
-    /// `Throughput::Bytes`).
+    /// `Throughput::Bytes`): half the f32 figure for f16 and bf16 data.
     pub fn min_bytes(&self) -> u64 {
-        self.op.bytes_per_element() * self.workload.elements()
+        self.op.bytes_per_element() * self.workload.elements() * self.workload.element_bytes() / 4
     }
 
     /// The copy of the same workload, the yardstick for this case.
@@ -284,14 +314,18 @@ impl Case {
     }
 }
 
-/// Every case of the full suite, in [`Op::all`] order.
+/// Every case of the full suite, in [`Op::all`] order: each op on each workload in
+/// f32, then in f16 and bf16.
 pub fn suite() -> Vec<Case> {
     Op::all()
         .into_iter()
         .flat_map(|op| {
-            op.workloads()
-                .into_iter()
-                .map(move |workload| Case { op, workload })
+            op.workloads().into_iter().flat_map(move |workload| {
+                [DType::F32, DType::F16, DType::BF16].map(|d| Case {
+                    op,
+                    workload: workload.clone().with_dtype(d),
+                })
+            })
         })
         .collect()
 }
@@ -453,11 +487,14 @@ impl RunOptions {
         self
     }
 
-    /// The short version the report example runs (under two minutes on lavapipe):
+    /// The short version the report example runs (a few minutes on lavapipe):
     /// every op, the ResNet-50 weights and the 4096 x 4096 linear weight for the
-    /// weight ops, both batch-norm layouts, 3 samples.
+    /// weight ops, both batch-norm layouts, 3 samples; in f16 and bf16 the
+    /// single-tensor workloads only.
     pub fn short() -> Self {
-        let keep = |w: &Workload| w.name != "embedding_50000x512";
+        let keep = |w: &Workload| {
+            w.name != "embedding_50000x512" && (w.dtype == DType::F32 || w.shapes.len() == 1)
+        };
         RunOptions {
             cases: suite().into_iter().filter(|c| keep(&c.workload)).collect(),
             samples: 3,
@@ -503,10 +540,13 @@ impl Row {
         self.case.min_bytes() as f64 / self.seconds().0 / 1e9
     }
 
-    /// The op's bandwidth over the copy kernel's on the same workload.
+    /// The op's bandwidth over the copy kernel's on the same workload (a copy of the
+    /// same type).
     pub fn copy_fraction(&self) -> f64 {
         let (op, copy) = self.seconds();
-        (self.case.min_bytes() as f64 / op) / (8.0 * self.case.workload.elements() as f64 / copy)
+        let w = &self.case.workload;
+        let copy_bytes = 2.0 * (w.elements() * w.element_bytes()) as f64;
+        (self.case.min_bytes() as f64 / op) / (copy_bytes / copy)
     }
 
     /// How many times faster than the CPU reference (end to end).
@@ -567,16 +607,17 @@ pub fn run(
                 op: Op::DRIVER_COPY,
                 workload: case.workload.clone(),
             };
+            let w = &case.workload;
             let driver = measure(&mut Prepared::new(ctx, &driver_case)?, options)?;
             let faster = match (kernel.kernel, driver.kernel) {
                 (Some(k), Some(d)) if d < k => driver,
                 _ => kernel,
             };
             yardsticks.push(Yardstick {
-                workload: case.workload.name.to_string(),
+                workload: w.label(),
                 copy_kernel_s: kernel.kernel,
                 driver_copy_s: driver.kernel,
-                bytes: 8 * case.workload.elements(),
+                bytes: 2 * w.elements() * w.element_bytes(),
             });
             copies.push((case.workload.clone(), faster));
         }
@@ -590,7 +631,8 @@ pub fn run(
         } else {
             let mut prepared = Prepared::new(ctx, case)?;
             let measured = measure(&mut prepared, options)?;
-            let reference_s = if options.reference {
+            // The reference is f64 whatever the type: run once, for the f32 rows.
+            let reference_s = if options.reference && case.workload.dtype == DType::F32 {
                 let start = Instant::now();
                 prepared.run_reference()?;
                 Some(start.elapsed().as_secs_f64())
@@ -599,8 +641,10 @@ pub fn run(
             };
             (measured, reference_s)
         };
+        // The peer (burn) runs f32 only.
         let peer_s = peer
             .as_deref_mut()
+            .filter(|_| case.workload.dtype == DType::F32)
             .and_then(|p| p.seconds(case, options.samples));
         let row = Row {
             case: case.clone(),
@@ -740,7 +784,7 @@ mod tests {
         let cases = suite();
         for op in Op::all() {
             let n = cases.iter().filter(|c| c.op == op).count();
-            assert_eq!(n, op.workloads().len(), "{op:?}");
+            assert_eq!(n, 3 * op.workloads().len(), "{op:?}: f32, f16, bf16");
         }
         // ResNet-50's 53 weights, 23.5M elements; the copy moves 8 bytes per element.
         let resnet = Case {
@@ -753,6 +797,12 @@ mod tests {
             workload: Workload::activations()[0].clone(),
         };
         assert_eq!(bn.min_bytes(), 12 * 32 * 64 * 56 * 56);
+        let half = Case {
+            workload: bn.workload.clone().with_dtype(DType::BF16),
+            ..bn
+        };
+        assert_eq!(half.min_bytes(), 6 * 32 * 64 * 56 * 56);
+        assert_eq!(half.workload.label(), "nchw_32x64x56x56_bf16");
     }
 
     #[test]
@@ -782,15 +832,20 @@ mod tests {
             } else {
                 Workload::single("small", &[6, 5, 3, 3], 0)
             };
-            let case = Case { op, workload };
-            let mut prepared = Prepared::new(&ctx, &case).expect("prepare");
-            prepared.run().unwrap_or_else(|e| panic!("{op:?}: {e}"));
-            prepared
-                .run_timed()
-                .unwrap_or_else(|e| panic!("{op:?}: {e}"));
-            prepared
-                .run_reference()
-                .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let workload = workload.clone().with_dtype(dtype);
+                let case = Case { op, workload };
+                let mut prepared = Prepared::new(&ctx, &case).expect("prepare");
+                prepared
+                    .run()
+                    .unwrap_or_else(|e| panic!("{op:?} {dtype}: {e}"));
+                prepared
+                    .run_timed()
+                    .unwrap_or_else(|e| panic!("{op:?} {dtype}: {e}"));
+                prepared
+                    .run_reference()
+                    .unwrap_or_else(|e| panic!("{op:?} {dtype}: {e}"));
+            }
         }
     }
 

@@ -37,7 +37,7 @@ impl Report {
                 s,
                 "| {} | {} | {:.1} MB | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
                 r.case.op.name(),
-                r.case.workload.name,
+                r.case.workload.label(),
                 r.case.min_bytes() as f64 / 1e6,
                 r.kernel_s.map_or("-".into(), ms),
                 r.kernel_min_s.map_or("-".into(), ms),
@@ -133,7 +133,7 @@ impl Report {
 }
 
 fn label(r: &Row) -> String {
-    format!("{} {}", r.case.op.name(), r.case.workload.name)
+    format!("{} {}", r.case.op.name(), r.case.workload.label())
 }
 
 fn xml(s: &str) -> String {

@@ -46,7 +46,8 @@ impl Wn {
         let host_grad = input.gradient();
         Ok(Box::new(Wn {
             backward,
-            g: input.upload(&host_g)?,
+            // g stays f32 (PyTorch keeps it in the parameter's own type).
+            g: Tensor::from_array(input.ctx, &host_g)?,
             v: input.upload(&input.host)?,
             grad: input.upload(&host_grad)?,
             host_g,

@@ -186,14 +186,24 @@ impl<'c> Recording<'c> {
                 ),
             ));
         }
-        self.copy_buffer(src.buffer(), dst, src.len() as u64 * 4);
+        if src.dtype() != dst.dtype() {
+            return Err(Error::input(
+                "copy_tensor",
+                format!(
+                    "source type {} and destination type {} differ",
+                    src.dtype(),
+                    dst.dtype()
+                ),
+            ));
+        }
+        self.copy_buffer(src.buffer(), dst, src.bytes());
         Ok(())
     }
 
     /// Records a copy of the first `bytes` of a buffer (scratch, for readback) into
     /// `dst`, which must hold them.
     pub(crate) fn copy_buffer(&mut self, src: &wgpu::Buffer, dst: &crate::Tensor, bytes: u64) {
-        debug_assert!(bytes <= dst.len() as u64 * 4);
+        debug_assert!(bytes <= dst.bytes().max(16));
         if bytes > 0 {
             self.commands.push(Command::Copy {
                 src: src.clone(),

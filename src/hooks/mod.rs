@@ -165,6 +165,14 @@ pub trait WeightHook: Send {
         Ok(Vec::new())
     }
 
+    /// The state entries (names as in [`Self::state`]) that stay f32 whatever type a
+    /// checkpoint stores them in: spectral norm's `u`, `v` and `gamma`, which the op
+    /// keeps in f32 for weights of any type. Default: none (an entry loads in the
+    /// file's type: f32, f16 or bf16).
+    fn f32_state(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Replaces the hook's state (already checked against [`Self::state_shapes`]).
     fn set_state(&mut self, _state: Vec<(String, Tensor)>) -> Result<()> {
         Ok(())
@@ -555,6 +563,34 @@ impl Weight {
             }
         }
         Ok(out)
+    }
+
+    /// Whether state entry `key` (a full name, as [`Self::state_shapes`] gives it)
+    /// loads as f32 whatever the file's type (see [`WeightHook::f32_state`]).
+    pub(crate) fn keeps_f32(&self, key: &str) -> bool {
+        self.hooks.iter().any(|h| {
+            h.f32_state()
+                .iter()
+                .any(|k| key == format!("{}.{k}", self.name))
+        })
+    }
+
+    /// The type state entry `key` (a full name) loads in: f32 for what the ops keep in
+    /// f32, else the type of the tensor it replaces (the raw weight's data, a hook's
+    /// current state), else f32 — what PyTorch's `load_state_dict` does, copying into
+    /// the existing tensors.
+    pub(crate) fn load_dtype(&self, key: &str) -> crate::DType {
+        if self.keeps_f32(key) {
+            return crate::DType::F32;
+        }
+        if key == self.raw_key() {
+            return self.data.as_ref().map_or(crate::DType::F32, Tensor::dtype);
+        }
+        self.hooks
+            .iter()
+            .flat_map(|h| h.state())
+            .find(|(k, _)| key == format!("{}.{k}", self.name))
+            .map_or(crate::DType::F32, |(_, t)| t.dtype())
     }
 
     /// Replaces the raw parameter and the hooks' state (already checked).

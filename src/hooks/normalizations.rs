@@ -192,6 +192,10 @@ impl WeightHook for SpectralNormHook {
         Ok(out)
     }
 
+    fn f32_state(&self) -> &'static [&'static str] {
+        &["weight_u", "weight_v", "weight_gamma"]
+    }
+
     fn set_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
         let get = |k: &str| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone());
         let missing = |k: &str| Error::input("spectral_norm", format!("state `{k}` missing"));
