@@ -29,6 +29,10 @@
 //! plots) behind `cargo bench --features bench`, the `report` example and the burn peer
 //! crate in `benches/peer`.
 //!
+//! Tensors are f32, f16 or bf16 ([`DType`]): half-precision weights, activations and
+//! gradients are read and written by the kernels themselves (two per 32-bit word, on
+//! every adapter), with f32 statistics and one rounding of each output.
+//!
 //! Every op runs on any wgpu adapter: hardware GPUs, Vulkan software (lavapipe) and
 //! OpenGL (llvmpipe over EGL, which has no subgroup operations). Statistics use
 //! Welford and Chan's combine; tensors larger than one storage binding are split, not
@@ -71,6 +75,9 @@ pub mod reference;
 pub mod rng;
 pub mod shapes;
 pub mod state;
+
+/// The `half` crate's `f16` and `bf16`, the host types of half-precision tensors.
+pub use half;
 
 pub use distributed::{Collective, ThreadComm, ThreadGroup};
 pub use error::{Error, Result};

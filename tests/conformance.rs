@@ -1,5 +1,7 @@
-//! The vendored golden cases (tests/conformance/cases, from ../shared/conformance) run
-//! through the public API on the default adapter.
+//! The vendored golden cases (tests/conformance/cases, from ../shared/conformance) and
+//! the project's half-precision cases (tests/conformance/half, from
+//! `tests/conformance/half_cases.py`) run through the public API on the default
+//! adapter.
 
 mod common;
 
@@ -8,9 +10,16 @@ use std::path::Path;
 use wgnorm::conformance::{run_case, supported_ops, Case};
 
 fn cases() -> Vec<Case> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/cases");
-    let cases = Case::load_dir(&dir).unwrap();
-    assert!(cases.len() >= 66, "vendored cases missing: {}", cases.len());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance");
+    let mut cases = Case::load_dir(&root.join("cases")).unwrap();
+    assert!(cases.len() >= 76, "vendored cases missing: {}", cases.len());
+    let half = Case::load_dir(&root.join("half")).unwrap();
+    assert!(
+        half.len() >= 18,
+        "half-precision cases missing: {}",
+        half.len()
+    );
+    cases.extend(half);
     cases
 }
 

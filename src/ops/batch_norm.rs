@@ -62,6 +62,12 @@ pub type Mode = BatchNormMode;
 ///
 /// All with the feature axis 1 (NCHW; use `feature_axis: 3` for NHWC, or any axis),
 /// `center` and `scale` on and running statistics tracked.
+///
+/// Types ([`DType`](crate::DType)), as cuDNN and PyTorch's autocast: the input and
+/// `grad_output` may be f32, f16 or bf16 (the same), the output and `grad_input` come
+/// back in that type, rounded once; statistics accumulate in f32 and the running
+/// statistics are f32 (half ones are refused); gamma and beta may be f32 or half, and
+/// their gradients come back in their own types.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNorm {
     /// The axis of the features; statistics run over every other axis. Negative

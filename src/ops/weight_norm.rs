@@ -48,6 +48,11 @@ pub enum NormAxes {
 /// `grad_g = 0` and `grad_v = g / sqrt(eps) * grad_W` (the exact gradient of the
 /// clamped formula), never NaN. Any nonzero norm above `sqrt(eps)` is unaffected.
 ///
+/// Types ([`DType`](crate::DType)): `v` and the gradient may be f32, f16 or bf16 and
+/// `W` and `grad_v` come back in `v`'s type, rounded once; `g` is f32 or half as the
+/// user gives it (PyTorch keeps it in the parameter's type), and `grad_g` comes back
+/// in `g`'s type. Norms accumulate in f32. [`WeightNorm::decompose`] gives an f32 `g`.
+///
 /// ```no_run
 /// # fn main() -> wgnorm::Result<()> {
 /// use wgnorm::{Context, NormAxes, Tensor, WeightNorm};

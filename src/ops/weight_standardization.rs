@@ -34,6 +34,11 @@ pub enum Variance {
 /// biased variance, output channels on axis 0. Use `axis: 1` for deconvolution
 /// weights, which keep their output channels there.
 ///
+/// Types ([`DType`](crate::DType)): the weight and its gradient may be f32, f16 or
+/// bf16; statistics accumulate in f32 and the output and gradient come back in the
+/// weight's type, rounded once (a gradient of another type is refused: autograd keeps
+/// a gradient in its tensor's type).
+///
 /// ```no_run
 /// # fn main() -> wgnorm::Result<()> {
 /// use wgnorm::{Context, Tensor, WeightStandardization};

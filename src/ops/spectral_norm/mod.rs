@@ -60,6 +60,11 @@ pub enum SpectralFlavor {
 /// A negative sigma (PyTorch's evaluation with arbitrary stored `u`, `v`) is used as
 /// it is, as PyTorch does.
 ///
+/// Types ([`DType`](crate::DType)): the weight and its gradient may be f32, f16 or
+/// bf16, and the output and gradient come back in the weight's type, rounded once;
+/// `u`, `v`, sigma and gamma are f32 whatever the weight's type (PyTorch keeps its
+/// buffers `_u` and `_v` in f32 under autocast); half ones are refused.
+///
 /// ```no_run
 /// # fn main() -> wgnorm::Result<()> {
 /// use wgnorm::{Context, SpectralNorm, Tensor};
