@@ -62,7 +62,7 @@ impl<'a> Bind<'a> {
     /// even element (the plans start them at multiples of `PlanLimits::align_elems`).
     pub fn window(buffer: &'a (impl AsBuffer + ?Sized), start: u64, len: u64) -> Self {
         let dtype = buffer.dtype();
-        debug_assert!(start % 2 == 0 || !dtype.is_half());
+        debug_assert!(start.is_multiple_of(2) || !dtype.is_half());
         Bind {
             buffer: buffer.as_buffer(),
             offset: start * dtype.size(),

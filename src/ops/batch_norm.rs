@@ -63,7 +63,7 @@ pub type Mode = BatchNormMode;
 /// All with the feature axis 1 (NCHW; use `feature_axis: 3` for NHWC, or any axis),
 /// `center` and `scale` on and running statistics tracked.
 ///
-/// Types ([`DType`](crate::DType)), as cuDNN and PyTorch's autocast: the input and
+/// Types ([`DType`]), as cuDNN and PyTorch's autocast: the input and
 /// `grad_output` may be f32, f16 or bf16 (the same), the output and `grad_input` come
 /// back in that type, rounded once; statistics accumulate in f32 and the running
 /// statistics are f32 (half ones are refused); gamma and beta may be f32 or half, and
@@ -1037,7 +1037,7 @@ fn record_grad_input(
         layout,
         &[x, grad_output],
         &[Bind::elems(coef, layout.channels * 4)],
-        &grad_input,
+        grad_input,
         Extra::default(),
     )
 }

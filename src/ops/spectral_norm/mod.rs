@@ -562,17 +562,6 @@ impl SpectralNorm {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn params_mirror_the_wgsl_struct() {
-        use crate::gpu::kernels::mirror;
-        mirror!("spectral_norm", GradCoefParams, [slices, use_gamma, factor]);
-    }
-}
-
 /// `u`, `v` and `gamma` stay f32 whatever the weight's type, as PyTorch keeps its
 /// buffers `_u` and `_v` and sigma in f32 under autocast.
 fn check_f32(what: &str, t: &Tensor) -> Result<()> {
@@ -586,4 +575,15 @@ fn check_f32(what: &str, t: &Tensor) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_mirror_the_wgsl_struct() {
+        use crate::gpu::kernels::mirror;
+        mirror!("spectral_norm", GradCoefParams, [slices, use_gamma, factor]);
+    }
 }
