@@ -169,6 +169,9 @@ pub(crate) struct PlanLimits {
     pub max_buffer_bytes: u64,
     /// The adapter's thread layout.
     pub tuning: Tuning,
+    /// Storage bindings start at multiples of this many bytes (the device's
+    /// `min_storage_buffer_offset_alignment`): where a tensor view may start.
+    pub storage_align: u64,
     /// Offsets of uniform bindings are multiples of this many bytes (at least 16).
     pub uniform_align: u64,
 }
@@ -183,6 +186,7 @@ impl PlanLimits {
             align_elems: align,
             max_groups_per_dim: 65535,
             max_buffer_bytes: u64::MAX,
+            storage_align: 256,
             tuning: if coalesced {
                 Tuning::gpu()
             } else {
@@ -364,6 +368,7 @@ impl Context {
             align_elems: (align / 2).max(4),
             max_groups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_buffer_bytes: limits.max_buffer_size,
+            storage_align: align,
             tuning: report.tuning,
             uniform_align: u64::from(limits.min_uniform_buffer_offset_alignment).max(16),
         };

@@ -25,6 +25,22 @@ pub(crate) trait AsBuffer {
     fn dtype(&self) -> crate::DType {
         crate::DType::F32
     }
+    /// Where the elements start in the buffer, in bytes (a tensor view's offset).
+    fn base(&self) -> u64 {
+        0
+    }
+}
+
+impl<T: AsBuffer + ?Sized> AsBuffer for &T {
+    fn as_buffer(&self) -> &wgpu::Buffer {
+        (**self).as_buffer()
+    }
+    fn dtype(&self) -> crate::DType {
+        (**self).dtype()
+    }
+    fn base(&self) -> u64 {
+        (**self).base()
+    }
 }
 
 impl AsBuffer for wgpu::Buffer {
@@ -46,6 +62,9 @@ impl AsBuffer for crate::Tensor {
     fn dtype(&self) -> crate::DType {
         crate::Tensor::dtype(self)
     }
+    fn base(&self) -> u64 {
+        self.offset()
+    }
 }
 
 impl<'a> Bind<'a> {
@@ -53,7 +72,7 @@ impl<'a> Bind<'a> {
     pub fn elems(buffer: &'a (impl AsBuffer + ?Sized), len: u64) -> Self {
         Bind {
             buffer: buffer.as_buffer(),
-            offset: 0,
+            offset: buffer.base(),
             size: buffer.dtype().bytes(len).max(4),
         }
     }
@@ -65,7 +84,7 @@ impl<'a> Bind<'a> {
         debug_assert!(start.is_multiple_of(2) || !dtype.is_half());
         Bind {
             buffer: buffer.as_buffer(),
-            offset: start * dtype.size(),
+            offset: buffer.base() + start * dtype.size(),
             size: dtype.bytes(len).max(4),
         }
     }
@@ -87,8 +106,8 @@ enum Command {
     Boundary,
     /// The driver's buffer copy (`copy_buffer_to_buffer`), between compute passes.
     Copy {
-        src: wgpu::Buffer,
-        dst: wgpu::Buffer,
+        src: (wgpu::Buffer, u64),
+        dst: (wgpu::Buffer, u64),
         bytes: u64,
     },
 }
@@ -196,18 +215,18 @@ impl<'c> Recording<'c> {
                 ),
             ));
         }
-        self.copy_buffer(src.buffer(), dst, src.bytes());
+        self.copy_buffer(src, dst, src.bytes());
         Ok(())
     }
 
-    /// Records a copy of the first `bytes` of a buffer (scratch, for readback) into
-    /// `dst`, which must hold them.
-    pub(crate) fn copy_buffer(&mut self, src: &wgpu::Buffer, dst: &crate::Tensor, bytes: u64) {
+    /// Records a copy of the first `bytes` of `src` (scratch, for readback) into `dst`,
+    /// which must hold them.
+    pub(crate) fn copy_buffer(&mut self, src: &crate::Tensor, dst: &crate::Tensor, bytes: u64) {
         debug_assert!(bytes <= dst.bytes().max(16));
         if bytes > 0 {
             self.commands.push(Command::Copy {
-                src: src.clone(),
-                dst: dst.buffer().clone(),
+                src: (src.buffer().clone(), src.offset()),
+                dst: (dst.buffer().clone(), dst.offset()),
                 bytes,
             });
         }
@@ -489,7 +508,7 @@ fn encode(
                 slot += 1;
             }
             Some(Command::Copy { src, dst, bytes }) => {
-                encoder.copy_buffer_to_buffer(src, 0, dst, 0, *bytes);
+                encoder.copy_buffer_to_buffer(&src.0, src.1, &dst.0, dst.1, *bytes);
             }
             _ => {}
         }

@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct Tensor {
     storage: Arc<Storage>,
+    /// Where the tensor starts in the buffer, in bytes (0 but for views,
+    /// [`Tensor::from_buffer`]).
+    offset: u64,
     shape: Vec<usize>,
     dtype: DType,
     context: u64,
@@ -187,10 +190,74 @@ impl Tensor {
     ) -> Self {
         Tensor {
             storage: Arc::new(Storage { buffer, pool }),
+            offset: 0,
             shape: shape.to_vec(),
             dtype,
             context: ctx.id(),
         }
+    }
+
+    /// A view of the caller's buffer: `shape` elements of `dtype`, row-major, from byte
+    /// `offset`, read and written in place by the ops (no copy in either direction):
+    /// for sharing memory with other GPU code on the same device (a burn tensor's
+    /// storage, a buffer of your own; [`Context::from_device`] shares the device).
+    ///
+    /// Checked: the buffer has `STORAGE` usage (`COPY_SRC` too, for readback), the
+    /// offset is a multiple of the device's storage offset alignment
+    /// (`min_storage_buffer_offset_alignment`, 256 bytes on most devices), and the
+    /// elements fit in the buffer. The buffer must belong to `ctx`'s device; one of
+    /// another device is an [`Error::Gpu`] when an op binds it. Ops write only their
+    /// outputs and state (running statistics, `u`), never their inputs.
+    pub fn from_buffer(
+        ctx: &Context,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        const OP: &str = "tensor view";
+        let len = checked_len(OP, shape)?;
+        let bytes = dtype.bytes(len as u64);
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::input(
+                OP,
+                format!("the buffer's usage {:?} lacks STORAGE", buffer.usage()),
+            ));
+        }
+        let align = ctx.limits.storage_align;
+        if !offset.is_multiple_of(align) {
+            return Err(Error::input(
+                OP,
+                format!("offset {offset} is not a multiple of the device's storage alignment ({align} bytes)"),
+            ));
+        }
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > buffer.size())
+        {
+            return Err(Error::input(
+                OP,
+                format!(
+                    "{len} {dtype} elements ({bytes} bytes) from offset {offset} pass the buffer's end ({} bytes)",
+                    buffer.size()
+                ),
+            ));
+        }
+        Ok(Tensor {
+            storage: Arc::new(Storage {
+                buffer: buffer.clone(),
+                pool: None,
+            }),
+            offset,
+            shape: shape.to_vec(),
+            dtype,
+            context: ctx.id(),
+        })
+    }
+
+    /// Where the tensor starts in [`Self::buffer`], in bytes: 0, but for views.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// The element type.
@@ -250,8 +317,8 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// The underlying buffer (row-major, laid out as [`DType`] says; at least 16 bytes
-    /// even when empty).
+    /// The underlying buffer (row-major, laid out as [`DType`] says, from
+    /// [`Self::offset`]; at least 16 bytes even when empty).
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.storage.buffer
     }
@@ -400,7 +467,7 @@ impl Context {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            encoder.copy_buffer_to_buffer(t.buffer(), 0, &buf, 0, bytes);
+            encoder.copy_buffer_to_buffer(t.buffer(), t.offset(), &buf, 0, bytes);
             staging.push(Some(buf));
         }
         self.queue.submit([encoder.finish()]);

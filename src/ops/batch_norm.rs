@@ -699,13 +699,11 @@ impl BatchNorm {
         let scratch_mean;
         let scratch_var;
         let (rm, rv) = match state.as_ref() {
-            Some(st) if self.track_running_stats => {
-                (st.running_mean.buffer(), st.running_var.buffer())
-            }
+            Some(st) if self.track_running_stats => (&st.running_mean, &st.running_var),
             _ => {
                 scratch_mean = ctx.scratch(OP, features)?;
                 scratch_var = ctx.scratch(OP, features)?;
-                (scratch_mean.buffer(), scratch_var.buffer())
+                (&scratch_mean, &scratch_var)
             }
         };
         let norm = vec4_buffer(ctx, OP, features)?;
@@ -727,8 +725,8 @@ impl BatchNorm {
                 stats
                     .as_ref()
                     .map_or(Bind::elems(dummy, 4), |s| Bind::elems(s, features * 4)),
-                gamma.map_or(Bind::elems(dummy, 4), |g| Bind::elems(g.buffer(), features)),
-                beta.map_or(Bind::elems(dummy, 4), |b| Bind::elems(b.buffer(), features)),
+                gamma.map_or(Bind::elems(dummy, 4), |g| Bind::elems(g, features)),
+                beta.map_or(Bind::elems(dummy, 4), |b| Bind::elems(b, features)),
                 Bind::elems(rm, features),
                 Bind::elems(rv, features),
                 Bind::elems(&norm, features * 4),

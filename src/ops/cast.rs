@@ -45,7 +45,7 @@ pub(crate) fn record_cast_into(rec: &mut Recording<'_>, src: &Tensor, dst: &Tens
     }
     match (src.dtype(), dst.dtype()) {
         (a, b) if a == b => {
-            rec.copy_buffer(src.buffer(), dst, src.bytes());
+            rec.copy_buffer(src, dst, src.bytes());
             Ok(())
         }
         (DType::F32, half) => record_pass(rec, Kernel::CastNarrow, half, src, dst),

@@ -450,9 +450,9 @@ pub(crate) fn record_sums(
 ) -> Result<Tensor> {
     let channels = plan.layout.slices();
     let dummy = rec.context().dummy.clone();
-    let (kernel, centre, centre_len) = match centre {
-        Some(c) => (Kernel::SumPartialsCentered, c.buffer(), channels * 4),
-        None => (Kernel::SumPartials, &*dummy, 4),
+    let kernel = match centre {
+        Some(_) => Kernel::SumPartialsCentered,
+        None => Kernel::SumPartials,
     };
     let (data, dtype) = data_tensors(rec, plan, kernel, &[a, b])?;
     record_partials(
@@ -466,7 +466,7 @@ pub(crate) fn record_sums(
             vec![
                 Bind::window(&data[0], start, len),
                 Bind::window(&data[1], start, len),
-                Bind::elems(centre, centre_len),
+                centre.map_or(Bind::elems(&*dummy, 4), |c| Bind::elems(c, channels * 4)),
             ]
         },
     )
@@ -480,7 +480,7 @@ pub(crate) fn record_dot(
     op: &'static str,
     plan: &ReducePlan,
     x: &Tensor,
-    vector: &wgpu::Buffer,
+    vector: &Tensor,
 ) -> Result<Tensor> {
     debug_assert_eq!(plan.layout.batch, 1);
     let vector_len = plan.layout.outer * plan.layout.inner;
@@ -598,7 +598,7 @@ pub(crate) fn read_vec4(
 ) -> Result<ndarray::ArrayD<f32>> {
     let t = Tensor::output(ctx, &[count as usize, 4])?;
     ctx.run(|rec| {
-        rec.copy_buffer(buffer.buffer(), &t, count * 16);
+        rec.copy_buffer(buffer, &t, count * 16);
         Ok(())
     })?;
     t.to_array(ctx)

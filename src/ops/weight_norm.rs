@@ -276,7 +276,7 @@ impl WeightNorm {
             Kernel::WnFactors,
             &self.slice_params(&layout),
             &[
-                Bind::elems(g.buffer(), layout.slices()),
+                Bind::elems(&g, layout.slices()),
                 Bind::elems(&sums, layout.slices() * 4),
                 Bind::elems(&factors, layout.slices() * 4),
             ],
@@ -344,9 +344,9 @@ impl WeightNorm {
             Kernel::WnGradFactors,
             &self.slice_params(&layout),
             &[
-                Bind::elems(g.buffer(), layout.slices()),
+                Bind::elems(&g, layout.slices()),
                 Bind::elems(&sums, layout.slices() * 4),
-                Bind::elems(grad_g.buffer(), layout.slices()),
+                Bind::elems(&grad_g, layout.slices()),
                 Bind::elems(&coef, layout.slices() * 4),
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
@@ -403,7 +403,7 @@ impl WeightNorm {
                 eps: self.eps,
                 ..geo.params(w, first_row)
             };
-            let gb = Bind::elems(g.buffer(), rows);
+            let gb = Bind::elems(&g, rows);
             let vb = Bind::window(v, w.start, w.len);
             let ob = Bind::window(out, w.start, w.len);
             match grad {
@@ -417,7 +417,7 @@ impl WeightNorm {
                         gb,
                         vb,
                         Bind::window(grad_w, w.start, w.len),
-                        Bind::elems(grad_g.buffer(), rows),
+                        Bind::elems(&grad_g, rows),
                         ob,
                     ];
                     rec.dispatch_spec(kernel, spec, &params, &binds, groups)?;
@@ -445,7 +445,7 @@ impl WeightNorm {
             &self.slice_params(&layout),
             &[
                 Bind::elems(&sums, layout.slices() * 4),
-                Bind::elems(g.buffer(), layout.slices()),
+                Bind::elems(&g, layout.slices()),
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;

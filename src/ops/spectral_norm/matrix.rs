@@ -249,7 +249,7 @@ pub(super) fn record_mtv(
             },
             &[
                 Bind::window(weight, bx.bind_start, bx.bind_len),
-                Bind::elems(u.buffer(), m.rows()),
+                Bind::elems(&u, m.rows()),
                 Bind::elems(&partials, m.blocks * cols),
             ],
             tiles * ((bx.r0 + bx.nr).div_ceil(m.row_block) - bx.r0 / m.row_block),
@@ -288,7 +288,7 @@ pub(super) fn record_mv(
         return record_mv(rec, m, &wide, v);
     }
     let Some(windows) = &m.row_windows else {
-        return record_dot(rec, OP, &m.rows_plan, weight, v.buffer());
+        return record_dot(rec, OP, &m.rows_plan, weight, v);
     };
     let out = vec4_buffer(rec.context(), OP, m.rows())?;
     let spec = Spec {
@@ -303,7 +303,7 @@ pub(super) fn record_mv(
             &geo.params(w, first_row),
             &[
                 Bind::window(weight, w.start, w.len),
-                Bind::elems(v.buffer(), m.cols()),
+                Bind::elems(&v, m.cols()),
                 Bind::elems(&out, m.rows() * 4),
             ],
             geo.groups(w),

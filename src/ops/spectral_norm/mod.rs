@@ -354,8 +354,8 @@ impl SpectralNorm {
                 &params,
                 &[
                     Bind::elems(&mv, m.rows() * 4),
-                    Bind::elems(state.u.buffer(), m.rows()),
-                    Bind::elems(sigma.buffer(), 1),
+                    Bind::elems(&state.u, m.rows()),
+                    Bind::elems(&sigma, 1),
                     // Unused without partials: any read-only buffer (the dummy is
                     // bound read-write elsewhere).
                     partials
@@ -379,8 +379,8 @@ impl SpectralNorm {
             &ChannelLayout::new(weight.shape(), None),
             &[weight],
             &[
-                Bind::elems(sigma.buffer(), 1),
-                Bind::elems(gamma.unwrap_or(&sigma).buffer(), 1),
+                Bind::elems(&sigma, 1),
+                Bind::elems(gamma.unwrap_or(&sigma), 1),
             ],
             &out,
             Extra {
@@ -452,10 +452,12 @@ impl SpectralNorm {
             },
             &[
                 Bind::elems(&sums, sums_layout.slices() * 4),
-                Bind::elems(forward.sigma.buffer(), 1),
-                Bind::elems(gamma.unwrap_or(&forward.sigma).buffer(), 1),
+                Bind::elems(&forward.sigma, 1),
+                Bind::elems(gamma.unwrap_or(&forward.sigma), 1),
                 Bind::elems(&coef, 4),
-                Bind::elems(grad_gamma.as_ref().map_or(&*ctx.dummy, |t| t.buffer()), 1),
+                grad_gamma
+                    .as_ref()
+                    .map_or(Bind::elems(&*ctx.dummy, 1), |t| Bind::elems(t, 1)),
             ],
             1,
         )?;
@@ -467,8 +469,8 @@ impl SpectralNorm {
             &m.layout,
             &[grad_output],
             &[
-                Bind::elems(forward.u.buffer(), m.rows()),
-                Bind::elems(forward.v.buffer(), m.cols()),
+                Bind::elems(&forward.u, m.rows()),
+                Bind::elems(&forward.v, m.cols()),
                 Bind::elems(&coef, 4),
             ],
             &grad,

@@ -58,7 +58,7 @@ pub(super) fn record_vector_partials(
         &params,
         &[
             Bind::elems(raw, n * 4),
-            vector.map_or(Bind::elems(&ctx.dummy, 1), |v| Bind::elems(v.buffer(), n)),
+            vector.map_or(Bind::elems(&ctx.dummy, 1), |v| Bind::elems(v, n)),
             Bind::elems(&partials, parts * 4),
         ],
         parts,
@@ -206,9 +206,9 @@ impl SpectralNorm {
             &params,
             &[
                 Bind::elems(raw, n * 4),
-                Bind::elems(to.out.buffer(), n),
+                Bind::elems(&to.out, n),
                 match to.keep {
-                    Some(t) => Bind::elems(t.buffer(), n),
+                    Some(t) => Bind::elems(t, n),
                     None => Bind::elems(&ctx.dummy, 1),
                 },
                 Bind::elems(sigma_buf, sigma_len),

@@ -1,0 +1,326 @@
+//! Tensor views of the caller's buffer (`Tensor::from_buffer`): every op reads views at
+//! offsets inside one shared buffer, updates state views in place, gives the same
+//! values as on tensors of its own, and touches nothing outside the views; bad views
+//! are refused.
+
+mod common;
+
+use common::{ctx, ctx_with_binding, Rng};
+use ndarray::ArrayD;
+use wgnorm::{
+    BatchNorm, BatchNormMode, BatchNormState, Context, DType, SpectralNorm, SpectralNormState,
+    Tensor, WeightNorm, WeightStandardization,
+};
+
+/// Storage offsets are multiples of this many bytes on every device (WebGPU's largest
+/// allowed `min_storage_buffer_offset_alignment`).
+const ALIGN: u64 = 256;
+/// What the shared buffer holds outside the views.
+const SENTINEL: f32 = -12345.0;
+
+/// A shared buffer of `words` f32 words filled with the sentinel, and a helper to
+/// place arrays into it at aligned offsets, returning views.
+struct Shared {
+    buffer: wgpu::Buffer,
+    next: u64,
+}
+
+impl Shared {
+    fn new(ctx: &Context, words: usize) -> Self {
+        let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("caller's buffer"),
+            size: words as u64 * 4,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let fill = vec![SENTINEL; words];
+        ctx.queue()
+            .write_buffer(&buffer, 0, bytemuck::cast_slice(&fill));
+        // Start one alignment in, so that no view sits at offset 0.
+        Shared {
+            buffer,
+            next: ALIGN,
+        }
+    }
+
+    /// `a` written at the next aligned offset, as a view of type `dtype`.
+    fn place(&mut self, ctx: &Context, a: &ArrayD<f32>, dtype: DType) -> Tensor {
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => a
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            DType::BF16 => a
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        let mut padded = bytes.clone();
+        padded.resize(bytes.len().next_multiple_of(4), 0);
+        ctx.queue().write_buffer(&self.buffer, self.next, &padded);
+        let view = Tensor::from_buffer(ctx, &self.buffer, self.next, a.shape(), dtype).unwrap();
+        // A gap of one alignment after each view, left as sentinel.
+        self.next = (self.next + padded.len() as u64).next_multiple_of(ALIGN) + ALIGN;
+        view
+    }
+
+    /// The whole buffer, read back.
+    fn words(&self, ctx: &Context) -> Vec<f32> {
+        let len = (self.buffer.size() / 4) as usize;
+        let all = Tensor::from_buffer(ctx, &self.buffer, 0, &[len], DType::F32).unwrap();
+        all.to_array(ctx).unwrap().into_raw_vec_and_offset().0
+    }
+}
+
+fn tensor(ctx: &Context, a: &ArrayD<f32>, dtype: DType) -> Tensor {
+    match dtype {
+        DType::F32 => Tensor::from_array(ctx, a),
+        DType::F16 => Tensor::from_array(ctx, &a.mapv(half::f16::from_f32)),
+        DType::BF16 => Tensor::from_array(ctx, &a.mapv(half::bf16::from_f32)),
+    }
+    .unwrap()
+}
+
+fn read(ctx: &Context, t: &Tensor) -> ArrayD<f32> {
+    t.to_array(ctx).unwrap()
+}
+
+/// Every op on views and on its own tensors: the same values, bit for bit (the same
+/// kernels on the same data); state views updated in place; the sentinel intact
+/// everywhere else. `dtype` is the type of the data views.
+fn every_op_on_views(ctx: &Context, dtype: DType) {
+    let mut rng = Rng::new(31);
+    let w = rng.array(&[24, 6, 3, 3], 0.1, 1.0);
+    let g = rng.array(&[24, 6, 3, 3], 0.0, 1.0);
+    let x = rng.array(&[4, 8, 5, 4], 0.5, 2.0);
+    let dy = rng.array(&[4, 8, 5, 4], 0.0, 1.0);
+    let wn_g = rng.array(&[24, 1, 1, 1], 1.0, 0.3);
+    let u = rng.array(&[24], 0.2, 1.0);
+    let v = rng.array(&[54], 0.2, 1.0);
+    let rm = rng.array(&[8], 0.0, 1.0);
+    let rv = rng.array(&[8], 1.5, 0.2);
+
+    let mut shared = Shared::new(ctx, 16 * 1024);
+    let vw = shared.place(ctx, &w, dtype);
+    let vg = shared.place(ctx, &g, dtype);
+    let vx = shared.place(ctx, &x, dtype);
+    let vdy = shared.place(ctx, &dy, dtype);
+    let vwn_g = shared.place(ctx, &wn_g, DType::F32);
+    let vu = shared.place(ctx, &u, DType::F32);
+    let vv = shared.place(ctx, &v, DType::F32);
+    let vrm = shared.place(ctx, &rm, DType::F32);
+    let vrv = shared.place(ctx, &rv, DType::F32);
+    let regions: Vec<(u64, u64)> = [&vw, &vg, &vx, &vdy, &vwn_g, &vu, &vv, &vrm, &vrv]
+        .iter()
+        .map(|t| (t.offset(), t.offset() + t.bytes()))
+        .collect();
+    let (tw, tg, tx, tdy) = (
+        tensor(ctx, &w, dtype),
+        tensor(ctx, &g, dtype),
+        tensor(ctx, &x, dtype),
+        tensor(ctx, &dy, dtype),
+    );
+    let (twn_g, tu, tv, trm, trv) = (
+        tensor(ctx, &wn_g, DType::F32),
+        tensor(ctx, &u, DType::F32),
+        tensor(ctx, &v, DType::F32),
+        tensor(ctx, &rm, DType::F32),
+        tensor(ctx, &rv, DType::F32),
+    );
+    assert_eq!(
+        read(ctx, &vw),
+        read(ctx, &tw),
+        "{dtype}: a view reads back its values"
+    );
+
+    let ws = WeightStandardization::default();
+    let (a, b) = (
+        ws.forward_backward(ctx, &vw, &vg).unwrap(),
+        ws.forward_backward(ctx, &tw, &tg).unwrap(),
+    );
+    assert_eq!(
+        read(ctx, &a.output),
+        read(ctx, &b.output),
+        "{dtype}: WS output"
+    );
+    assert_eq!(read(ctx, &a.grad), read(ctx, &b.grad), "{dtype}: WS grad");
+
+    let wn = WeightNorm::pytorch(Some(0));
+    let (a, b) = (
+        wn.backward(ctx, &vwn_g, &vw, &vg).unwrap(),
+        wn.backward(ctx, &twn_g, &tw, &tg).unwrap(),
+    );
+    assert_eq!(
+        read(ctx, &wn.forward(ctx, &vwn_g, &vw).unwrap()),
+        read(ctx, &wn.forward(ctx, &twn_g, &tw).unwrap())
+    );
+    assert_eq!(read(ctx, &a.g), read(ctx, &b.g), "{dtype}: WN grad_g");
+    assert_eq!(read(ctx, &a.v), read(ctx, &b.v), "{dtype}: WN grad_v");
+
+    // Spectral norm: the state's u and v are views, updated in place in training.
+    let sn = SpectralNorm::pytorch();
+    let mut in_view = SpectralNormState {
+        u: vu.clone(),
+        v: vv.clone(),
+        gamma: None,
+        sigma: None,
+    };
+    let mut own = SpectralNormState {
+        u: tu,
+        v: tv,
+        gamma: None,
+        sigma: None,
+    };
+    let fa = sn.forward(ctx, &vw, &mut in_view, true).unwrap();
+    let fb = sn.forward(ctx, &tw, &mut own, true).unwrap();
+    assert_eq!(
+        read(ctx, &fa.weight),
+        read(ctx, &fb.weight),
+        "{dtype}: SN output"
+    );
+    assert_eq!(read(ctx, &in_view.u), read(ctx, &own.u), "{dtype}: SN u");
+    assert_eq!(in_view.u.offset(), vu.offset(), "u stays the caller's view");
+    assert_eq!(
+        read(ctx, &vu),
+        read(ctx, &own.u),
+        "{dtype}: u updated in place"
+    );
+    let (ga, gb) = (
+        sn.backward(ctx, &vw, &vg, &fa, &in_view).unwrap(),
+        sn.backward(ctx, &tw, &tg, &fb, &own).unwrap(),
+    );
+    assert_eq!(
+        read(ctx, &ga.weight),
+        read(ctx, &gb.weight),
+        "{dtype}: SN grad"
+    );
+
+    // Batch norm: running statistics are views, updated in place.
+    let bn = BatchNorm::pytorch();
+    let (gamma, beta) = (
+        Tensor::from_slice(ctx, &[8], &[1.1f32; 8]).unwrap(),
+        Tensor::from_slice(ctx, &[8], &[0.2f32; 8]).unwrap(),
+    );
+    let mut sa = BatchNormState {
+        running_mean: vrm.clone(),
+        running_var: vrv.clone(),
+        num_updates: 0,
+    };
+    let mut sb = BatchNormState {
+        running_mean: trm,
+        running_var: trv,
+        num_updates: 0,
+    };
+    let (ba, bb) = (
+        bn.forward(
+            ctx,
+            &vx,
+            Some(&gamma),
+            Some(&beta),
+            Some(&mut sa),
+            BatchNormMode::Train,
+        )
+        .unwrap(),
+        bn.forward(
+            ctx,
+            &tx,
+            Some(&gamma),
+            Some(&beta),
+            Some(&mut sb),
+            BatchNormMode::Train,
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        read(ctx, &ba.output),
+        read(ctx, &bb.output),
+        "{dtype}: BN output"
+    );
+    assert_eq!(
+        read(ctx, &vrm),
+        read(ctx, &sb.running_mean),
+        "{dtype}: running mean in place"
+    );
+    assert_eq!(
+        read(ctx, &vrv),
+        read(ctx, &sb.running_var),
+        "{dtype}: running var in place"
+    );
+    let (da, db) = (
+        bn.backward(ctx, &vx, &vdy, &ba).unwrap(),
+        bn.backward(ctx, &tx, &tdy, &bb).unwrap(),
+    );
+    assert_eq!(
+        read(ctx, &da.input),
+        read(ctx, &db.input),
+        "{dtype}: BN grad_input"
+    );
+
+    // Nothing outside the views was written.
+    let words = shared.words(ctx);
+    for (i, &word) in words.iter().enumerate() {
+        let byte = i as u64 * 4;
+        if !regions.iter().any(|&(a, b)| byte >= a && byte < b) {
+            assert_eq!(
+                word, SENTINEL,
+                "{dtype}: word {i} outside every view was written"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_op_reads_views_and_updates_state_in_place() {
+    let ctx = ctx();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        every_op_on_views(&ctx, dtype);
+    }
+}
+
+/// With bindings capped at 16 KiB the ops run window by window: every window is bound
+/// at the view's offset plus its own.
+#[test]
+fn views_split_into_windows() {
+    let ctx = ctx_with_binding(16 * 1024);
+    every_op_on_views(&ctx, DType::F32);
+    every_op_on_views(&ctx, DType::F16);
+}
+
+#[test]
+fn bad_views_are_refused() {
+    let ctx = ctx();
+    let buffer = |usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4096,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let storage = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+    let err = |r: wgnorm::Result<Tensor>| r.unwrap_err().to_string();
+    let e = err(Tensor::from_buffer(&ctx, &storage, 3, &[4], DType::F32));
+    assert!(e.contains("not a multiple"), "{e}");
+    let e = err(Tensor::from_buffer(
+        &ctx,
+        &storage,
+        2048,
+        &[600],
+        DType::F32,
+    ));
+    assert!(e.contains("pass the buffer's end"), "{e}");
+    let e = err(Tensor::from_buffer(
+        &ctx,
+        &buffer(wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ),
+        0,
+        &[4],
+        DType::F32,
+    ));
+    assert!(e.contains("lacks STORAGE"), "{e}");
+    // The whole buffer in half precision fits; one element more does not.
+    assert!(Tensor::from_buffer(&ctx, &storage, 0, &[2048], DType::BF16).is_ok());
+    assert!(Tensor::from_buffer(&ctx, &storage, 0, &[2049], DType::BF16).is_err());
+}
