@@ -484,3 +484,92 @@ fn hooks_chain_on_a_bf16_weight() {
         DType::BF16,
     );
 }
+
+/// Synchronized batch norm (two ranks on threads) on bf16 slices of a batch: each
+/// rank's output and input gradient are bf16 and match one device on the whole bf16
+/// batch to bf16's tolerance; the running statistics stay f32 and agree.
+#[test]
+fn synchronized_batch_norm_on_bf16_slices() {
+    use wgnorm::ThreadGroup;
+    let dtype = DType::BF16;
+    let shape = [8usize, 12, 3, 4];
+    let x = round(dtype, &Rng::new(21).array(&shape, 1.0, 2.0));
+    let dy = round(dtype, &Rng::new(22).array(&shape, 0.0, 1.0));
+    let bn = BatchNorm {
+        scale: false,
+        center: false,
+        ..BatchNorm::pytorch()
+    };
+    let half = |a: &ArrayD<f32>, r: usize| {
+        a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(r * 4..r * 4 + 4))
+            .to_owned()
+    };
+    let ranks: Vec<[ArrayD<f32>; 4]> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let (x, dy) = (half(&x, r), half(&dy, r));
+                s.spawn(move || {
+                    let ctx = ctx();
+                    let mut state = BatchNormState::new(&ctx, 12).unwrap();
+                    let (tx, tdy) = (upload(&ctx, dtype, &x), upload(&ctx, dtype, &dy));
+                    let fwd = bn
+                        .forward_sync(&ctx, &comm, &tx, None, None, Some(&mut state))
+                        .unwrap();
+                    let grads = bn.backward_sync(&ctx, &comm, &tx, &tdy, &fwd).unwrap();
+                    assert_eq!(fwd.forward.output.dtype(), dtype);
+                    assert_eq!(grads.input.dtype(), dtype);
+                    let got = ctx
+                        .read_all(&[
+                            &fwd.forward.output,
+                            &grads.input,
+                            &state.running_mean,
+                            &state.running_var,
+                        ])
+                        .unwrap();
+                    <[ArrayD<f32>; 4]>::try_from(got).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ctx = ctx();
+    let mut state = BatchNormState::new(&ctx, 12).unwrap();
+    let (tx, tdy) = (upload(&ctx, dtype, &x), upload(&ctx, dtype, &dy));
+    let fwd = bn
+        .forward(
+            &ctx,
+            &tx,
+            None,
+            None,
+            Some(&mut state),
+            BatchNormMode::Train,
+        )
+        .unwrap();
+    let grads = bn.backward(&ctx, &tx, &tdy, &fwd).unwrap();
+    let (y, dx) = (
+        fwd.output.to_array(&ctx).unwrap(),
+        grads.input.to_array(&ctx).unwrap(),
+    );
+    let eps = dtype.epsilon() as f32;
+    for (r, got) in ranks.iter().enumerate() {
+        // Half-an-ulp rounding apart at most: the statistics are f32 sums in another order.
+        assert_close("output", &got[0], &half(&y, r), eps, eps);
+        assert_close("grad_input", &got[1], &half(&dx, r), eps, eps);
+        assert_close(
+            "running_mean",
+            &got[2],
+            &state.running_mean.to_array(&ctx).unwrap(),
+            1e-5,
+            1e-6,
+        );
+        assert_close(
+            "running_var",
+            &got[3],
+            &state.running_var.to_array(&ctx).unwrap(),
+            1e-5,
+            1e-6,
+        );
+    }
+}
