@@ -282,6 +282,22 @@ pub(crate) fn check_grad_dtype(
     Ok(())
 }
 
+/// The checks of a weight's incoming gradient: the weight's shape and type.
+pub(crate) fn check_weight_grad(
+    op: &'static str,
+    grad_output: &crate::Tensor,
+    weight: &crate::Tensor,
+) -> Result<()> {
+    check_same_shape(op, "grad_output", grad_output.shape(), weight.shape())?;
+    check_grad_dtype(
+        op,
+        "grad_output",
+        grad_output.dtype(),
+        "the weight",
+        weight.dtype(),
+    )
+}
+
 // Mirrors `RowParams` in shaders/shared/rows.wgsl (WS and WN row kernels).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]

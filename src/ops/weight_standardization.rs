@@ -6,8 +6,8 @@ use super::cast::{record_cast, widened};
 use super::channel_stats::{record_sums, record_welford, vec4_buffer, ReducePlan};
 use super::element::{record_elementwise, Extra};
 use super::layout::{
-    check_channel_input, check_grad_dtype, check_same_shape, row_windows, ChannelLayout,
-    RowGeometry, RowParams, RowWindow,
+    check_channel_input, check_weight_grad, row_windows, ChannelLayout, RowGeometry, RowParams,
+    RowWindow,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
@@ -207,14 +207,7 @@ impl WeightStandardization {
         rec.context()
             .check_tensors(OP, &[("weight", weight), ("grad_output", grad_output)])?;
         let layout = self.check(weight.shape())?;
-        check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
-        check_grad_dtype(
-            OP,
-            "grad_output",
-            grad_output.dtype(),
-            "the weight",
-            weight.dtype(),
-        )?;
+        check_weight_grad(OP, grad_output, weight)?;
         Ok(layout)
     }
 

@@ -11,7 +11,7 @@ use self::power::{normalize_host, record_vector_partials, Normalized};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
-use super::layout::{check_channel_input, check_grad_dtype, check_same_shape, ChannelLayout};
+use super::layout::{check_channel_input, check_weight_grad, ChannelLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor};
 
@@ -418,14 +418,7 @@ impl SpectralNorm {
         ctx.check_tensors(OP, &tensors)?;
         let factor = self.check()?;
         let m = self.matrix(ctx, weight.shape())?;
-        check_same_shape(OP, "grad_output", grad_output.shape(), weight.shape())?;
-        check_grad_dtype(
-            OP,
-            "grad_output",
-            grad_output.dtype(),
-            "the weight",
-            weight.dtype(),
-        )?;
+        check_weight_grad(OP, grad_output, weight)?;
         self.check_vector("the forward's u", &forward.u, m.rows(), weight.shape())?;
         self.check_vector("the forward's v", &forward.v, m.cols(), weight.shape())?;
         if forward.sigma.shape() != [1] {
