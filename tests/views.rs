@@ -324,3 +324,155 @@ fn bad_views_are_refused() {
     assert!(Tensor::from_buffer(&ctx, &storage, 0, &[2048], DType::BF16).is_ok());
     assert!(Tensor::from_buffer(&ctx, &storage, 0, &[2049], DType::BF16).is_err());
 }
+
+/// Outputs written into the caller's buffer (`Recording::write_next_output_to`): every
+/// op's data-shaped outputs land in views of one shared buffer, with the values of
+/// outputs of its own, returned as those views; nothing else in the buffer changes.
+/// Half outputs of a layout that runs through f32 copies land there too.
+fn outputs_into_views(ctx: &Context, dtype: DType, shape: &[usize]) {
+    let mut rng = Rng::new(41);
+    let w = rng.array(shape, 0.1, 1.0);
+    let g = rng.array(shape, 0.0, 1.0);
+    let (tw, tg) = (tensor(ctx, &w, dtype), tensor(ctx, &g, dtype));
+    let zeros = ArrayD::zeros(shape);
+    let mut shared = Shared::new(ctx, 16 * 1024);
+    let mut dst = || shared.place(ctx, &zeros, dtype);
+    let dsts: Vec<Tensor> = (0..9).map(|_| dst()).collect();
+    let regions: Vec<(u64, u64)> = dsts
+        .iter()
+        .map(|t| (t.offset(), t.offset() + t.bytes()))
+        .collect();
+
+    let ws = WeightStandardization::default();
+    let wn = WeightNorm::pytorch(Some(0));
+    let sn = SpectralNorm::pytorch();
+    let bn = BatchNorm {
+        scale: false,
+        center: false,
+        track_running_stats: false,
+        ..BatchNorm::pytorch()
+    };
+    let wn_g = Tensor::from_array(ctx, &rng.array(&wn.g_shape(shape).unwrap(), 1.0, 0.2)).unwrap();
+    let mut sn_state = sn.init_state(ctx, &tw, 5).unwrap();
+    let again = |t: &Tensor| Tensor::from_array(ctx, &read(ctx, t)).unwrap();
+    let mut sn_state2 = SpectralNormState {
+        u: again(&sn_state.u),
+        v: again(&sn_state.v),
+        gamma: None,
+        sigma: None,
+    };
+    let own = ctx
+        .run(|rec| {
+            let step = ws.record_forward_backward(rec, &tw, &tg)?;
+            let wn_out = wn.record_forward(rec, &wn_g, &tw)?;
+            let wn_grads = wn.record_backward(rec, &wn_g, &tw, &tg)?;
+            let sn_out = sn.record_forward(rec, &tw, &mut sn_state2, true)?;
+            let sn_grads = sn.record_backward(rec, &tw, &tg, &sn_out, &sn_state2)?;
+            let bn_out = bn.record_forward(rec, &tw, None, None, None, BatchNormMode::Train)?;
+            Ok((step, wn_out, wn_grads, sn_out, sn_grads, bn_out))
+        })
+        .unwrap();
+    let mut rec = wgnorm::Recording::new(ctx);
+    for d in &dsts[..8] {
+        rec.write_next_output_to(d).unwrap();
+    }
+    let step = ws.record_forward_backward(&mut rec, &tw, &tg).unwrap();
+    let wn_out = wn.record_forward(&mut rec, &wn_g, &tw).unwrap();
+    let wn_grads = wn.record_backward(&mut rec, &wn_g, &tw, &tg).unwrap();
+    let sn_out = sn
+        .record_forward(&mut rec, &tw, &mut sn_state, true)
+        .unwrap();
+    let sn_grads = sn
+        .record_backward(&mut rec, &tw, &tg, &sn_out, &sn_state)
+        .unwrap();
+    let cast = wgnorm::ops::cast::record_cast(&mut rec, &tw, dtype).unwrap();
+    let copy = wgnorm::ops::copy::record_copy(&mut rec, &tw).unwrap();
+    rec.submit().unwrap();
+    let got = [
+        &step.output,
+        &step.grad,
+        &wn_out,
+        &wn_grads.v,
+        &sn_out.weight,
+        &sn_grads.weight,
+        &cast,
+        &copy,
+    ];
+    let want = [
+        &own.0.output,
+        &own.0.grad,
+        &own.1,
+        &own.2.v,
+        &own.3.weight,
+        &own.4.weight,
+        &tw,
+        &tw,
+    ];
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            a.offset(),
+            dsts[i].offset(),
+            "{dtype} {shape:?}: output {i} is the destination"
+        );
+        assert_eq!(read(ctx, a), read(ctx, b), "{dtype} {shape:?}: output {i}");
+    }
+    // Batch norm (a forward over the weight as a batch of rows) takes the last one.
+    let mut rec = wgnorm::Recording::new(ctx);
+    rec.write_next_output_to(&dsts[8]).unwrap();
+    let y = bn
+        .record_forward(&mut rec, &tw, None, None, None, BatchNormMode::Train)
+        .unwrap();
+    rec.submit().unwrap();
+    assert_eq!(y.output.offset(), dsts[8].offset());
+    assert_eq!(
+        read(ctx, &y.output),
+        read(ctx, &own.5.output),
+        "{dtype}: BN"
+    );
+    let words = shared.words(ctx);
+    for (i, &word) in words.iter().enumerate() {
+        let byte = i as u64 * 4;
+        if !regions.iter().any(|&(a, b)| byte >= a && byte < b) {
+            assert_eq!(
+                word, SENTINEL,
+                "{dtype}: word {i} outside every destination was written"
+            );
+        }
+    }
+}
+
+#[test]
+fn outputs_are_written_into_the_callers_buffer() {
+    let ctx = ctx();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Rows of 36 (vec4 kernels) and of 45 (half data through f32 copies).
+        outputs_into_views(&ctx, dtype, &[16, 4, 3, 3]);
+        outputs_into_views(&ctx, dtype, &[12, 5, 3, 3]);
+    }
+}
+
+/// A destination of another shape or type is refused by the op that would take it; a
+/// destination no op takes fails the submission (nothing is submitted).
+#[test]
+fn mismatched_or_unused_destinations_are_errors() {
+    let ctx = ctx();
+    let w = Tensor::from_array(&ctx, &Rng::new(2).array(&[8, 9], 0.0, 1.0)).unwrap();
+    let wrong = Tensor::zeros(&ctx, &[9, 8]).unwrap();
+    let mut rec = wgnorm::Recording::new(&ctx);
+    rec.write_next_output_to(&wrong).unwrap();
+    let e = WeightStandardization::default()
+        .record_forward(&mut rec, &w)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[8, 9] f32") && e.contains("[9, 8] f32"), "{e}");
+    let half = Tensor::zeros_typed(&ctx, &[8, 9], DType::BF16).unwrap();
+    let mut rec = wgnorm::Recording::new(&ctx);
+    rec.write_next_output_to(&half).unwrap();
+    assert!(WeightStandardization::default()
+        .record_forward(&mut rec, &w)
+        .is_err());
+    let mut rec = wgnorm::Recording::new(&ctx);
+    rec.write_next_output_to(&w).unwrap();
+    let e = rec.submit().unwrap_err().to_string();
+    assert!(e.contains("taken by no op"), "{e}");
+}

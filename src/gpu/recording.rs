@@ -140,6 +140,9 @@ pub struct Recording<'c> {
     uniforms: Vec<u8>,
     boundaries: usize,
     timing: Vec<TimingCallback<'c>>,
+    /// Caller's tensors the next data-shaped outputs are written into, in order
+    /// ([`Self::write_next_output_to`]).
+    destinations: std::collections::VecDeque<crate::Tensor>,
 }
 
 impl<'c> Recording<'c> {
@@ -152,6 +155,7 @@ impl<'c> Recording<'c> {
             uniforms: Vec::new(),
             boundaries: 0,
             timing: Vec::new(),
+            destinations: std::collections::VecDeque::new(),
         }
     }
 
@@ -188,6 +192,53 @@ impl<'c> Recording<'c> {
     /// How many dispatches have been recorded.
     pub fn dispatches(&self) -> usize {
         self.commands.len()
+    }
+
+    /// Makes the next output an op recorded here allocates be `dst` instead of a new
+    /// tensor: the op writes into it (a view of your buffer, [`crate::Tensor::from_buffer`],
+    /// or any tensor of this context), no copy made. Call it once per output, in the
+    /// order the op makes them. The outputs this reaches are the ones shaped like the
+    /// op's data: the normalized weight or activation ([`record_forward`] of every op),
+    /// the gradient of the weight or input (`record_backward`; with
+    /// `record_forward_backward`, the output then the gradient), weight norm's `v` and
+    /// gradient of `v`, a copy or a cast; per-channel outputs (`g`, `u`, `v`, sigma, the
+    /// gradients of `g`, gamma, beta) are always new tensors.
+    ///
+    /// Checked when the op allocates the output: `dst` must have its shape and type
+    /// (an error names both); a destination no op has taken fails [`Self::submit`].
+    /// `dst` must not share a buffer with the op's inputs: within one dispatch wgpu
+    /// tracks usage per buffer, not per range, and refuses a buffer bound both for
+    /// reading and for writing (an [`Error::Gpu`] at submission).
+    ///
+    /// [`record_forward`]: crate::WeightStandardization::record_forward
+    pub fn write_next_output_to(&mut self, dst: &crate::Tensor) -> Result<()> {
+        self.ctx
+            .check_tensors("write_next_output_to", &[("destination", dst)])?;
+        self.destinations.push_back(dst.clone());
+        Ok(())
+    }
+
+    /// An op's data-shaped output: the next destination the caller gave
+    /// ([`Self::write_next_output_to`]), which must have this shape and type, or a new
+    /// tensor from the context's pool.
+    pub(crate) fn output(
+        &mut self,
+        op: &'static str,
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> Result<crate::Tensor> {
+        match self.destinations.pop_front() {
+            None => crate::Tensor::output_typed(self.ctx, shape, dtype),
+            Some(dst) if dst.shape() == shape && dst.dtype() == dtype => Ok(dst),
+            Some(dst) => Err(Error::input(
+                op,
+                format!(
+                    "the output is {shape:?} {dtype} but the destination given is {:?} {}",
+                    dst.shape(),
+                    dst.dtype()
+                ),
+            )),
+        }
     }
 
     /// Records a copy of `src` into `dst` by the driver (`copy_buffer_to_buffer`): the
@@ -297,6 +348,17 @@ impl<'c> Recording<'c> {
     /// wait: read results with [`Context::read_all`] or [`Tensor::to_array`](crate::Tensor::to_array).
     /// With time boundaries it waits for the work, and calls the timing callbacks.
     pub fn submit(mut self) -> Result<()> {
+        if let Some(dst) = self.destinations.front() {
+            return Err(Error::input(
+                "submit",
+                format!(
+                    "{} destination(s) given to write_next_output_to were taken by no op (the first: {:?} {}); nothing was submitted",
+                    self.destinations.len(),
+                    dst.shape(),
+                    dst.dtype()
+                ),
+            ));
+        }
         let device = &self.ctx.device;
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         self.make_bind_groups();

@@ -2,7 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::cast::{record_cast, widened};
+use super::cast::{cast_internal, widened};
 use super::channel_stats::{read_vec4, record_sums, record_welford, vec4_buffer, ReducePlan};
 use super::element::{record_elementwise, Extra};
 use super::layout::{check_channel_input, check_grad_dtype, ChannelLayout};
@@ -336,12 +336,12 @@ impl BatchNormForward {
         Ok(BatchNormGrads {
             input,
             gamma: if gd.is_half() {
-                record_cast(rec, &gamma, gd)?
+                cast_internal(rec, &gamma, gd)?
             } else {
                 gamma
             },
             beta: if bd.is_half() {
-                record_cast(rec, &beta, bd)?
+                cast_internal(rec, &beta, bd)?
             } else {
                 beta
             },
@@ -733,7 +733,7 @@ impl BatchNorm {
             ],
             features.div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let output = Tensor::output_typed(ctx, x.shape(), x.dtype())?;
+        let output = rec.output(OP, x.shape(), x.dtype())?;
         if layout.len() > 0 {
             record_elementwise(
                 rec,
@@ -792,7 +792,7 @@ impl BatchNorm {
         let inv_n = 1.0 / layout.per_channel() as f64;
         let out = [&grad_gamma, &grad_beta, &coef];
         record_grad_factors(rec, forward, sums.buffer(), inv_n, out)?;
-        let grad_input = Tensor::output_typed(ctx, x.shape(), x.dtype())?;
+        let grad_input = rec.output(OP, x.shape(), x.dtype())?;
         record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
         forward.param_grads(rec, grad_input, grad_gamma, grad_beta)
     }
@@ -902,7 +902,7 @@ impl BatchNorm {
             record_grad_factors(rec, forward, local.buffer(), inv_n, local_out)?;
             let global_out = [&unused_gamma, &unused_beta, &coef];
             record_grad_factors(rec, forward, global.buffer(), inv_n, global_out)?;
-            let grad_input = Tensor::output_typed(ctx, x.shape(), x.dtype())?;
+            let grad_input = rec.output(OP, x.shape(), x.dtype())?;
             if layout.len() > 0 {
                 record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
             }

@@ -26,6 +26,14 @@ struct CastParams {
 /// in f32); the same type is a copy.
 pub fn record_cast(rec: &mut Recording<'_>, src: &Tensor, dtype: DType) -> Result<Tensor> {
     rec.context().check_tensors("cast", &[("source", src)])?;
+    let out = rec.output("cast", src.shape(), dtype)?;
+    record_cast_into(rec, src, &out)?;
+    Ok(out)
+}
+
+/// [`record_cast`] into a new tensor that no destination of
+/// [`Recording::write_next_output_to`] takes (per-channel gradients of half parameters).
+pub(crate) fn cast_internal(rec: &mut Recording<'_>, src: &Tensor, dtype: DType) -> Result<Tensor> {
     let out = Tensor::output_typed(rec.context(), src.shape(), dtype)?;
     record_cast_into(rec, src, &out)?;
     Ok(out)
@@ -100,7 +108,7 @@ pub(crate) fn widened(rec: &mut Recording<'_>, t: &Tensor) -> Result<Tensor> {
     if t.dtype() == DType::F32 {
         Ok(t.clone())
     } else {
-        record_cast(rec, t, DType::F32)
+        cast_internal(rec, t, DType::F32)
     }
 }
 

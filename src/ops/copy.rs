@@ -13,7 +13,7 @@ use super::layout::ChannelLayout;
 /// that is faster.
 pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
     rec.context().check_tensors("copy", &[("source", src)])?;
-    let dst = Tensor::output_typed(rec.context(), src.shape(), src.dtype())?;
+    let dst = rec.output("copy", src.shape(), src.dtype())?;
     // One slice of every element: a length that is a multiple of 4 moves vec4s.
     let layout = ChannelLayout::new(src.shape(), None);
     record_elementwise(
@@ -25,5 +25,13 @@ pub fn record_copy(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
         &dst,
         Extra::default(),
     )?;
+    Ok(dst)
+}
+
+/// [`record_copy`] into a new tensor that no destination of
+/// [`Recording::write_next_output_to`] takes (an op's internal copies).
+pub(crate) fn copy_internal(rec: &mut Recording<'_>, src: &Tensor) -> Result<Tensor> {
+    let dst = Tensor::output_typed(rec.context(), src.shape(), src.dtype())?;
+    rec.copy_buffer(src, &dst, src.bytes());
     Ok(dst)
 }

@@ -2,7 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::cast::{record_cast, record_cast_into, widened};
+use super::cast::{cast_internal, record_cast_into, widened};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
 use super::element::{record_elementwise, Extra};
@@ -265,7 +265,7 @@ impl WeightNorm {
         let layout = self.check_g(g.shape(), v.shape())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
-            let out = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
+            let out = rec.output(OP, v.shape(), v.dtype())?;
             self.record_rows(rec, &layout, &windows, g, v, None, &out)?;
             return Ok(out);
         }
@@ -282,7 +282,7 @@ impl WeightNorm {
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let out = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
+        let out = rec.output(OP, v.shape(), v.dtype())?;
         record_elementwise(
             rec,
             Kernel::WnApply,
@@ -310,7 +310,7 @@ impl WeightNorm {
             let wide = widened(rec, g)?;
             let grads = self.record_backward(rec, &wide, v, grad_w)?;
             return Ok(WeightNormGrads {
-                g: record_cast(rec, &grads.g, g.dtype())?,
+                g: cast_internal(rec, &grads.g, g.dtype())?,
                 v: grads.v,
             });
         }
@@ -320,7 +320,7 @@ impl WeightNorm {
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
             let grad_g = Tensor::zeros(ctx, g.shape())?;
-            let grad_v = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
+            let grad_v = rec.output(OP, v.shape(), v.dtype())?;
             self.record_rows(
                 rec,
                 &layout,
@@ -351,7 +351,7 @@ impl WeightNorm {
             ],
             layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
-        let grad_v = Tensor::output_typed(ctx, v.shape(), v.dtype())?;
+        let grad_v = rec.output(OP, v.shape(), v.dtype())?;
         record_elementwise(
             rec,
             Kernel::WnGradV,

@@ -2,7 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::cast::{record_cast, widened};
+use super::cast::{record_cast_into, widened};
 use super::channel_stats::{record_sums, record_welford, vec4_buffer, ReducePlan};
 use super::element::{record_elementwise, Extra};
 use super::layout::{
@@ -248,8 +248,7 @@ impl WeightStandardization {
         weight: &Tensor,
         norm: &Tensor,
     ) -> Result<Tensor> {
-        let ctx = rec.context();
-        let out = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
+        let out = rec.output(OP, weight.shape(), weight.dtype())?;
         record_elementwise(
             rec,
             Kernel::WsNormalize,
@@ -271,10 +270,9 @@ impl WeightStandardization {
         grad_output: &Tensor,
         norm: &Tensor,
     ) -> Result<Tensor> {
-        let ctx = rec.context();
         let layout = &plan.layout;
         let sums = record_sums(rec, OP, plan, grad_output, weight, Some(norm))?;
-        let out = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
+        let out = rec.output(OP, weight.shape(), weight.dtype())?;
         let extra = Extra {
             flag: 0,
             aux: [
@@ -307,16 +305,31 @@ impl WeightStandardization {
         weight: &Tensor,
         grad_output: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let out = rec.output(OP, weight.shape(), weight.dtype())?;
+        self.record_rows_into(rec, layout, windows, weight, grad_output, &out)?;
+        Ok(out)
+    }
+
+    /// [`Self::record_rows`] into `out`.
+    fn record_rows_into(
+        &self,
+        rec: &mut Recording<'_>,
+        layout: &ChannelLayout,
+        windows: &[RowWindow],
+        weight: &Tensor,
+        grad_output: Option<&Tensor>,
+        out: &Tensor,
+    ) -> Result<()> {
         let geo = RowGeometry::new(layout, &rec.context().limits.tuning);
         let dtype = weight.dtype();
         if dtype.is_half() && !geo.vec4 {
             // Rows not a multiple of 4 long: through f32 (see `cast.rs`).
             let w = widened(rec, weight)?;
             let g = grad_output.map(|g| widened(rec, g)).transpose()?;
-            let out = self.record_rows(rec, layout, windows, &w, g.as_ref())?;
-            return record_cast(rec, &out, dtype);
+            let wide = Tensor::output(rec.context(), weight.shape())?;
+            self.record_rows_into(rec, layout, windows, &w, g.as_ref(), &wide)?;
+            return record_cast_into(rec, &wide, out);
         }
-        let out = Tensor::output_typed(rec.context(), weight.shape(), dtype)?;
         let spec = Spec {
             dtype,
             ..geo.spec()
@@ -334,7 +347,7 @@ impl WeightStandardization {
                 ..geo.params(w, 0)
             };
             let x = Bind::window(weight, w.start, w.len);
-            let y = Bind::window(&out, w.start, w.len);
+            let y = Bind::window(out, w.start, w.len);
             match grad_output {
                 None => rec.dispatch_spec(forward, spec, &params, &[x, y], groups)?,
                 Some(g) => rec.dispatch_spec(
@@ -346,7 +359,7 @@ impl WeightStandardization {
                 )?,
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

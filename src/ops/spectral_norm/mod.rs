@@ -9,7 +9,7 @@ mod power;
 use self::matrix::{record_mv, Matrix};
 use self::power::{normalize_host, record_vector_partials, Normalized};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
-use super::copy::record_copy;
+use super::copy::copy_internal;
 use super::element::{record_elementwise, Extra};
 use super::layout::{check_channel_input, check_weight_grad, ChannelLayout};
 use crate::error::{Error, Result};
@@ -365,12 +365,12 @@ impl SpectralNorm {
                 1,
             )?;
             (
-                record_copy(rec, &state.u)?,
-                record_copy(rec, &state.v)?,
+                copy_internal(rec, &state.u)?,
+                copy_internal(rec, &state.v)?,
                 sigma,
             )
         };
-        let out = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
+        let out = rec.output(OP, weight.shape(), weight.dtype())?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         // One slice of every element: a length that is a multiple of 4 moves vec4s.
         record_elementwise(
@@ -454,7 +454,7 @@ impl SpectralNorm {
             ],
             1,
         )?;
-        let grad = Tensor::output_typed(ctx, weight.shape(), weight.dtype())?;
+        let grad = rec.output(OP, weight.shape(), weight.dtype())?;
         // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
         record_elementwise(
             rec,
