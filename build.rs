@@ -81,6 +81,26 @@ fn main() {
                 .unwrap();
             }
             index += 1;
+            // The aliasing twin: every storage binding read-write, for dispatches that
+            // bind one buffer (a caller's, through views) for reading and for writing,
+            // which wgpu refuses with read-only bindings (usage is tracked per buffer).
+            let rw_name = module_name(&name, "rw");
+            let rw_text = text
+                .replacen(&format!("// {name}:"), &format!("// {rw_name}:"), 1)
+                .replace("var<storage, read>", "var<storage, read_write>");
+            validate(&rw_name, &rw_text);
+            let file = out.join(format!("{rw_name}.wgsl"));
+            write_if_changed(&file, &rw_text);
+            let mut rw_defines: Vec<&String> = defines.iter().collect();
+            let aliased = "ALIASED".to_string();
+            rw_defines.push(&aliased);
+            writeln!(
+                table,
+                "    ShaderSource {{ name: {rw_name:?}, defines: &{rw_defines:?}, source: include_str!({:?}) }},",
+                file.display().to_string(),
+            )
+            .unwrap();
+            index += 1;
         }
     }
     table.push_str("];\n");
@@ -88,6 +108,16 @@ fn main() {
         &PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("shaders.rs"),
         &format!("{table}\n{consts}"),
     );
+}
+
+/// The name of `module`'s twin `suffix` (`<op>.<suffix>`, or `<op>.<variant>_<suffix>`):
+/// the rule src/gpu/kernels.rs finds twins by.
+fn module_name(module: &str, suffix: &str) -> String {
+    if module.contains('.') {
+        format!("{module}_{suffix}")
+    } else {
+        format!("{module}.{suffix}")
+    }
 }
 
 /// `name -> text` for every `*.wgsl` directly in `dir`.

@@ -25,7 +25,8 @@ fn every_shader_parses_and_validates_without_subgroups() {
 }
 
 /// Every op's file is composed once with no defines (module `<op>`) and once per
-/// variant in `shaders/permutations` (module `<op>.<variant>`), and nothing else.
+/// variant in `shaders/permutations` (module `<op>.<variant>`), each with its
+/// read-write twin (`<op>.rw`, `<op>.<variant>_rw`), and nothing else.
 #[test]
 fn every_shader_file_and_variant_is_composed_once() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
@@ -42,6 +43,17 @@ fn every_shader_file_and_variant_is_composed_once() {
             expected.push(format!("{}.{variant}", op.trim()));
         }
     }
+    let twins: Vec<String> = expected
+        .iter()
+        .map(|m| {
+            if m.contains('.') {
+                format!("{m}_rw")
+            } else {
+                format!("{m}.rw")
+            }
+        })
+        .collect();
+    expected.extend(twins);
     expected.sort();
     let mut composed: Vec<String> = SHADERS.iter().map(|s| s.name.to_string()).collect();
     composed.sort();
@@ -84,16 +96,20 @@ fn declared_bindings_match_the_shaders() {
             || def.entry.ends_with("_cl")
             || def.entry.starts_with("cast_");
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let Ok(index) = module_for(kernel, dtype) else {
+            let Ok(index) = module_for(kernel, dtype, false) else {
                 assert!(!by_four, "{}: no {dtype} module", def.label);
                 continue;
             };
-            check_bindings(kernel, index);
+            check_bindings(kernel, index, false);
+            let rw = module_for(kernel, dtype, true).expect("every module has a read-write twin");
+            check_bindings(kernel, rw, true);
         }
     }
 }
 
-fn check_bindings(kernel: Kernel, index: usize) {
+/// The kernel's bindings in module `index`; `aliased`: the read-write twin, where
+/// every storage binding is declared read-write.
+fn check_bindings(kernel: Kernel, index: usize, aliased: bool) {
     {
         let def = kernel.def();
         let (module, info) = parse(index);
@@ -128,7 +144,10 @@ fn check_bindings(kernel: Kernel, index: usize) {
             .bindings
             .iter()
             .enumerate()
-            .map(|(i, k)| (i as u32, *k))
+            .map(|(i, k)| match k {
+                Binding::Read if aliased => (i as u32, Binding::ReadWrite),
+                k => (i as u32, *k),
+            })
             .collect();
         assert_eq!(used, declared, "{}: bindings", def.label);
         for (name, _) in def.constants {

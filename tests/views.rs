@@ -476,3 +476,60 @@ fn mismatched_or_unused_destinations_are_errors() {
     let e = rec.submit().unwrap_err().to_string();
     assert!(e.contains("taken by no op"), "{e}");
 }
+
+/// Inputs, state and outputs all views of one buffer (as a framework's pooled memory
+/// holds tensors): the ops run their read-write twins and give the same values; an
+/// output over an input is refused, naming the overlap.
+#[test]
+fn inputs_and_outputs_may_share_a_buffer() {
+    let ctx = ctx();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut rng = Rng::new(51);
+        let shape = [16usize, 4, 3, 3];
+        let w = rng.array(&shape, 0.1, 1.0);
+        let g = rng.array(&shape, 0.0, 1.0);
+        let zeros = ArrayD::zeros(&shape[..]);
+        let mut shared = Shared::new(&ctx, 16 * 1024);
+        let (vw, vg) = (shared.place(&ctx, &w, dtype), shared.place(&ctx, &g, dtype));
+        let outs: Vec<Tensor> = (0..4).map(|_| shared.place(&ctx, &zeros, dtype)).collect();
+        let (tw, tg) = (tensor(&ctx, &w, dtype), tensor(&ctx, &g, dtype));
+        let ws = WeightStandardization::default();
+        let wn = WeightNorm::pytorch(Some(0));
+        let wn_g = Tensor::from_array(&ctx, &rng.array(&[16, 1, 1, 1], 1.0, 0.2)).unwrap();
+        let mut rec = wgnorm::Recording::new(&ctx);
+        for o in &outs {
+            rec.write_next_output_to(o).unwrap();
+        }
+        let step = ws.record_forward_backward(&mut rec, &vw, &vg).unwrap();
+        let wn_out = wn.record_forward(&mut rec, &wn_g, &vw).unwrap();
+        let wn_grads = wn.record_backward(&mut rec, &wn_g, &vw, &vg).unwrap();
+        rec.submit().unwrap();
+        let own = ws.forward_backward(&ctx, &tw, &tg).unwrap();
+        let got = [&step.output, &step.grad, &wn_out, &wn_grads.v];
+        let want = [
+            own.output,
+            own.grad,
+            wn.forward(&ctx, &wn_g, &tw).unwrap(),
+            wn.backward(&ctx, &wn_g, &tw, &tg).unwrap().v,
+        ];
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.offset(),
+                outs[i].offset(),
+                "{dtype}: output {i} in the buffer"
+            );
+            assert_eq!(read(&ctx, a), read(&ctx, b), "{dtype}: output {i}");
+        }
+        // The weight's own range as the output: refused, nothing submitted.
+        let mut rec = wgnorm::Recording::new(&ctx);
+        rec.write_next_output_to(&vw).unwrap();
+        let e = ws.record_forward(&mut rec, &vw).unwrap_err().to_string();
+        assert!(e.contains("overlap"), "{e}");
+        drop(rec);
+        assert_eq!(
+            read(&ctx, &vw),
+            read(&ctx, &tw),
+            "{dtype}: the input is untouched"
+        );
+    }
+}

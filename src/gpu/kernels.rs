@@ -262,6 +262,10 @@ pub(crate) struct Spec {
     /// half type picks the kernel's module `<module>_<dtype>` (`<module>.<dtype>`
     /// for an op's scalar module), which only vec4 and channels-last kernels may use.
     pub dtype: DType,
+    /// Every storage binding read-write (the module's `_rw` twin, build.rs): for a
+    /// dispatch that binds one buffer both for reading and for writing (views of one
+    /// caller's buffer), which wgpu refuses with read-only bindings.
+    pub aliased: bool,
 }
 
 impl Spec {
@@ -290,27 +294,38 @@ pub(crate) struct Pipeline {
 /// widens it first), so only vec4 and channels-last kernels have a twin; asking for
 /// another is a bug of the caller, reported as an error rather than run on the wrong
 /// bytes.
-pub fn module_for(kernel: Kernel, dtype: DType) -> Result<usize> {
+pub fn module_for(kernel: Kernel, dtype: DType, aliased: bool) -> Result<usize> {
     let def = kernel.def();
-    if dtype == DType::F32 {
-        return Ok(def.shader);
-    }
     let base = &SHADERS[def.shader];
     let units_of_four = base.defines.contains(&"VEC4")
         || def.entry.ends_with("_cl")
         || def.entry.starts_with("cast_");
-    let name = if base.name.contains('.') {
-        format!("{}_{dtype}", base.name)
-    } else {
-        format!("{}.{dtype}", base.name)
+    let twin = |module: &str, suffix: &str| {
+        if module.contains('.') {
+            format!("{module}_{suffix}")
+        } else {
+            format!("{module}.{suffix}")
+        }
     };
+    let mut name = base.name.to_string();
+    if dtype != DType::F32 {
+        if !units_of_four {
+            return Err(Error::Gpu {
+                during: def.label,
+                reason: format!("no {dtype} variant of this kernel (a bug of wgnorm's planning)"),
+            });
+        }
+        name = twin(&name, dtype.name());
+    }
+    if aliased {
+        name = twin(&name, "rw");
+    }
     SHADERS
         .iter()
         .position(|s| s.name == name)
-        .filter(|_| units_of_four)
         .ok_or_else(|| Error::Gpu {
             during: def.label,
-            reason: format!("no {dtype} variant of this kernel (a bug of wgnorm's planning)"),
+            reason: format!("no shader module {name} (a bug of wgnorm's build)"),
         })
 }
 
@@ -341,7 +356,7 @@ impl Context {
         {
             return Ok(p.clone());
         }
-        let shader = module_for(kernel, spec.dtype)?;
+        let shader = module_for(kernel, spec.dtype, spec.aliased)?;
         let mut pipelines = cache.pipelines.write().unwrap_or_else(|e| e.into_inner());
         // Another thread may have built it while we waited for the write lock.
         if let Some(p) = pipelines.get(&key) {
@@ -361,7 +376,9 @@ impl Context {
                 ty: wgpu::BindingType::Buffer {
                     ty: match b {
                         Binding::Uniform => wgpu::BufferBindingType::Uniform,
-                        Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Binding::Read => wgpu::BufferBindingType::Storage {
+                            read_only: !spec.aliased,
+                        },
                         Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
                     },
                     has_dynamic_offset: false,

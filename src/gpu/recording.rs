@@ -206,9 +206,9 @@ impl<'c> Recording<'c> {
     ///
     /// Checked when the op allocates the output: `dst` must have its shape and type
     /// (an error names both); a destination no op has taken fails [`Self::submit`].
-    /// `dst` must not share a buffer with the op's inputs: within one dispatch wgpu
-    /// tracks usage per buffer, not per range, and refuses a buffer bound both for
-    /// reading and for writing (an [`Error::Gpu`] at submission).
+    /// `dst` may be a view of the same buffer as the op's inputs (the dispatch then runs
+    /// the kernel's read-write twin, every storage binding `read_write`), but
+    /// not over an input's range: that is refused when the op is recorded.
     ///
     /// [`record_forward`]: crate::WeightStandardization::record_forward
     pub fn write_next_output_to(&mut self, dst: &crate::Tensor) -> Result<()> {
@@ -323,6 +323,33 @@ impl<'c> Recording<'c> {
                     b.size
                 ),
             });
+        }
+        // A buffer bound for reading and for writing (views of one caller's buffer):
+        // the all-read-write twin of the kernel, which wgpu accepts, unless the ranges
+        // overlap (an output over an input: refused).
+        let mut spec = spec;
+        for (i, a) in binds.iter().enumerate() {
+            for (j, b) in binds.iter().enumerate().skip(i + 1) {
+                let writes = |k: usize| def.bindings[k + 1] == super::kernels::Binding::ReadWrite;
+                if a.buffer != b.buffer || writes(i) == writes(j) {
+                    continue;
+                }
+                if a.offset < b.offset + b.size && b.offset < a.offset + a.size {
+                    return Err(Error::input(
+                        def.label,
+                        format!(
+                            "bindings {} and {} overlap in one buffer (bytes {}..{} and {}..{}), one read and one written: an output over an input",
+                            i + 1,
+                            j + 1,
+                            a.offset,
+                            a.offset + a.size,
+                            b.offset,
+                            b.offset + b.size
+                        ),
+                    ));
+                }
+                spec.aliased = true;
+            }
         }
         let grid = self.ctx.grid(def.label, groups)?;
         let pipeline = self.ctx.pipeline(kernel, spec)?;

@@ -180,6 +180,7 @@ pub(crate) fn record_elementwise(
             batched: layout.batch > 1,
             rows: None,
             dtype,
+            aliased: false,
         };
         let mut binds: Vec<Bind<'_>> = windowed
             .iter()
