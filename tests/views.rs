@@ -475,6 +475,11 @@ fn mismatched_or_unused_destinations_are_errors() {
     rec.write_next_output_to(&w).unwrap();
     let e = rec.submit().unwrap_err().to_string();
     assert!(e.contains("taken by no op"), "{e}");
+    // An odd number of half elements: the word past the end would be written.
+    let odd = Tensor::zeros_typed(&ctx, &[7], DType::F16).unwrap();
+    let mut rec = wgnorm::Recording::new(&ctx);
+    let e = rec.write_next_output_to(&odd).unwrap_err().to_string();
+    assert!(e.contains("odd count"), "{e}");
 }
 
 /// Inputs, state and outputs all views of one buffer (as a framework's pooled memory

@@ -204,7 +204,9 @@ impl<'c> Recording<'c> {
     /// gradient of `v`, a copy or a cast; per-channel outputs (`g`, `u`, `v`, sigma, the
     /// gradients of `g`, gamma, beta) are always new tensors.
     ///
-    /// Checked when the op allocates the output: `dst` must have its shape and type
+    /// A half-precision destination must hold an even number of elements (kernels write
+    /// whole 32-bit words). Checked when the op allocates the output: `dst` must have
+    /// its shape and type
     /// (an error names both); a destination no op has taken fails [`Self::submit`].
     /// `dst` may be a view of the same buffer as the op's inputs (the dispatch then runs
     /// the kernel's read-write twin, every storage binding `read_write`), but
@@ -214,6 +216,18 @@ impl<'c> Recording<'c> {
     pub fn write_next_output_to(&mut self, dst: &crate::Tensor) -> Result<()> {
         self.ctx
             .check_tensors("write_next_output_to", &[("destination", dst)])?;
+        if dst.dtype().is_half() && dst.len() % 2 == 1 {
+            // Kernels write whole 32-bit words: the last word's other half, past the
+            // destination, would be overwritten.
+            return Err(Error::input(
+                "write_next_output_to",
+                format!(
+                    "a destination of {} {} elements (an odd count): half outputs are written a 32-bit word at a time",
+                    dst.len(),
+                    dst.dtype()
+                ),
+            ));
+        }
         self.destinations.push_back(dst.clone());
         Ok(())
     }
