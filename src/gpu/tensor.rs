@@ -330,7 +330,8 @@ impl Tensor {
     }
 
     /// Downloads the tensor as `T`, which must be its element type (`half::bf16` for a
-    /// bf16 tensor): the stored values, bit for bit.
+    /// bf16 tensor): the stored values (bit for bit, but for NaN payloads, which go
+    /// through f32).
     pub fn to_array_of<T: Element>(&self, ctx: &Context) -> Result<ArrayD<T>> {
         if T::DTYPE != self.dtype {
             return Err(Error::input(
