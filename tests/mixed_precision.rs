@@ -249,6 +249,30 @@ fn mismatched_types_are_refused() {
         .to_string();
     assert!(err.contains("running_mean is bf16"), "{err}");
     assert_eq!(st.num_updates, 0);
+
+    // Half per-channel parameters of the wrong shape: refused before anything is
+    // recorded (no cast to f32 left behind in the caller's recording).
+    let mut rec = wgnorm::Recording::new(&ctx);
+    let gamma = upload(&ctx, DType::F16, &rng.array(&[5], 1.0, 0.1));
+    let e = BatchNorm::pytorch()
+        .record_forward(
+            &mut rec,
+            &x,
+            Some(&gamma),
+            Some(&gamma),
+            None,
+            BatchNormMode::Eval,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gamma has shape [5]"), "{e}");
+    let g = upload(&ctx, DType::BF16, &rng.array(&[3, 1], 1.0, 0.1));
+    let e = WeightNorm::pytorch(Some(0))
+        .record_forward(&mut rec, &g, &w16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("weight_norm"), "{e}");
+    assert_eq!(rec.dispatches(), 0);
 }
 
 /// The f32 property tests' shapes (`common::property_shape(second, rest)`), with the

@@ -603,7 +603,15 @@ impl BatchNorm {
         let half = |t: Option<&Tensor>| t.is_some_and(|t| t.dtype().is_half());
         if half(gamma) || half(beta) {
             // Per-feature parameters are read in f32; their gradients come back in
-            // their own types (see `BatchNormForward::param_dtypes`).
+            // their own types (see `BatchNormForward::param_dtypes`). Their shapes are
+            // checked before anything is recorded.
+            let features = match external {
+                Some(_) => self.layout_allowing_empty(x.shape())?,
+                None => self.layout(x.shape())?,
+            }
+            .channels;
+            self.check_vector("gamma", gamma, features, self.scale)?;
+            self.check_vector("beta", beta, features, self.center)?;
             let dtypes = [gamma, beta].map(|t| t.map_or(DType::F32, Tensor::dtype));
             let g = gamma.map(|t| widened(rec, t)).transpose()?;
             let b = beta.map(|t| widened(rec, t)).transpose()?;

@@ -257,12 +257,12 @@ impl WeightNorm {
         v: &Tensor,
     ) -> Result<Tensor> {
         rec.context().check_tensors(OP, &[("g", g), ("v", v)])?;
+        let layout = self.check_g(g.shape(), v.shape())?;
         if g.dtype().is_half() {
             // g is per slice: widened, the kernels read it in f32.
             let g = widened(rec, g)?;
             return self.record_forward(rec, &g, v);
         }
-        let layout = self.check_g(g.shape(), v.shape())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
             let out = rec.output(OP, v.shape(), v.dtype())?;
@@ -305,6 +305,9 @@ impl WeightNorm {
     ) -> Result<WeightNormGrads> {
         rec.context()
             .check_tensors(OP, &[("g", g), ("v", v), ("grad_w", grad_w)])?;
+        let layout = self.check_g(g.shape(), v.shape())?;
+        self.check_same("grad_w", grad_w.shape(), v.shape())?;
+        check_grad_dtype(OP, "grad_w", grad_w.dtype(), "v", v.dtype())?;
         if g.dtype().is_half() {
             // grad_g in g's type, computed in f32 and rounded once.
             let wide = widened(rec, g)?;
@@ -314,9 +317,6 @@ impl WeightNorm {
                 v: grads.v,
             });
         }
-        let layout = self.check_g(g.shape(), v.shape())?;
-        self.check_same("grad_w", grad_w.shape(), v.shape())?;
-        check_grad_dtype(OP, "grad_w", grad_w.dtype(), "v", v.dtype())?;
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
             let grad_g = Tensor::zeros(ctx, g.shape())?;
