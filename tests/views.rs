@@ -67,11 +67,21 @@ impl Shared {
         view
     }
 
-    /// The whole buffer, read back.
-    fn words(&self, ctx: &Context) -> Vec<f32> {
+    /// Asserts that every word outside the byte ranges `regions` still holds the
+    /// sentinel.
+    #[track_caller]
+    fn assert_untouched_outside(&self, ctx: &Context, regions: &[(u64, u64)], what: &str) {
         let len = (self.buffer.size() / 4) as usize;
         let all = Tensor::from_buffer(ctx, &self.buffer, 0, &[len], DType::F32).unwrap();
-        all.to_array(ctx).unwrap().into_raw_vec_and_offset().0
+        for (i, &word) in all.to_array(ctx).unwrap().iter().enumerate() {
+            let byte = i as u64 * 4;
+            if !regions.iter().any(|&(a, b)| byte >= a && byte < b) {
+                assert_eq!(
+                    word, SENTINEL,
+                    "{what}: word {i} outside every view was written"
+                );
+            }
+        }
     }
 }
 
@@ -259,17 +269,7 @@ fn every_op_on_views(ctx: &Context, dtype: DType) {
         "{dtype}: BN grad_input"
     );
 
-    // Nothing outside the views was written.
-    let words = shared.words(ctx);
-    for (i, &word) in words.iter().enumerate() {
-        let byte = i as u64 * 4;
-        if !regions.iter().any(|&(a, b)| byte >= a && byte < b) {
-            assert_eq!(
-                word, SENTINEL,
-                "{dtype}: word {i} outside every view was written"
-            );
-        }
-    }
+    shared.assert_untouched_outside(ctx, &regions, &format!("{dtype}"));
 }
 
 #[test]
@@ -429,16 +429,7 @@ fn outputs_into_views(ctx: &Context, dtype: DType, shape: &[usize]) {
         read(ctx, &own.5.output),
         "{dtype}: BN"
     );
-    let words = shared.words(ctx);
-    for (i, &word) in words.iter().enumerate() {
-        let byte = i as u64 * 4;
-        if !regions.iter().any(|&(a, b)| byte >= a && byte < b) {
-            assert_eq!(
-                word, SENTINEL,
-                "{dtype}: word {i} outside every destination was written"
-            );
-        }
-    }
+    shared.assert_untouched_outside(ctx, &regions, &format!("{dtype} {shape:?}"));
 }
 
 #[test]
