@@ -33,7 +33,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Context, DType, Tensor};
+use crate::gpu::{encode_f32, Context, DType, Tensor};
 use crate::hooks::Weight;
 use crate::ops::batch_norm::{BatchNormLayer, BatchNormState};
 
@@ -161,26 +161,15 @@ pub fn to_bytes(
         .into_iter()
         .zip(&data)
         .zip(&tensors)
-        .map(|((k, a), t)| match t.dtype() {
-            DType::F32 => {
-                let bytes = a.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (k, a.shape().to_vec(), Dtype::F32, bytes)
-            }
+        .map(|((k, a), t)| {
+            let dtype = match t.dtype() {
+                DType::F32 => Dtype::F32,
+                DType::F16 => Dtype::F16,
+                DType::BF16 => Dtype::BF16,
+            };
             // The readback widened exactly: rounding back gives the stored bits.
-            DType::F16 => {
-                let bytes = a
-                    .iter()
-                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                    .collect();
-                (k, a.shape().to_vec(), Dtype::F16, bytes)
-            }
-            DType::BF16 => {
-                let bytes = a
-                    .iter()
-                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect();
-                (k, a.shape().to_vec(), Dtype::BF16, bytes)
-            }
+            let values: Vec<f32> = a.iter().copied().collect();
+            (k, a.shape().to_vec(), dtype, encode_f32(t.dtype(), &values))
         })
         .collect();
     for (k, n) in counts {
@@ -435,18 +424,9 @@ fn commit(
     for entries in &weight_data {
         let mut ts = Vec::new();
         for (k, shape, v, dtype) in entries {
-            let t = match dtype {
-                DType::F32 => Tensor::from_slice(ctx, shape, v)?,
-                DType::F16 => {
-                    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-                    Tensor::from_slice(ctx, shape, &h)?
-                }
-                DType::BF16 => {
-                    let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                    Tensor::from_slice(ctx, shape, &h)?
-                }
-            };
-            ts.push((k.clone(), t));
+            let values = ndarray::ArrayView::from_shape(shape.as_slice(), v)
+                .map_err(|e| file_err("(state being loaded)", e.to_string()))?;
+            ts.push((k.clone(), Tensor::from_array_as(ctx, &values, *dtype)?));
         }
         weight_tensors.push(ts);
     }

@@ -27,12 +27,7 @@ fn round(dtype: DType, a: &ArrayD<f32>) -> ArrayD<f32> {
 }
 
 fn upload(ctx: &Context, dtype: DType, a: &ArrayD<f32>) -> Tensor {
-    match dtype {
-        DType::F32 => Tensor::from_array(ctx, a),
-        DType::F16 => Tensor::from_array(ctx, &a.mapv(f16::from_f32)),
-        DType::BF16 => Tensor::from_array(ctx, &a.mapv(bf16::from_f32)),
-    }
-    .unwrap()
+    Tensor::from_array_as(ctx, a, dtype).unwrap()
 }
 
 fn max_abs(a: &ArrayD<f32>) -> f32 {

@@ -86,12 +86,7 @@ impl Shared {
 }
 
 fn tensor(ctx: &Context, a: &ArrayD<f32>, dtype: DType) -> Tensor {
-    match dtype {
-        DType::F32 => Tensor::from_array(ctx, a),
-        DType::F16 => Tensor::from_array(ctx, &a.mapv(half::f16::from_f32)),
-        DType::BF16 => Tensor::from_array(ctx, &a.mapv(half::bf16::from_f32)),
-    }
-    .unwrap()
+    Tensor::from_array_as(ctx, a, dtype).unwrap()
 }
 
 fn read(ctx: &Context, t: &Tensor) -> ArrayD<f32> {

@@ -83,11 +83,7 @@ pub(crate) struct Input<'a> {
 impl Input<'_> {
     /// A data tensor (weight, activation, gradient) in the workload's type.
     fn upload(&self, a: &ArrayD<f32>) -> Result<Tensor> {
-        match self.case.workload.dtype {
-            DType::F32 => Tensor::from_array(self.ctx, a),
-            DType::F16 => Tensor::from_array(self.ctx, &a.mapv(half::f16::from_f32)),
-            DType::BF16 => Tensor::from_array(self.ctx, &a.mapv(half::bf16::from_f32)),
-        }
+        Tensor::from_array_as(self.ctx, a, self.case.workload.dtype)
     }
 
     /// The gradient flowing into a backward, deterministic like the input.

@@ -133,12 +133,8 @@ impl Case {
 
     /// Uploads input `name` in its stored type (a half input stays half).
     pub fn tensor(&self, ctx: &Context, name: &str) -> Result<Tensor> {
-        let values = self.input(name)?;
-        match self.dtypes.get(name).copied().unwrap_or_default() {
-            DType::F32 => Tensor::from_array(ctx, values),
-            DType::F16 => Tensor::from_array(ctx, &values.mapv(half::f16::from_f32)),
-            DType::BF16 => Tensor::from_array(ctx, &values.mapv(half::bf16::from_f32)),
-        }
+        let dtype = self.dtypes.get(name).copied().unwrap_or_default();
+        Tensor::from_array_as(ctx, self.input(name)?, dtype)
     }
 
     /// Reads every `*.safetensors` case in `dir`, sorted by name.

@@ -118,6 +118,22 @@ impl Element for half::bf16 {
     }
 }
 
+/// `values` rounded to `dtype` (nearest even) as stored bytes, little-endian, two bytes
+/// per half element (unpadded): the inverse of [`widen_bytes`] for values of the type.
+pub(crate) fn encode_f32(dtype: DType, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
 /// Widens stored bytes of `dtype` (as [`DType::bytes`] lays them out) to `len` f32s.
 pub(crate) fn widen_bytes(dtype: DType, bytes: &[u8], len: usize) -> Vec<f32> {
     match dtype {

@@ -3,7 +3,7 @@
 
 mod context;
 mod dtype;
-pub(crate) use dtype::widen_bytes;
+pub(crate) use dtype::{encode_f32, widen_bytes};
 pub mod kernels;
 mod recording;
 mod tensor;

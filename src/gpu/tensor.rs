@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 
 use super::context::Context;
-use super::dtype::{widen_bytes, DType, Element};
+use super::dtype::{encode_f32, widen_bytes, DType, Element};
 use crate::error::{Error, Result};
 
 /// A dense row-major tensor in GPU memory: f32, or f16 / bf16 packed two per 32-bit
@@ -145,6 +145,21 @@ impl Tensor {
         Self::from_slice(ctx, array.shape(), data)
     }
 
+    /// Uploads f32 values as a tensor of `dtype`, rounded to it (nearest even, as
+    /// PyTorch's `.to(dtype)`): f32 data given to a half-precision tensor.
+    pub fn from_array_as<S, D>(ctx: &Context, array: &ArrayBase<S, D>, dtype: DType) -> Result<Self>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let standard = array.as_standard_layout();
+        let data = standard
+            .as_slice()
+            .expect("as_standard_layout returns a contiguous array");
+        let len = checked_len("upload", array.shape())?;
+        Self::upload_bytes(ctx, array.shape(), len, dtype, &encode_f32(dtype, data))
+    }
+
     /// Uploads `data` (row-major) with the given shape; the element type is `T`'s.
     pub fn from_slice<T: Element>(ctx: &Context, shape: &[usize], data: &[T]) -> Result<Self> {
         let len = checked_len("upload", shape)?;
@@ -157,10 +172,19 @@ impl Tensor {
                 ),
             ));
         }
-        let dtype = T::DTYPE;
+        Self::upload_bytes(ctx, shape, len, T::DTYPE, bytemuck::cast_slice(data))
+    }
+
+    /// A new tensor of `len` elements of `dtype` holding `bytes` (as stored, unpadded).
+    fn upload_bytes(
+        ctx: &Context,
+        shape: &[usize],
+        len: usize,
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Self> {
         let buffer = ctx.storage_buffer("upload", dtype.bytes(len as u64), true)?;
         if len > 0 {
-            let bytes: &[u8] = bytemuck::cast_slice(data);
             let mut view = buffer
                 .slice(..dtype.bytes(len as u64))
                 .get_mapped_range_mut()
