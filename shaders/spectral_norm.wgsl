@@ -143,9 +143,26 @@ fn rows_dot(ids: Ids) {
         return;
     }
     let slot = row_slot(rd, ids);
+    let t = rd.tpr;
+    let base = slot.base;
     var acc = V(0.0);
-    for (var i = slot.tl; i < rd.len && slot.live; i += rd.tpr) {
-        acc = fma(dload(rd_m[slot.base + i]), rd_v[i], acc);
+    var i = slot.tl;
+    if (ROW_BATCH) {
+        var acc1 = V(0.0);
+        for (; i + 3u * t < rd.len && slot.live; i += 4u * t) {
+            let a = dload(rd_m[base + i]);
+            let b = dload(rd_m[base + i + t]);
+            let c = dload(rd_m[base + i + 2u * t]);
+            let d = dload(rd_m[base + i + 3u * t]);
+            acc = fma(a, rd_v[i], acc);
+            acc1 = fma(b, rd_v[i + t], acc1);
+            acc = fma(c, rd_v[i + 2u * t], acc);
+            acc1 = fma(d, rd_v[i + 3u * t], acc1);
+        }
+        acc += acc1;
+    }
+    for (; i < rd.len && slot.live; i += t) {
+        acc = fma(dload(rd_m[base + i]), rd_v[i], acc);
     }
     let total = row_sum(ids.lid, slot.tl, rd.tpr, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0)).x;
     if (slot.tl == 0u && slot.live) {

@@ -149,14 +149,43 @@ fn rows_forward(ids: Ids) {
     }
     let slot = row_slot(rf, ids);
     let base = slot.base;
+    let t = rf.tpr;
     var sq = V(0.0);
-    for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
+    var i = slot.tl;
+    if (ROW_BATCH) {
+        var sq1 = V(0.0);
+        for (; i + 3u * t < rf.len && slot.live; i += 4u * t) {
+            let a = dload(rf_v[base + i]);
+            let b = dload(rf_v[base + i + t]);
+            let c = dload(rf_v[base + i + 2u * t]);
+            let d = dload(rf_v[base + i + 3u * t]);
+            sq = fma(a, a, sq);
+            sq1 = fma(b, b, sq1);
+            sq = fma(c, c, sq);
+            sq1 = fma(d, d, sq1);
+        }
+        sq += sq1;
+    }
+    for (; i < rf.len && slot.live; i += t) {
         let v = dload(rf_v[base + i]);
         sq = fma(v, v, sq);
     }
     let total = row_sum(ids.lid, slot.tl, rf.tpr, vec4<f32>(hsum(sq), 0.0, 0.0, 0.0)).x;
     let f = rf_g[rf.first_row + slot.row] / clamped_norm(total, rf.eps);
-    for (var i = slot.tl; i < rf.len && slot.live; i += rf.tpr) {
+    i = slot.tl;
+    if (ROW_BATCH) {
+        for (; i + 3u * t < rf.len && slot.live; i += 4u * t) {
+            let a = dload(rf_v[base + i]);
+            let b = dload(rf_v[base + i + t]);
+            let c = dload(rf_v[base + i + 2u * t]);
+            let d = dload(rf_v[base + i + 3u * t]);
+            rf_w[base + i] = dstore(f * a);
+            rf_w[base + i + t] = dstore(f * b);
+            rf_w[base + i + 2u * t] = dstore(f * c);
+            rf_w[base + i + 3u * t] = dstore(f * d);
+        }
+    }
+    for (; i < rf.len && slot.live; i += t) {
         rf_w[base + i] = dstore(f * dload(rf_v[base + i]));
     }
 }
@@ -175,9 +204,25 @@ fn rows_grad(ids: Ids) {
     }
     let slot = row_slot(rb, ids);
     let base = slot.base;
+    let t = rb.tpr;
     var sgv = V(0.0);
     var svv = V(0.0);
-    for (var i = slot.tl; i < rb.len && slot.live; i += rb.tpr) {
+    var i = slot.tl;
+    if (ROW_BATCH) {
+        for (; i + 3u * t < rb.len && slot.live; i += 4u * t) {
+            let va = dload(rb_v[base + i]);
+            let vb = dload(rb_v[base + i + t]);
+            let vc = dload(rb_v[base + i + 2u * t]);
+            let vd = dload(rb_v[base + i + 3u * t]);
+            let ga = dload(rb_grad[base + i]);
+            let gb = dload(rb_grad[base + i + t]);
+            let gc = dload(rb_grad[base + i + 2u * t]);
+            let gd = dload(rb_grad[base + i + 3u * t]);
+            sgv = fma(ga, va, fma(gb, vb, fma(gc, vc, fma(gd, vd, sgv))));
+            svv = fma(va, va, fma(vb, vb, fma(vc, vc, fma(vd, vd, svv))));
+        }
+    }
+    for (; i < rb.len && slot.live; i += t) {
         let v = dload(rb_v[base + i]);
         sgv = fma(dload(rb_grad[base + i]), v, sgv);
         svv = fma(v, v, svv);
@@ -187,7 +232,24 @@ fn rows_grad(ids: Ids) {
     if (slot.tl == 0u && slot.live) {
         rb_grad_g[rb.first_row + slot.row] = k.x;
     }
-    for (var i = slot.tl; i < rb.len && slot.live; i += rb.tpr) {
+    i = slot.tl;
+    if (ROW_BATCH) {
+        for (; i + 3u * t < rb.len && slot.live; i += 4u * t) {
+            let va = dload(rb_v[base + i]);
+            let vb = dload(rb_v[base + i + t]);
+            let vc = dload(rb_v[base + i + 2u * t]);
+            let vd = dload(rb_v[base + i + 3u * t]);
+            let ga = dload(rb_grad[base + i]);
+            let gb = dload(rb_grad[base + i + t]);
+            let gc = dload(rb_grad[base + i + 2u * t]);
+            let gd = dload(rb_grad[base + i + 3u * t]);
+            rb_grad_v[base + i] = dstore(k.y * ga - k.z * va);
+            rb_grad_v[base + i + t] = dstore(k.y * gb - k.z * vb);
+            rb_grad_v[base + i + 2u * t] = dstore(k.y * gc - k.z * vc);
+            rb_grad_v[base + i + 3u * t] = dstore(k.y * gd - k.z * vd);
+        }
+    }
+    for (; i < rb.len && slot.live; i += t) {
         rb_grad_v[base + i] = dstore(k.y * dload(rb_grad[base + i]) - k.z * dload(rb_v[base + i]));
     }
 }

@@ -166,7 +166,21 @@ fn rows_forward(ids: Ids) {
     let st = row_welford(ids.lid, slot.tl, rp.tpr, own);
     let mean = st.x;
     let rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
-    for (var i = slot.tl; i < rp.len && slot.live; i += rp.tpr) {
+    let t = rp.tpr;
+    i = slot.tl;
+    if (ROW_BATCH) {
+        for (; i + 3u * t < rp.len && slot.live; i += 4u * t) {
+            let a = dload(rp_x[base + i]);
+            let b = dload(rp_x[base + i + t]);
+            let c = dload(rp_x[base + i + 2u * t]);
+            let d = dload(rp_x[base + i + 3u * t]);
+            rp_y[base + i] = dstore((a - mean) * rstd);
+            rp_y[base + i + t] = dstore((b - mean) * rstd);
+            rp_y[base + i + 2u * t] = dstore((c - mean) * rstd);
+            rp_y[base + i + 3u * t] = dstore((d - mean) * rstd);
+        }
+    }
+    for (; i < rp.len && slot.live; i += t) {
         rp_y[base + i] = dstore((dload(rp_x[base + i]) - mean) * rstd);
     }
 }
@@ -216,7 +230,25 @@ fn rows_grad(ids: Ids) {
     let t = st.g;
     let a = t.x * rg.inv_n;
     let b = rstd * t.y * rg.inv_divisor;
-    for (var i = slot.tl; i < rg.len && slot.live; i += rg.tpr) {
+    let tp = rg.tpr;
+    i = slot.tl;
+    if (ROW_BATCH) {
+        for (; i + 3u * tp < rg.len && slot.live; i += 4u * tp) {
+            let xa = dload(rg_x[base + i]);
+            let xb = dload(rg_x[base + i + tp]);
+            let xc = dload(rg_x[base + i + 2u * tp]);
+            let xd = dload(rg_x[base + i + 3u * tp]);
+            let ga = dload(rg_g[base + i]);
+            let gb = dload(rg_g[base + i + tp]);
+            let gc = dload(rg_g[base + i + 2u * tp]);
+            let gd = dload(rg_g[base + i + 3u * tp]);
+            rg_dx[base + i] = dstore(rstd * (ga - a - (xa - mean) * rstd * b));
+            rg_dx[base + i + tp] = dstore(rstd * (gb - a - (xb - mean) * rstd * b));
+            rg_dx[base + i + 2u * tp] = dstore(rstd * (gc - a - (xc - mean) * rstd * b));
+            rg_dx[base + i + 3u * tp] = dstore(rstd * (gd - a - (xd - mean) * rstd * b));
+        }
+    }
+    for (; i < rg.len && slot.live; i += tp) {
         let y = (dload(rg_x[base + i]) - mean) * rstd;
         rg_dx[base + i] = dstore(rstd * (dload(rg_g[base + i]) - a - y * b));
     }

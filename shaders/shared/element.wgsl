@@ -11,7 +11,10 @@
 // column) step and two carries: no division per unit.
 #import grid
 
-const PER_THREAD: u32 = 4u;
+// Units per thread, set per adapter by the host (`Tuning::per_thread`): fewer on GPUs,
+// where other threads hide a load's latency, than on CPUs, where a thread's setup
+// (two divisions) is shared by its units.
+override PER_THREAD: u32 = 4u;
 
 // Set per dispatch by the host (`Spec` in src/gpu/kernels.rs), so that the paths a
 // layout does not take are compiled out. LAYOUT: 0 runs (stride 1), 1 coalesced

@@ -7,6 +7,11 @@
 #import grid
 #import welford
 
+// Whether a thread's loop over its units takes them four at a time, the four loads
+// issued before any is used (a loop of load-then-use keeps one load in flight per
+// thread; the tail goes one at a time). Set per adapter by the host.
+override ROW_BATCH: bool = false;
+
 // Threads per workgroup, set per adapter by the host (`RowGeometry` in
 // src/ops/layout.rs: 256 on GPUs, 64 on software adapters).
 override RWG: u32 = 256u;

@@ -697,7 +697,8 @@ struct Measured {
 
 /// The report's command line, shared by `examples/report.rs` and the peer crate:
 /// `--full` (the whole suite, 5 samples; default the short version), `--out DIR`
-/// (default `target/report`), `--only TEXT` (the ops whose name contains it). Runs on
+/// (default `target/report`), `--only TEXT` (the ops whose name contains it), `--dtype
+/// NAME` (the cases of one type: `f32`, `f16` or `bf16`). Runs on
 /// [`Context::headless`], prints progress and the table, writes `table.md`,
 /// `copy_fraction.svg` and `speedups.svg` into the output directory.
 pub fn report_main(
@@ -734,6 +735,11 @@ pub fn report_main(
         options
             .cases
             .retain(|c| c.op.name().contains(only.as_str()));
+    }
+    if let Some(dtype) = value("--dtype") {
+        options
+            .cases
+            .retain(|c| c.workload.dtype.name() == dtype.as_str());
     }
     println!("adapter: {}", ctx.info());
     let start = Instant::now();

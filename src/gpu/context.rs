@@ -40,12 +40,25 @@ pub struct Tuning {
     /// two, at least 256): small on GPUs, for enough workgroups to fill the device;
     /// large on CPUs, where each workgroup costs a tree reduction.
     pub reduce_item_elems: u64,
+    /// Units (vec4s, or elements of scalar kernels) each invocation of an elementwise
+    /// pass handles, `stride` apart: a power of two, 1 to 16.
+    pub per_thread: u32,
+    /// Elements one workgroup of a channels-last reduction (NHWC batch norm) reads:
+    /// rows of all channels. Larger than `reduce_item_elems` on GPUs, where each
+    /// block's partials must be combined channel by channel afterwards.
+    pub cl_block_elems: u64,
+    /// Row kernels take a thread's units four at a time, their loads issued together
+    /// (the `ROW_BATCH` override of `shaders/shared/rows.wgsl`).
+    pub row_batch: bool,
 }
 
 impl Tuning {
     /// `default`, with `WGNORM_LAYOUT=coalesced` or `WGNORM_LAYOUT=runs` forcing the
-    /// elementwise layout and `WGNORM_REDUCE_ITEM=<elements>` the reduction items (for
-    /// benchmarking one layout on another adapter class).
+    /// elementwise layout, `WGNORM_REDUCE_ITEM=<elements>` the reduction items and
+    /// `WGNORM_PER_THREAD=<n>` the units per thread of elementwise passes,
+    /// `WGNORM_CL_BLOCK=<elements>` the channels-last reduction blocks,
+    /// `WGNORM_ROW_BATCH=1|0` the row kernels' batched loads (for
+    /// benchmarking one layout on another adapter class, and tuning).
     pub fn from_env(default: Tuning) -> Self {
         let mut t = default;
         match std::env::var("WGNORM_LAYOUT").as_deref() {
@@ -59,23 +72,52 @@ impl Tuning {
         {
             t.reduce_item_elems = n;
         }
+        if let Some(n) = std::env::var("WGNORM_PER_THREAD")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| n.is_power_of_two() && *n <= 16)
+        {
+            t.per_thread = n;
+        }
+        if let Some(n) = std::env::var("WGNORM_CL_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            t.cl_block_elems = n;
+        }
+        match std::env::var("WGNORM_ROW_BATCH").as_deref() {
+            Ok("1") => t.row_batch = true,
+            Ok("0") => t.row_batch = false,
+            _ => {}
+        }
         t
     }
 
-    /// GPUs: coalesced, 2048-element reduction items (measured best among 1024 to
-    /// 16384 for batch norm on an H100).
+    /// GPUs, as measured on an H100: coalesced, 4 units per thread (1 to 8 measured
+    /// within 2%), 2048-element reduction items (best among 1024 to 16384 for batch
+    /// norm), 4096-element channels-last blocks (2048 to 32768 measured: NHWC batch
+    /// norm training 67, 57, 60, 72, 98 us, the combine of many small blocks' partials
+    /// being the cost below 4096), batched row loads (weight norm on the embedding
+    /// 103 -> 91 us, the rest within 2%).
     pub fn gpu() -> Self {
         Tuning {
             coalesced: true,
             reduce_item_elems: 2 * 1024,
+            per_thread: 4,
+            cl_block_elems: 4 * 1024,
+            row_batch: true,
         }
     }
 
-    /// Software adapters: runs, 16384-element items (what lavapipe was tuned with).
+    /// Software adapters: runs, 4 units per thread, 16384-element items and blocks,
+    /// row loads one at a time (what lavapipe was tuned with).
     pub fn software() -> Self {
         Tuning {
             coalesced: false,
             reduce_item_elems: 16 * 1024,
+            per_thread: 4,
+            cl_block_elems: 16 * 1024,
+            row_batch: false,
         }
     }
 

@@ -256,8 +256,12 @@ pub(crate) struct Spec {
     pub layout: Option<u32>,
     /// `BATCHED`: slices are `a * channels + c` with a batch over the rows.
     pub batched: bool,
+    /// `PER_THREAD`: units per thread of an elementwise pass (with `layout`).
+    pub per_thread: u32,
     /// `Some(RWG)`: the row kernels' workgroup size (`shaders/shared/rows.wgsl`).
     pub rows: Option<u32>,
+    /// `ROW_BATCH` (with `rows`): row kernels load four units at a time.
+    pub row_batch: bool,
     /// The element type of the data bindings (`D` in `shaders/shared/elem.wgsl`): a
     /// half type picks the kernel's module `<module>_<dtype>` (`<module>.<dtype>`
     /// for an op's scalar module), which only vec4 and channels-last kernels may use.
@@ -274,9 +278,11 @@ impl Spec {
         if let Some(layout) = self.layout {
             c.push(("LAYOUT", f64::from(layout)));
             c.push(("BATCHED", f64::from(u8::from(self.batched))));
+            c.push(("PER_THREAD", f64::from(self.per_thread)));
         }
         if let Some(rwg) = self.rows {
             c.push(("RWG", f64::from(rwg)));
+            c.push(("ROW_BATCH", f64::from(u8::from(self.row_batch))));
         }
         c
     }

@@ -427,6 +427,114 @@ impl<'c> Recording<'c> {
         Ok(())
     }
 
+    /// Submits with a GPU timestamp around every dispatch (each in its own compute
+    /// pass), waits, and returns each dispatch's label, grid and seconds, in order:
+    /// where a multi-pass op spends its time. A tuning aid (`examples/profile.rs`);
+    /// passes split per dispatch run a little slower than one submission. Time
+    /// boundaries and their callbacks are ignored. Needs timestamp queries inside
+    /// encoders: otherwise an error.
+    #[doc(hidden)]
+    pub fn submit_profiled(mut self) -> Result<Vec<(&'static str, [u32; 3], f64)>> {
+        if !self.gpu_timed() {
+            return Err(Error::input(
+                "submit_profiled",
+                "the device has no timestamp queries inside encoders",
+            ));
+        }
+        let device = &self.ctx.device;
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.make_bind_groups();
+        let dispatches: Vec<(&'static str, [u32; 3])> = self
+            .commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Dispatch { label, grid, .. } => Some((*label, *grid)),
+                _ => None,
+            })
+            .collect();
+        let n = dispatches.len() as u32 + 1;
+        let queries = device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("wgnorm.profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: n,
+        });
+        let bytes = u64::from(n) * 8;
+        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgnorm.profile.resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgnorm.profile.readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.encoder();
+        encoder.write_timestamp(&queries, 0);
+        let mut slot = 1;
+        for command in &self.commands {
+            match command {
+                Command::Dispatch {
+                    pipeline,
+                    bind_group: Some(bind_group),
+                    grid,
+                    ..
+                } => {
+                    {
+                        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some("wgnorm.profile"),
+                            timestamp_writes: None,
+                        });
+                        pass.set_pipeline(&pipeline.pipeline);
+                        pass.set_bind_group(0, bind_group, &[]);
+                        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                    }
+                    encoder.write_timestamp(&queries, slot);
+                    slot += 1;
+                }
+                Command::Copy { src, dst, bytes } => {
+                    encoder.copy_buffer_to_buffer(&src.0, src.1, &dst.0, dst.1, *bytes);
+                }
+                _ => {}
+            }
+        }
+        encoder.resolve_query_set(&queries, 0..n, &resolve, 0);
+        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        self.ctx.queue.submit([encoder.finish()]);
+        if let Some(e) = pollster::block_on(validation.pop()) {
+            return Err(Error::Gpu {
+                during: "submit_profiled",
+                reason: e.to_string(),
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| drop(tx.send(r)));
+        self.ctx.wait()?;
+        let failed = |reason: String| Error::Gpu {
+            during: "reading profile timestamps",
+            reason,
+        };
+        rx.recv()
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let view = readback
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| failed(e.to_string()))?;
+        let ticks: Vec<u64> = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
+        drop(view);
+        let period = f64::from(self.ctx.queue.get_timestamp_period()) * 1e-9;
+        Ok(dispatches
+            .into_iter()
+            .zip(ticks.windows(2))
+            .map(|((label, grid), t)| (label, grid, t[1].wrapping_sub(t[0]) as f64 * period))
+            .collect())
+    }
+
     /// Uploads every dispatch's params as one uniform buffer and makes the bind groups
     /// (inside the submission's validation scope, so a bad binding is an error, not a
     /// panic).

@@ -154,7 +154,7 @@ impl ChannelsLastPlan {
         // Elements a block aims at: the adapter's reduction item (enough workgroups in
         // flight on a GPU, enough work per workgroup on a CPU), and shifted sums over
         // few enough rows per thread to stay accurate.
-        let block_elems = limits.tuning.reduce_item_elems;
+        let block_elems = limits.tuning.cl_block_elems;
         let mut rows_per_block = (block_elems / channels).clamp(tr, 1024).min(window_rows);
         // The partials (a vec4 per channel and block) are bound whole: with many
         // channels, blocks grow until they fit one binding ([1024, 16384] would need

@@ -9,9 +9,6 @@ use super::layout::{element_windows, ChannelLayout, ElementWindow};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
 
-/// Units each thread of an elementwise pass handles (`PER_THREAD` in element.wgsl).
-pub(crate) const PER_THREAD: u64 = 4;
-
 // Mirrors `ElementParams` in shaders/shared/element.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -78,6 +75,7 @@ fn params(
     w: &ElementWindow,
     variant: Variant,
     coalesced: bool,
+    per_thread: u64,
     extra: Extra,
 ) -> (ElementParams, u64) {
     let (mut count, mut channels, mut inner) = (w.len, layout.channels, layout.inner);
@@ -105,7 +103,7 @@ fn params(
         (_, true) => wg,
         (_, false) => 1,
     };
-    let threads = count.div_ceil(stride * PER_THREAD) * stride;
+    let threads = count.div_ceil(stride * per_thread) * stride;
     // The stride as a move in (a, o, c, j), so that the shader steps without dividing.
     let qj = stride / inner;
     let qc = qj / channels;
@@ -167,9 +165,10 @@ pub(crate) fn record_elementwise(
         record_elementwise(rec, kernel, layout, &wide, whole, &tmp, extra)?;
         return record_cast_into(rec, &tmp, out);
     }
-    let coalesced = ctx.limits.tuning.coalesced;
+    let tuning = ctx.limits.tuning;
     for w in element_windows(*layout, &ctx.limits) {
-        let (params, groups) = params(layout, &w, variant, coalesced, extra);
+        let per_thread = u64::from(tuning.per_thread);
+        let (params, groups) = params(layout, &w, variant, tuning.coalesced, per_thread, extra);
         let spec = Spec {
             layout: Some(match params.stride {
                 1 => 0,
@@ -178,7 +177,9 @@ pub(crate) fn record_elementwise(
                 _ => 2,
             }),
             batched: layout.batch > 1,
+            per_thread: tuning.per_thread,
             rows: None,
+            row_batch: false,
             dtype,
             aliased: false,
         };
@@ -199,8 +200,21 @@ mod tests {
 
     /// The shader's walk (element.wgsl), run on the host: every unit of the window is
     /// visited once, at the position the division-free steps claim.
-    fn check_walk(layout: ChannelLayout, w: ElementWindow, variant: Variant, coalesced: bool) {
-        let (p, groups) = params(&layout, &w, variant, coalesced, Extra::default());
+    fn check_walk(
+        layout: ChannelLayout,
+        w: ElementWindow,
+        variant: Variant,
+        coalesced: bool,
+        per_thread: u32,
+    ) {
+        let (p, groups) = params(
+            &layout,
+            &w,
+            variant,
+            coalesced,
+            u64::from(per_thread),
+            Extra::default(),
+        );
         let mut seen = vec![0u8; p.count as usize];
         let (inner, channels, outer) = (
             u64::from(p.inner),
@@ -209,7 +223,7 @@ mod tests {
         );
         for t in 0..groups * u64::from(WORKGROUP_SIZE) {
             let t = t as u32;
-            let mut e = (t / p.stride) * p.stride * (PER_THREAD as u32 - 1) + t;
+            let mut e = (t / p.stride) * p.stride * (per_thread - 1) + t;
             let u = p.j_start + e;
             let mut j = u % p.inner;
             let q = p.c_start + u / p.inner;
@@ -217,7 +231,7 @@ mod tests {
             let r = p.o_start + q / p.channels;
             let mut o = r % p.outer;
             let mut a = p.a_start + r / p.outer;
-            for _ in 0..PER_THREAD {
+            for _ in 0..per_thread {
                 if e >= p.count {
                     break;
                 }
@@ -289,13 +303,13 @@ mod tests {
             };
             for binding in [1 << 20, 512] {
                 for w in element_windows(layout, &lim(binding)) {
-                    for coalesced in [true, false] {
-                        check_walk(layout, w, Variant::Scalar, coalesced);
+                    for (coalesced, n) in [(true, 1), (true, 4), (false, 4), (false, 2)] {
+                        check_walk(layout, w, Variant::Scalar, coalesced, n);
                         if inner % 4 == 0 {
-                            check_walk(layout, w, Variant::Vec4, coalesced);
+                            check_walk(layout, w, Variant::Vec4, coalesced, n);
                         }
                         if inner == 1 && batch == 1 && channels % 4 == 0 {
-                            check_walk(layout, w, Variant::ChannelsLast, coalesced);
+                            check_walk(layout, w, Variant::ChannelsLast, coalesced, n);
                         }
                     }
                 }

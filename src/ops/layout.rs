@@ -143,6 +143,8 @@ pub(crate) struct RowGeometry {
     rows_per_group: u64,
     /// Threads per workgroup (the `RWG` override).
     pub workgroup: u32,
+    /// The `ROW_BATCH` override.
+    pub batch: bool,
 }
 
 impl RowGeometry {
@@ -166,6 +168,7 @@ impl RowGeometry {
             unit,
             rows_per_group: workgroup / tpr,
             workgroup: workgroup as u32,
+            batch: tuning.row_batch,
         }
     }
 
@@ -317,6 +320,7 @@ impl RowGeometry {
     pub fn spec(&self) -> crate::gpu::Spec {
         crate::gpu::Spec {
             rows: Some(self.workgroup),
+            row_batch: self.batch,
             ..Default::default()
         }
     }
