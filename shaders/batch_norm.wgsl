@@ -133,6 +133,67 @@ fn normalize(ids: Ids) {
     }
 }
 
+// ---- normalize_running: evaluation with running statistics in one pass ------------
+//
+// `normalize` with each thread computing its features' (mean, invstd, gamma, beta)
+// from the running statistics, as `finalize` does (same arithmetic, same bits),
+// instead of reading them from a `finalize` dispatch before it; the pass also writes
+// `norm` for the backward. One dispatch and one barrier fewer, for GPUs (the host's
+// `Tuning::one_pass_eval`): on SIMD software adapters the per-unit reload computes
+// them under a mask on every unit. Flag bits 0 and 1: gamma, beta given; aux0 = eps.
+
+@group(0) @binding(0) var<uniform> be: ElementParams;
+@group(0) @binding(1) var<storage, read> be_x: array<D>;
+@group(0) @binding(2) var<storage, read> be_running_mean: array<f32>;
+@group(0) @binding(3) var<storage, read> be_running_var: array<f32>;
+@group(0) @binding(4) var<storage, read> be_gamma: array<f32>;
+@group(0) @binding(5) var<storage, read> be_beta: array<f32>;
+@group(0) @binding(6) var<storage, read_write> be_norm: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> be_y: array<D>;
+
+fn running_norm(c: u32) -> vec4<f32> {
+    var gamma = 1.0;
+    if ((be.flag & 1u) != 0u) {
+        gamma = be_gamma[c];
+    }
+    var beta = 0.0;
+    if ((be.flag & 2u) != 0u) {
+        beta = be_beta[c];
+    }
+    return vec4<f32>(be_running_mean[c], 1.0 / sqrt(be_running_var[c] + be.aux0), gamma, beta);
+}
+
+fn running_norm_at(s: u32) -> Lanes {
+#ifdef CHANNELS_LAST
+    return lanes_of(running_norm(4u * s), running_norm(4u * s + 1u), running_norm(4u * s + 2u), running_norm(4u * s + 3u));
+#else
+    return running_norm(s);
+#endif
+}
+
+@compute @workgroup_size(WG)
+fn normalize_running(ids: Ids) {
+    // `norm` for the backward, every feature by some thread.
+#ifdef CHANNELS_LAST
+    let features = 4u * be.channels;
+#else
+    let features = be.channels;
+#endif
+    let threads = ids.nwg.x * ids.nwg.y * WG;
+    for (var c = linear_id(ids); c < features; c += threads) {
+        be_norm[c] = running_norm(c);
+    }
+    var w = cursor_start(be, ids);
+    var m = running_norm_at(w.slice);
+    for (; cursor_live(w); cursor_next(be, &w)) {
+        if (reload(w)) {
+            m = running_norm_at(w.slice);
+        }
+        let scale = lane_value(m, 1u) * lane_value(m, 2u);
+        be_y[w.e] = dstore((dload(be_x[w.e]) - lane_value(m, 0u)) * scale + lane_value(m, 3u));
+    }
+}
+
 // ---- grad_factors: grad_gamma, grad_beta and the coefficients of grad_input ---------
 
 @group(0) @binding(0) var<uniform> gf: GradParams;

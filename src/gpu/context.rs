@@ -50,6 +50,9 @@ pub struct Tuning {
     /// Row kernels take a thread's units four at a time, their loads issued together
     /// (the `ROW_BATCH` override of `shaders/shared/rows.wgsl`).
     pub row_batch: bool,
+    /// Batch-norm evaluation with running statistics in one pass, the per-feature
+    /// factors computed by the normalizing threads (no `finalize` dispatch before it).
+    pub one_pass_eval: bool,
 }
 
 impl Tuning {
@@ -57,7 +60,8 @@ impl Tuning {
     /// elementwise layout, `WGNORM_REDUCE_ITEM=<elements>` the reduction items and
     /// `WGNORM_PER_THREAD=<n>` the units per thread of elementwise passes,
     /// `WGNORM_CL_BLOCK=<elements>` the channels-last reduction blocks,
-    /// `WGNORM_ROW_BATCH=1|0` the row kernels' batched loads (for
+    /// `WGNORM_ROW_BATCH=1|0` the row kernels' batched loads, `WGNORM_ONE_PASS_EVAL=1|0`
+    /// batch-norm evaluation in one pass (for
     /// benchmarking one layout on another adapter class, and tuning).
     pub fn from_env(default: Tuning) -> Self {
         let mut t = default;
@@ -85,6 +89,11 @@ impl Tuning {
         {
             t.cl_block_elems = n;
         }
+        match std::env::var("WGNORM_ONE_PASS_EVAL").as_deref() {
+            Ok("1") => t.one_pass_eval = true,
+            Ok("0") => t.one_pass_eval = false,
+            _ => {}
+        }
         match std::env::var("WGNORM_ROW_BATCH").as_deref() {
             Ok("1") => t.row_batch = true,
             Ok("0") => t.row_batch = false,
@@ -106,6 +115,7 @@ impl Tuning {
             per_thread: 4,
             cl_block_elems: 4 * 1024,
             row_batch: true,
+            one_pass_eval: true,
         }
     }
 
@@ -118,6 +128,7 @@ impl Tuning {
             per_thread: 4,
             cl_block_elems: 16 * 1024,
             row_batch: false,
+            one_pass_eval: false,
         }
     }
 

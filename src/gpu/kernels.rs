@@ -181,6 +181,12 @@ kernels! {
         [Uniform, Read, Read, ReadWrite], []);
     BnNormalizeCl => (BATCH_NORM_CL, "wgnorm.batch_norm.cl.normalize", "normalize",
         [Uniform, Read, Read, ReadWrite], []);
+    BnNormalizeRunning => (BATCH_NORM, "wgnorm.batch_norm.normalize_running", "normalize_running",
+        [Uniform, Read, Read, Read, Read, Read, ReadWrite, ReadWrite], []);
+    BnNormalizeRunningVec4 => (BATCH_NORM_VEC4, "wgnorm.batch_norm.vec4.normalize_running", "normalize_running",
+        [Uniform, Read, Read, Read, Read, Read, ReadWrite, ReadWrite], []);
+    BnNormalizeRunningCl => (BATCH_NORM_CL, "wgnorm.batch_norm.cl.normalize_running", "normalize_running",
+        [Uniform, Read, Read, Read, Read, Read, ReadWrite, ReadWrite], []);
     BnGradFactors => (BATCH_NORM, "wgnorm.batch_norm.grad_factors", "grad_factors",
         [Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite], []);
     BnGradInput => (BATCH_NORM, "wgnorm.batch_norm.grad_input", "grad_input",
@@ -208,6 +214,7 @@ impl Kernel {
             Kernel::WnApply => Some(Kernel::WnApplyVec4),
             Kernel::WnGradV => Some(Kernel::WnGradVVec4),
             Kernel::BnNormalize => Some(Kernel::BnNormalizeVec4),
+            Kernel::BnNormalizeRunning => Some(Kernel::BnNormalizeRunningVec4),
             Kernel::BnGradInput => Some(Kernel::BnGradInputVec4),
             Kernel::WelfordPartials => Some(Kernel::WelfordPartialsVec4),
             Kernel::SumPartials => Some(Kernel::SumPartialsVec4),
@@ -232,6 +239,7 @@ impl Kernel {
     pub(crate) fn channels_last_twin(self) -> Option<Kernel> {
         match self {
             Kernel::BnNormalize => Some(Kernel::BnNormalizeCl),
+            Kernel::BnNormalizeRunning => Some(Kernel::BnNormalizeRunningCl),
             Kernel::BnGradInput => Some(Kernel::BnGradInputCl),
             Kernel::WelfordPartials => Some(Kernel::WelfordPartialsCl),
             Kernel::SumPartials => Some(Kernel::SumPartialsCl),

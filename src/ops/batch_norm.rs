@@ -715,34 +715,61 @@ impl BatchNorm {
             }
         };
         let norm = vec4_buffer(ctx, OP, features)?;
-        let params = FinalizeParams {
-            features: features as u32,
-            from_batch: from_batch as u32,
-            update: update as u32,
-            has_gamma: gamma.is_some() as u32,
-            has_beta: beta.is_some() as u32,
-            eps: self.eps,
-            weight,
-            var_correction,
-        };
         let dummy = &*ctx.dummy;
-        rec.dispatch(
-            Kernel::BnFinalize,
-            &params,
-            &[
-                stats
-                    .as_ref()
-                    .map_or(Bind::elems(dummy, 4), |s| Bind::elems(s, features * 4)),
-                gamma.map_or(Bind::elems(dummy, 4), |g| Bind::elems(g, features)),
-                beta.map_or(Bind::elems(dummy, 4), |b| Bind::elems(b, features)),
-                Bind::elems(rm, features),
-                Bind::elems(rv, features),
-                Bind::elems(&norm, features * 4),
-            ],
-            features.div_ceil(u64::from(WORKGROUP_SIZE)),
-        )?;
+        let gamma_bind = gamma.map_or(Bind::elems(dummy, 4), |g| Bind::elems(g, features));
+        let beta_bind = beta.map_or(Bind::elems(dummy, 4), |b| Bind::elems(b, features));
+        // Evaluation with running statistics in one pass over x where the adapter gains
+        // from it (`Tuning::one_pass_eval`): the normalizing threads compute each
+        // feature's factors and write `norm` for the backward.
+        let one_pass = !from_batch && layout.len() > 0 && ctx.limits.tuning.one_pass_eval;
+        if !one_pass {
+            let params = FinalizeParams {
+                features: features as u32,
+                from_batch: from_batch as u32,
+                update: update as u32,
+                has_gamma: gamma.is_some() as u32,
+                has_beta: beta.is_some() as u32,
+                eps: self.eps,
+                weight,
+                var_correction,
+            };
+            rec.dispatch(
+                Kernel::BnFinalize,
+                &params,
+                &[
+                    stats
+                        .as_ref()
+                        .map_or(Bind::elems(dummy, 4), |s| Bind::elems(s, features * 4)),
+                    gamma_bind,
+                    beta_bind,
+                    Bind::elems(rm, features),
+                    Bind::elems(rv, features),
+                    Bind::elems(&norm, features * 4),
+                ],
+                features.div_ceil(u64::from(WORKGROUP_SIZE)),
+            )?;
+        }
         let output = rec.output(OP, x.shape(), x.dtype())?;
-        if layout.len() > 0 {
+        if one_pass {
+            record_elementwise(
+                rec,
+                Kernel::BnNormalizeRunning,
+                &layout,
+                &[x],
+                &[
+                    Bind::elems(rm, features),
+                    Bind::elems(rv, features),
+                    gamma_bind,
+                    beta_bind,
+                    Bind::elems(&norm, features * 4),
+                ],
+                &output,
+                Extra {
+                    flag: u32::from(gamma.is_some()) | u32::from(beta.is_some()) << 1,
+                    aux: [self.eps, 0.0],
+                },
+            )?;
+        } else if layout.len() > 0 {
             record_elementwise(
                 rec,
                 Kernel::BnNormalize,
