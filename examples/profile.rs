@@ -10,17 +10,12 @@
 //! cargo run --release --features bench --example profile -- [--only OP] [--dtype f32] [--workload TEXT]
 //! ```
 
-use wgnorm::bench::{median, suite, Prepared};
+use wgnorm::bench::{arg_value, median, suite, Prepared};
 use wgnorm::{Context, Recording};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let value = |flag: &str| arg_value(&args, flag);
     let ctx = Context::headless()?;
     println!("adapter: {}", ctx.info());
     for case in suite() {

@@ -695,6 +695,14 @@ struct Measured {
     end_to_end: f64,
 }
 
+/// The word after `flag` in a command line (`--only bn_` gives `bn_`), if any.
+pub fn arg_value(args: &[String], flag: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 /// The report's command line, shared by `examples/report.rs` and the peer crate:
 /// `--full` (the whole suite, 5 samples; default the short version), `--out DIR`
 /// (default `target/report`), `--only TEXT` (the ops whose name contains it), `--dtype
@@ -705,12 +713,7 @@ pub fn report_main(
     peer: Option<&mut dyn Peer>,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let value = |flag: &str| arg_value(&args, flag);
     let full = args.iter().any(|a| a == "--full");
     let out = std::path::PathBuf::from(value("--out").unwrap_or_else(|| "target/report".into()));
     let mut options = if full {

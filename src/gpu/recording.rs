@@ -453,27 +453,10 @@ impl<'c> Recording<'c> {
                 _ => None,
             })
             .collect();
-        let n = dispatches.len() as u32 + 1;
-        let queries = device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("wgnorm.profile"),
-            ty: wgpu::QueryType::Timestamp,
-            count: n,
-        });
-        let bytes = u64::from(n) * 8;
-        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgnorm.profile.resolve"),
-            size: bytes,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let readback = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgnorm.profile.readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let stamps = Timestamps::new(device, dispatches.len() as u32 + 1);
+        let queries = &stamps.queries;
         let mut encoder = self.encoder();
-        encoder.write_timestamp(&queries, 0);
+        encoder.write_timestamp(queries, 0);
         let mut slot = 1;
         for command in &self.commands {
             match command {
@@ -492,7 +475,7 @@ impl<'c> Recording<'c> {
                         pass.set_bind_group(0, bind_group, &[]);
                         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
                     }
-                    encoder.write_timestamp(&queries, slot);
+                    encoder.write_timestamp(queries, slot);
                     slot += 1;
                 }
                 Command::Copy { src, dst, bytes } => {
@@ -501,8 +484,7 @@ impl<'c> Recording<'c> {
                 _ => {}
             }
         }
-        encoder.resolve_query_set(&queries, 0..n, &resolve, 0);
-        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        stamps.resolve(&mut encoder);
         self.ctx.queue.submit([encoder.finish()]);
         if let Some(e) = pollster::block_on(validation.pop()) {
             return Err(Error::Gpu {
@@ -510,29 +492,11 @@ impl<'c> Recording<'c> {
                 reason: e.to_string(),
             });
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        readback
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| drop(tx.send(r)));
-        self.ctx.wait()?;
-        let failed = |reason: String| Error::Gpu {
-            during: "reading profile timestamps",
-            reason,
-        };
-        rx.recv()
-            .map_err(|e| failed(e.to_string()))?
-            .map_err(|e| failed(e.to_string()))?;
-        let view = readback
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| failed(e.to_string()))?;
-        let ticks: Vec<u64> = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
-        drop(view);
-        let period = f64::from(self.ctx.queue.get_timestamp_period()) * 1e-9;
+        let times = stamps.read(self.ctx)?;
         Ok(dispatches
             .into_iter()
-            .zip(ticks.windows(2))
-            .map(|((label, grid), t)| (label, grid, t[1].wrapping_sub(t[0]) as f64 * period))
+            .zip(times.windows(2))
+            .map(|((label, grid), t)| (label, grid, t[1] - t[0]))
             .collect())
     }
 
@@ -597,59 +561,14 @@ impl<'c> Recording<'c> {
 
     /// One submission; a timestamp written between compute passes at each boundary.
     fn submit_gpu_timed(&self) -> Result<Vec<f64>> {
-        let device = &self.ctx.device;
-        let n = self.boundaries as u32;
-        let queries = device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("wgnorm.boundaries"),
-            ty: wgpu::QueryType::Timestamp,
-            count: n,
-        });
-        let bytes = u64::from(n) * 8;
-        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgnorm.boundaries.resolve"),
-            size: bytes,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let readback = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgnorm.boundaries.readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let stamps = Timestamps::new(&self.ctx.device, self.boundaries as u32);
         let mut encoder = self.encoder();
         encode(&mut encoder, &self.commands, |encoder, slot| {
-            encoder.write_timestamp(&queries, slot as u32)
+            encoder.write_timestamp(&stamps.queries, slot as u32)
         });
-        encoder.resolve_query_set(&queries, 0..n, &resolve, 0);
-        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        stamps.resolve(&mut encoder);
         self.ctx.queue.submit([encoder.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        readback
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| drop(tx.send(r)));
-        self.ctx.wait()?;
-        rx.recv()
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|reason| Error::Gpu {
-                during: "reading timestamps",
-                reason,
-            })?;
-        let view = readback
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::Gpu {
-                during: "reading timestamps",
-                reason: e.to_string(),
-            })?;
-        let ticks: Vec<u64> = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
-        drop(view);
-        let period = f64::from(self.ctx.queue.get_timestamp_period()) * 1e-9;
-        Ok(ticks
-            .iter()
-            .map(|&t| t.wrapping_sub(ticks[0]) as f64 * period)
-            .collect())
+        stamps.read(self.ctx)
     }
 
     /// One submission per segment between boundaries, each waited on.
@@ -679,6 +598,79 @@ impl Drop for Recording<'_> {
     /// recording of the context is open (see `BufferPool`).
     fn drop(&mut self) {
         self.ctx.pool.close();
+    }
+}
+
+/// `n` timestamp queries with their resolve and readback buffers.
+struct Timestamps {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    n: u32,
+}
+
+impl Timestamps {
+    fn new(device: &wgpu::Device, n: u32) -> Self {
+        let bytes = u64::from(n) * 8;
+        let buffer = |label, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Timestamps {
+            queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("wgnorm.timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: n,
+            }),
+            resolve: buffer(
+                "wgnorm.timestamps.resolve",
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            ),
+            readback: buffer(
+                "wgnorm.timestamps.readback",
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+            n,
+        }
+    }
+
+    /// Resolves the queries into the readback buffer, at the end of `encoder`.
+    fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.resolve_query_set(&self.queries, 0..self.n, &self.resolve, 0);
+        encoder.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, u64::from(self.n) * 8);
+    }
+
+    /// Once the encoder is submitted: waits for it and returns every query's time, in
+    /// seconds from the first.
+    fn read(&self, ctx: &Context) -> Result<Vec<f64>> {
+        let failed = |reason: String| Error::Gpu {
+            during: "reading timestamps",
+            reason,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.readback
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| drop(tx.send(r)));
+        ctx.wait()?;
+        rx.recv()
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let view = self
+            .readback
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| failed(e.to_string()))?;
+        let ticks: Vec<u64> = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
+        drop(view);
+        let period = f64::from(ctx.queue.get_timestamp_period()) * 1e-9;
+        Ok(ticks
+            .iter()
+            .map(|&t| t.wrapping_sub(ticks[0]) as f64 * period)
+            .collect())
     }
 }
 
