@@ -821,8 +821,9 @@ impl BatchNorm {
         let features = layout.channels;
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         let sums = record_sums(rec, OP, &plan, grad_output, x, Some(&forward.norm))?;
-        let grad_gamma = Tensor::zeros(ctx, &[features as usize])?;
-        let grad_beta = Tensor::zeros(ctx, &[features as usize])?;
+        // Every feature's gradients are written by grad_factors: pooled, not zeroed.
+        let grad_gamma = Tensor::output(ctx, &[features as usize])?;
+        let grad_beta = Tensor::output(ctx, &[features as usize])?;
         let coef = vec4_buffer(ctx, OP, features)?;
         let inv_n = 1.0 / layout.per_channel() as f64;
         let out = [&grad_gamma, &grad_beta, &coef];
@@ -928,8 +929,8 @@ impl BatchNorm {
         let (local, global) = (upload(local)?, upload(global)?);
         ctx.run(|rec| {
             let f = layout.channels;
-            let grad_gamma = Tensor::zeros(ctx, &[features])?;
-            let grad_beta = Tensor::zeros(ctx, &[features])?;
+            let grad_gamma = Tensor::output(ctx, &[features])?;
+            let grad_beta = Tensor::output(ctx, &[features])?;
             let (unused_gamma, unused_beta) = (ctx.scratch(OP, f)?, ctx.scratch(OP, f)?);
             let (coef, unused_coef) = (vec4_buffer(ctx, OP, f)?, vec4_buffer(ctx, OP, f)?);
             let inv_n = 1.0 / count;

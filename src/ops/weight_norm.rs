@@ -319,7 +319,8 @@ impl WeightNorm {
         }
         let ctx = rec.context();
         if let Some(windows) = row_windows(layout, &ctx.limits) {
-            let grad_g = Tensor::zeros(ctx, g.shape())?;
+            // Every row's grad_g is written by the row kernel: pooled, not zeroed.
+            let grad_g = Tensor::output(ctx, g.shape())?;
             let grad_v = rec.output(OP, v.shape(), v.dtype())?;
             self.record_rows(
                 rec,
@@ -338,7 +339,7 @@ impl WeightNorm {
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         // One pass over v and grad_w: <grad_w, v> and |v|^2 per slice.
         let sums = record_sums(rec, OP, &plan, grad_w, v, None)?;
-        let grad_g = Tensor::zeros(ctx, g.shape())?;
+        let grad_g = Tensor::output(ctx, g.shape())?;
         let coef = vec4_buffer(ctx, OP, layout.slices())?;
         rec.dispatch(
             Kernel::WnGradFactors,

@@ -344,7 +344,7 @@ impl SpectralNorm {
             self.record_iterations(rec, &m, weight, state, self.n_power_iterations, training)?
         } else {
             // PyTorch evaluation: sigma = u^T M v with u and v as stored.
-            let sigma = Tensor::zeros(ctx, &[1])?;
+            let sigma = Tensor::output(ctx, &[1])?;
             let mv = record_mv(rec, &m, weight, &state.v)?;
             let mut params = self.vector_params(m.rows(), Some(0), false);
             let partials = record_vector_partials(rec, &params, &mv, Some(&state.u))?;
@@ -431,7 +431,7 @@ impl SpectralNorm {
         let sums = record_sums(rec, OP, &plan, grad_output, weight, None)?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);
         let grad_gamma = match gamma {
-            Some(_) => Some(Tensor::zeros(ctx, &[1])?),
+            Some(_) => Some(Tensor::output(ctx, &[1])?),
             None => None,
         };
         let coef = vec4_buffer(ctx, OP, 1)?;

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::matrix::{record_mtv, record_mv, Matrix};
 use super::{SpectralFlavor, SpectralNorm, SpectralNormState, OP};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Bind, Kernel, Recording, Tensor};
 use crate::ops::channel_stats::vec4_buffer;
 
@@ -87,9 +87,14 @@ impl SpectralNorm {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let ctx = rec.context();
         let factor = self.check()?;
-        let u = Tensor::zeros(ctx, &[m.rows() as usize])?;
-        let v = Tensor::zeros(ctx, &[m.cols() as usize])?;
-        let sigma = Tensor::zeros(ctx, &[1])?;
+        if n == 0 {
+            return Err(Error::input(OP, "at least one power iteration is needed"));
+        }
+        // Every iteration writes u and v whole, the last one sigma (n >= 1, `check`):
+        // pooled, not zeroed.
+        let u = Tensor::output(ctx, &[m.rows() as usize])?;
+        let v = Tensor::output(ctx, &[m.cols() as usize])?;
+        let sigma = Tensor::output(ctx, &[1])?;
         for k in 0..n {
             let first = k == 0;
             let last = k + 1 == n;
