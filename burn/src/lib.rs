@@ -1,0 +1,90 @@
+//! wgnorm on burn's wgpu device (issue 18, in progress): one `wgpu::Device` shared by
+//! burn and wgnorm, and wgnorm tensor views of burn's own buffers, so that wgnorm's
+//! kernels read and write burn tensors in place, with no copy in either direction.
+
+use burn::backend::wgpu::graphics::AutoGraphicsApi;
+use std::sync::Mutex;
+
+use burn::backend::wgpu::wgpu;
+use burn::backend::wgpu::{try_init_setup, AutoCompiler, CubeTensor, RuntimeOptions, WgpuDevice};
+use burn::backend::Wgpu;
+use burn::tensor::Tensor;
+use cubecl_wgpu::WgpuServer;
+
+/// Errors of this crate: wgnorm's, or burn's runtime refusing to hand out a buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// wgnorm refused or failed.
+    #[error(transparent)]
+    Wgnorm(#[from] wgnorm::Error),
+    /// burn's runtime could not give the tensor's buffer.
+    #[error("burn's runtime: {0}")]
+    Burn(String),
+}
+
+/// A `Result` of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// burn's wgpu device and a wgnorm context on the same `wgpu::Device` and queue.
+pub struct Shared {
+    /// The burn device (pass it to burn's tensor constructors).
+    pub device: WgpuDevice,
+    /// wgnorm's context on that device.
+    pub ctx: wgnorm::Context,
+}
+
+impl Shared {
+    /// Brings up burn's runtime on `device` (burn's `init_setup`, default options) and a
+    /// wgnorm context on the same device and queue. The first call for a device must
+    /// come before burn first uses it (burn then runs on the device this crate brought
+    /// up); later calls reuse that device. A device burn brought up by itself is an
+    /// error: its `wgpu::Device` cannot be reached.
+    pub fn new(device: WgpuDevice) -> Result<Self> {
+        // burn registers a device's runtime once per process: keep what it returned.
+        static SETUPS: Mutex<Vec<(WgpuDevice, wgpu::Device, wgpu::Queue)>> = Mutex::new(Vec::new());
+        let mut setups = SETUPS.lock().unwrap_or_else(|e| e.into_inner());
+        let (gpu, queue) = match setups.iter().find(|(d, _, _)| *d == device) {
+            Some((_, gpu, queue)) => (gpu.clone(), queue.clone()),
+            None => {
+                let setup = try_init_setup::<AutoGraphicsApi>(&device, RuntimeOptions::default())
+                    .map_err(|e| {
+                        Error::Burn(format!(
+                            "bringing up {device:?} ({e:?}); create the Shared before burn first uses the device"
+                        ))
+                    })?;
+                setups.push((device.clone(), setup.device.clone(), setup.queue.clone()));
+                (setup.device, setup.queue)
+            }
+        };
+        let ctx = wgnorm::Context::from_device(gpu, queue)?;
+        Ok(Shared { device, ctx })
+    }
+
+    /// The burn device to make tensors on (`Tensor::zeros(shape, &shared.burn_device())`).
+    pub fn burn_device(&self) -> burn::tensor::Device {
+        burn::tensor::Device::from(self.device.clone())
+    }
+
+    /// A wgnorm view of a contiguous f32 burn tensor's buffer: ops read it (and write
+    /// it, as an output) in place. burn's pending work on it is submitted first, so
+    /// wgnorm's submissions, on the same queue, come after it.
+    pub fn view<const D: usize>(&self, t: &Tensor<D>) -> Result<wgnorm::Tensor> {
+        let shape: Vec<usize> = t.dims().to_vec();
+        let prim: CubeTensor = t
+            .clone()
+            .try_into_primitive::<Wgpu>()
+            .map_err(|e| Error::Burn(format!("not a wgpu tensor: {e:?}")))?;
+        let resource = prim
+            .client
+            .get_resource::<WgpuServer<AutoCompiler>>(prim.handle.clone())
+            .map_err(|e| Error::Burn(format!("{e:?}")))?;
+        let r = resource.resource();
+        Ok(wgnorm::Tensor::from_buffer(
+            &self.ctx,
+            &r.buffer,
+            r.offset,
+            &shape,
+            wgnorm::DType::F32,
+        )?)
+    }
+}
