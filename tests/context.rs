@@ -309,3 +309,66 @@ fn asynchronous_readback_matches_the_blocking_one() {
         Err(Error::ForeignTensor { .. })
     ));
 }
+
+/// A training step of every op, recorded and submitted, makes no host round trip; the
+/// readback after it does (issue 18: nothing in an op's hot path blocks the thread).
+#[test]
+fn a_training_step_makes_no_host_round_trip() {
+    use ndarray::{ArrayD, IxDyn};
+    use wgnorm::{
+        BatchNorm, BatchNormMode, BatchNormState, Recording, SpectralNorm, Tensor, WeightNorm,
+        WeightStandardization,
+    };
+    let ctx = common::ctx();
+    let data = |shape: &[usize], seed: f32| {
+        let n = shape.iter().product::<usize>();
+        let values = (0..n).map(|k| (k as f32 * 0.37 + seed).sin()).collect();
+        ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+    };
+    let upload = |a: &ArrayD<f32>| Tensor::from_array(&ctx, a).unwrap();
+    let w = upload(&data(&[16, 3, 3, 3], 0.1));
+    let gw = upload(&data(&[16, 3, 3, 3], 0.7));
+    let x = upload(&data(&[4, 16, 5, 5], 0.3));
+    let gx = upload(&data(&[4, 16, 5, 5], 0.9));
+    let g = upload(&data(&[16, 1, 1, 1], 0.5));
+    let (gamma, beta) = (upload(&data(&[16], 0.2)), upload(&data(&[16], 0.4)));
+    let sn = SpectralNorm::pytorch();
+    let mut sn_state = sn.init_state(&ctx, &w, 7).unwrap();
+    let bn = BatchNorm::pytorch();
+    let mut bn_state = BatchNormState::new(&ctx, 16).unwrap();
+
+    let before = ctx.host_round_trips();
+    let mut rec = Recording::new(&ctx);
+    let ws = WeightStandardization::default();
+    ws.record_forward(&mut rec, &w).unwrap();
+    ws.record_backward(&mut rec, &w, &gw).unwrap();
+    let wn = WeightNorm::default();
+    wn.record_forward(&mut rec, &g, &w).unwrap();
+    wn.record_backward(&mut rec, &g, &w, &gw).unwrap();
+    let out = sn
+        .record_forward(&mut rec, &w, &mut sn_state, true)
+        .unwrap();
+    sn.record_backward(&mut rec, &w, &gw, &out, &sn_state)
+        .unwrap();
+    let fwd = bn
+        .record_forward(
+            &mut rec,
+            &x,
+            Some(&gamma),
+            Some(&beta),
+            Some(&mut bn_state),
+            BatchNormMode::Train,
+        )
+        .unwrap();
+    let grads = bn.record_backward(&mut rec, &x, &gx, &fwd).unwrap();
+    rec.submit().unwrap();
+    assert_eq!(
+        ctx.host_round_trips(),
+        before,
+        "a round trip inside the step"
+    );
+
+    let dx = grads.input.to_array(&ctx).unwrap();
+    assert!(dx.iter().all(|v| v.is_finite()));
+    assert!(ctx.host_round_trips() > before, "the readback is counted");
+}

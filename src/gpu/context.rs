@@ -268,6 +268,8 @@ pub struct Context {
     pub(crate) dummy: Arc<wgpu::Buffer>,
     /// Output buffers of dropped tensors, for reuse.
     pub(crate) pool: Arc<super::tensor::BufferPool>,
+    /// Host round trips so far (see [`Context::host_round_trips`]).
+    round_trips: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Context {
@@ -441,6 +443,7 @@ impl Context {
             kernels: KernelCache::default(),
             dummy: Arc::new(dummy),
             pool: Arc::default(),
+            round_trips: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -492,8 +495,25 @@ impl Context {
         self.pool.bytes()
     }
 
+    /// How many host round trips this context has made: each readback
+    /// ([`Self::read_all_async`], which [`Self::read_all`] and `Tensor::to_array` use)
+    /// and each wait for the GPU ([`Self::wait`], which blocking readbacks, timed
+    /// submissions and the blocking op methods call) counts one. Recording ops and
+    /// [`Recording::submit`](crate::Recording::submit) without time boundaries add
+    /// nothing: a training step that records and submits leaves it unchanged, which is
+    /// how tests check that no round trip hides in one.
+    pub fn host_round_trips(&self) -> u64 {
+        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_round_trip(&self) {
+        self.round_trips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Blocks until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
+        self.count_round_trip();
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())

@@ -474,6 +474,7 @@ impl Context {
             .collect();
         let named: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
         self.check_tensors("readback", &named)?;
+        self.count_round_trip();
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
