@@ -3,7 +3,10 @@
 //! kernels read and write burn tensors in place, with no copy in either direction.
 
 use burn::backend::wgpu::graphics::AutoGraphicsApi;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+mod autodiff;
+pub use autodiff::weight_standardization;
 
 use burn::backend::wgpu::wgpu;
 use burn::backend::wgpu::{try_init_setup, AutoCompiler, CubeTensor, RuntimeOptions, WgpuDevice};
@@ -69,11 +72,15 @@ impl Shared {
     /// it, as an output) in place. burn's pending work on it is submitted first, so
     /// wgnorm's submissions, on the same queue, come after it.
     pub fn view<const D: usize>(&self, t: &Tensor<D>) -> Result<wgnorm::Tensor> {
-        let shape: Vec<usize> = t.dims().to_vec();
         let prim: CubeTensor = t
             .clone()
             .try_into_primitive::<Wgpu>()
             .map_err(|e| Error::Burn(format!("not a wgpu tensor: {e:?}")))?;
+        self.view_primitive(&prim, &t.dims())
+    }
+
+    /// [`Self::view`] of burn's backend primitive, shaped `shape`.
+    pub fn view_primitive(&self, prim: &CubeTensor, shape: &[usize]) -> Result<wgnorm::Tensor> {
         let resource = prim
             .client
             .get_resource::<WgpuServer<AutoCompiler>>(prim.handle.clone())
@@ -83,8 +90,22 @@ impl Shared {
             &self.ctx,
             &r.buffer,
             r.offset,
-            &shape,
+            shape,
             wgnorm::DType::F32,
         )?)
+    }
+
+    /// The `Shared` of `device` for this process, brought up on first use (see
+    /// [`Self::new`]): what the autodiff ops use in burn's backward pass, where only
+    /// the device is at hand.
+    pub fn of(device: &WgpuDevice) -> Result<Arc<Shared>> {
+        static ALL: Mutex<Vec<Arc<Shared>>> = Mutex::new(Vec::new());
+        let mut all = ALL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.iter().find(|s| s.device == *device) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Shared::new(device.clone())?);
+        all.push(s.clone());
+        Ok(s)
     }
 }

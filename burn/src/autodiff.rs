@@ -1,0 +1,124 @@
+//! wgnorm ops as burn autodiff ops: the forward runs wgnorm's kernel on burn's buffers,
+//! and a custom backward (burn-autodiff's `Backward`) runs wgnorm's backward kernel on
+//! them when burn computes gradients.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::wgpu::{CubeTensor, WgpuDevice};
+use burn::backend::{Autodiff, Wgpu};
+use burn::tensor::Tensor;
+use wgnorm::{Recording, WeightStandardization};
+
+use crate::{Error, Result, Shared};
+
+type Ad = Autodiff<Wgpu>;
+
+/// A new burn tensor of `dims` on `shared`'s device, as a backend primitive.
+fn empty<const D: usize>(shared: &Shared, dims: [usize; D]) -> Result<CubeTensor> {
+    Tensor::<D>::empty(dims, &shared.burn_device())
+        .try_into_primitive::<Wgpu>()
+        .map_err(|e| Error::Burn(format!("{e:?}")))
+}
+
+/// Runs `record` (which records one op whose next output is the returned tensor) on
+/// burn's buffers: a new burn tensor of `dims` receives the output.
+fn run<const D: usize>(
+    shared: &Shared,
+    dims: [usize; D],
+    record: impl FnOnce(&mut Recording<'_>) -> Result<()>,
+) -> Result<CubeTensor> {
+    let out = empty(shared, dims)?;
+    let view = shared.view_primitive(&out, &dims)?;
+    let mut rec = Recording::new(&shared.ctx);
+    rec.write_next_output_to(&view)?;
+    record(&mut rec)?;
+    rec.submit()?;
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct WsBackward<const D: usize> {
+    ws: WeightStandardization,
+    device: WgpuDevice,
+    dims: [usize; D],
+}
+
+impl<const D: usize> Backward<Wgpu, 1> for WsBackward<D> {
+    /// The weight.
+    type State = CubeTensor;
+
+    fn backward(self, ops: Ops<CubeTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let weight = ops.state;
+        unary::<Wgpu, _>(ops.parents, ops.node, grads, |grad| {
+            let grad_weight = (|| {
+                let shared = Shared::of(&self.device)?;
+                let (w, g) = (
+                    shared.view_primitive(&weight, &self.dims)?,
+                    shared.view_primitive(&grad, &self.dims)?,
+                );
+                run(&shared, self.dims, |rec| {
+                    self.ws.record_backward(rec, &w, &g).map(drop)?;
+                    Ok(())
+                })
+            })();
+            // burn's backward has no error path: a failure here is a bug or a lost
+            // device, and says which.
+            grad_weight.unwrap_or_else(|e| panic!("weight_standardization backward: {e}"))
+        });
+    }
+}
+
+/// Weight Standardization of a burn weight, `ws`'s flavour (Chainer's by default), on
+/// wgnorm's kernels: forward now, and on burn's autodiff devices a gradient through
+/// wgnorm's backward kernel. `weight` lives on a wgpu device (autodiff or not) that
+/// [`Shared::of`] can reach.
+pub fn weight_standardization<const D: usize>(
+    ws: &WeightStandardization,
+    weight: Tensor<D>,
+) -> Result<Tensor<D>> {
+    let dims = weight.dims();
+    if let Ok(ad) = weight.clone().try_into_primitive::<Ad>() {
+        let prim = ad.primitive().clone();
+        let device = wgpu_device(&prim)?;
+        let shared = Shared::of(&device)?;
+        let w = shared.view_primitive(&prim, &dims)?;
+        let out = run(&shared, dims, |rec| {
+            ws.record_forward(rec, &w).map(drop)?;
+            Ok(())
+        })?;
+        let back = WsBackward {
+            ws: *ws,
+            device,
+            dims,
+        };
+        let result = match back
+            .prepare::<NoCheckpointing>([ad.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(prim, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Ok(Tensor::from_primitive::<Ad>(result));
+    }
+    let prim: CubeTensor = weight
+        .try_into_primitive::<Wgpu>()
+        .map_err(|e| Error::Burn(format!("not a wgpu tensor: {e:?}")))?;
+    let shared = Shared::of(&wgpu_device(&prim)?)?;
+    let w = shared.view_primitive(&prim, &dims)?;
+    let out = run(&shared, dims, |rec| {
+        ws.record_forward(rec, &w).map(drop)?;
+        Ok(())
+    })?;
+    Ok(Tensor::from_primitive::<Wgpu>(out))
+}
+
+/// The wgpu device of a burn primitive.
+fn wgpu_device(prim: &CubeTensor) -> Result<WgpuDevice> {
+    match &prim.device {
+        cubecl::Device::Wgpu(d) => Ok(d.clone()),
+        other => Err(Error::Burn(format!("{other:?} is not a wgpu device"))),
+    }
+}
