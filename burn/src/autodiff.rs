@@ -9,7 +9,7 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::wgpu::{CubeTensor, WgpuDevice};
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::Tensor;
-use wgnorm::{Recording, WeightStandardization};
+use wgnorm::{Recording, WeightNorm, WeightStandardization};
 
 use crate::{Error, Result, Shared};
 
@@ -121,4 +121,108 @@ fn wgpu_device(prim: &CubeTensor) -> Result<WgpuDevice> {
         cubecl::Device::Wgpu(d) => Ok(d.clone()),
         other => Err(Error::Burn(format!("{other:?} is not a wgpu device"))),
     }
+}
+
+#[derive(Debug)]
+struct WnBackward<const D: usize> {
+    wn: WeightNorm,
+    device: WgpuDevice,
+    g_dims: [usize; D],
+    v_dims: [usize; D],
+}
+
+impl<const D: usize> Backward<Wgpu, 2> for WnBackward<D> {
+    /// g and v.
+    type State = (CubeTensor, CubeTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Wgpu>(&ops.node);
+        let (g, v) = ops.state;
+        let [parent_g, parent_v] = ops.parents;
+        let result = (|| {
+            let shared = Shared::of(&self.device)?;
+            let (gt, vt, gw) = (
+                shared.view_primitive(&g, &self.g_dims)?,
+                shared.view_primitive(&v, &self.v_dims)?,
+                shared.view_primitive(&grad, &self.v_dims)?,
+            );
+            let grad_g = empty(&shared, self.g_dims)?;
+            let grad_g_view = shared.view_primitive(&grad_g, &self.g_dims)?;
+            let grad_v = run(&shared, self.v_dims, |rec| {
+                let grads = self.wn.record_backward(rec, &gt, &vt, &gw)?;
+                // grad_g is per slice, not shaped like the data: wgnorm makes it, and
+                // a GPU copy puts it in burn's tensor.
+                rec.copy_tensor(&grads.g, &grad_g_view)?;
+                Ok(())
+            })?;
+            Ok::<_, Error>((grad_g, grad_v))
+        })();
+        let (grad_g, grad_v) = result.unwrap_or_else(|e| panic!("weight_norm backward: {e}"));
+        if let Some(node) = parent_g {
+            grads.register::<Wgpu>(node.id, grad_g);
+        }
+        if let Some(node) = parent_v {
+            grads.register::<Wgpu>(node.id, grad_v);
+        }
+    }
+}
+
+/// Weight Normalization `W = g * v / ||v||` of burn tensors, `wn`'s flavour (PyTorch's
+/// `dim = 0` by default: `g` shaped `[rows, 1, ..]`), on wgnorm's kernels, with
+/// gradients for `g` and `v` through wgnorm's backward kernel on autodiff devices.
+pub fn weight_norm<const D: usize>(
+    wn: &WeightNorm,
+    g: Tensor<D>,
+    v: Tensor<D>,
+) -> Result<Tensor<D>> {
+    let (g_dims, v_dims) = (g.dims(), v.dims());
+    if let (Ok(ag), Ok(av)) = (
+        g.clone().try_into_primitive::<Ad>(),
+        v.clone().try_into_primitive::<Ad>(),
+    ) {
+        let (pg, pv) = (ag.primitive().clone(), av.primitive().clone());
+        let device = wgpu_device(&pv)?;
+        let shared = Shared::of(&device)?;
+        let (gt, vt) = (
+            shared.view_primitive(&pg, &g_dims)?,
+            shared.view_primitive(&pv, &v_dims)?,
+        );
+        let out = run(&shared, v_dims, |rec| {
+            wn.record_forward(rec, &gt, &vt).map(drop)?;
+            Ok(())
+        })?;
+        let back = WnBackward {
+            wn: *wn,
+            device,
+            g_dims,
+            v_dims,
+        };
+        let result = match back
+            .prepare::<NoCheckpointing>([ag.node(), av.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((pg, pv), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Ok(Tensor::from_primitive::<Ad>(result));
+    }
+    let prim = |t: Tensor<D>| -> Result<CubeTensor> {
+        t.try_into_primitive::<Wgpu>().map_err(|e| {
+            Error::Burn(format!(
+                "not a wgpu tensor (both on one device, autodiff or not): {e:?}"
+            ))
+        })
+    };
+    let (pg, pv) = (prim(g)?, prim(v)?);
+    let shared = Shared::of(&wgpu_device(&pv)?)?;
+    let (gt, vt) = (
+        shared.view_primitive(&pg, &g_dims)?,
+        shared.view_primitive(&pv, &v_dims)?,
+    );
+    let out = run(&shared, v_dims, |rec| {
+        wn.record_forward(rec, &gt, &vt).map(drop)?;
+        Ok(())
+    })?;
+    Ok(Tensor::from_primitive::<Wgpu>(out))
 }

@@ -54,3 +54,39 @@ fn weight_standardization_runs_on_a_plain_device_too() {
     let mean: f32 = y.clone().mean().into_scalar();
     assert!(mean.abs() < 1e-5, "rows standardized: mean {mean}");
 }
+
+#[test]
+fn weight_norm_gradients_match_burn_composition() {
+    use wgnorm::WeightNorm;
+    use wgnorm_burn::weight_norm;
+    let shared = Shared::of(&Default::default()).expect("shared device");
+    let plain = shared.burn_device();
+    let dev = plain.clone().autodiff();
+    let (rows, cols) = (24, 60);
+    let vd =
+        Tensor::<2>::random([rows, cols], Distribution::Uniform(-1.0, 1.0), &plain).into_data();
+    let gd = Tensor::<2>::random([rows, 1], Distribution::Uniform(0.5, 2.0), &plain).into_data();
+    let upstream = Tensor::<2>::random([rows, cols], Distribution::Uniform(-1.0, 1.0), &dev);
+
+    let (g, v) = (
+        Tensor::<2>::from_data(gd.clone(), &dev).require_grad(),
+        Tensor::<2>::from_data(vd.clone(), &dev).require_grad(),
+    );
+    let w = weight_norm(&WeightNorm::default(), g.clone(), v.clone()).unwrap();
+    let grads = (w.clone() * upstream.clone()).sum().backward();
+
+    // burn composed: g * v / ||v|| per row.
+    let (g2, v2) = (
+        Tensor::<2>::from_data(gd, &dev).require_grad(),
+        Tensor::<2>::from_data(vd, &dev).require_grad(),
+    );
+    let norm = v2.clone().powi_scalar(2).sum_dim(1).sqrt();
+    let w2 = v2.clone() * g2.clone() / norm;
+    let grads2 = (w2.clone() * upstream).sum().backward();
+
+    assert!(max_diff(w.inner(), w2.inner()) < 1e-5);
+    let gv = max_diff(v.grad(&grads).unwrap(), v2.grad(&grads2).unwrap());
+    let gg = max_diff(g.grad(&grads).unwrap(), g2.grad(&grads2).unwrap());
+    assert!(gv < 1e-5, "grad v differs by {gv}");
+    assert!(gg < 1e-5, "grad g differs by {gg}");
+}
