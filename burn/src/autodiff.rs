@@ -9,7 +9,10 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::wgpu::{CubeTensor, WgpuDevice};
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::Tensor;
-use wgnorm::{Recording, WeightNorm, WeightStandardization};
+use wgnorm::{
+    Recording, SpectralNorm, SpectralNormOutput, SpectralNormState, WeightNorm,
+    WeightStandardization,
+};
 
 use crate::{Error, Result, Shared};
 
@@ -225,4 +228,83 @@ pub fn weight_norm<const D: usize>(
         Ok(())
     })?;
     Ok(Tensor::from_primitive::<Wgpu>(out))
+}
+
+#[derive(Debug)]
+struct SnBackward<const D: usize> {
+    sn: SpectralNorm,
+    device: WgpuDevice,
+    dims: [usize; D],
+}
+
+impl<const D: usize> Backward<Wgpu, 1> for SnBackward<D> {
+    /// The raw weight, the forward's vectors and sigma, the state (for gamma).
+    type State = (CubeTensor, SpectralNormOutput, SpectralNormState);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (weight, forward, state) = ops.state;
+        unary::<Wgpu, _>(ops.parents, ops.node, grads, |grad| {
+            let grad_weight = (|| {
+                let shared = Shared::of(&self.device)?;
+                let (w, g) = (
+                    shared.view_primitive(&weight, &self.dims)?,
+                    shared.view_primitive(&grad, &self.dims)?,
+                );
+                run(&shared, self.dims, |rec| {
+                    self.sn.record_backward(rec, &w, &g, &forward, &state)?;
+                    Ok(())
+                })
+            })();
+            grad_weight.unwrap_or_else(|e| panic!("spectral_norm backward: {e}"))
+        });
+    }
+}
+
+/// Spectral Normalization `W / sigma` of a burn weight, `sn`'s flavour, with `state`
+/// (from [`SpectralNorm::init_state`] on `Shared::of(device).ctx`): in training one
+/// power iteration per call updates `u` and `v`, as PyTorch's parametrization does. On
+/// autodiff devices the weight's gradient (through sigma, `u` and `v` held constant)
+/// comes from wgnorm's backward kernel. The state changes only if this returns `Ok`.
+pub fn spectral_norm<const D: usize>(
+    sn: &SpectralNorm,
+    weight: Tensor<D>,
+    state: &mut SpectralNormState,
+    training: bool,
+) -> Result<Tensor<D>> {
+    let dims = weight.dims();
+    let (prim, tracked) = match weight.clone().try_into_primitive::<Ad>() {
+        Ok(ad) => (ad.primitive().clone(), Some(ad)),
+        Err(_) => (
+            weight
+                .try_into_primitive::<Wgpu>()
+                .map_err(|e| Error::Burn(format!("not a wgpu tensor: {e:?}")))?,
+            None,
+        ),
+    };
+    let device = wgpu_device(&prim)?;
+    let shared = Shared::of(&device)?;
+    let w = shared.view_primitive(&prim, &dims)?;
+    let mut forward = None;
+    let out = run(&shared, dims, |rec| {
+        forward = Some(sn.record_forward(rec, &w, state, training)?);
+        Ok(())
+    })?;
+    let Some(ad) = tracked else {
+        return Ok(Tensor::from_primitive::<Wgpu>(out));
+    };
+    let forward = forward.expect("recorded above");
+    let back = SnBackward {
+        sn: *sn,
+        device,
+        dims,
+    };
+    let result = match back
+        .prepare::<NoCheckpointing>([ad.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((prim, forward, state.clone()), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(Tensor::from_primitive::<Ad>(result))
 }
