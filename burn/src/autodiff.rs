@@ -10,8 +10,8 @@ use burn::backend::wgpu::{CubeTensor, WgpuDevice};
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::Tensor;
 use wgnorm::{
-    Recording, SpectralNorm, SpectralNormOutput, SpectralNormState, WeightNorm,
-    WeightStandardization,
+    BatchNorm, BatchNormForward, BatchNormMode, BatchNormState, Recording, SpectralNorm,
+    SpectralNormOutput, SpectralNormState, WeightNorm, WeightStandardization,
 };
 
 use crate::{Error, Result, Shared};
@@ -304,6 +304,131 @@ pub fn spectral_norm<const D: usize>(
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish((prim, forward, state.clone()), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(Tensor::from_primitive::<Ad>(result))
+}
+
+#[derive(Debug)]
+struct BnBackward<const D: usize> {
+    bn: BatchNorm,
+    device: WgpuDevice,
+    dims: [usize; D],
+    features: usize,
+}
+
+impl<const D: usize> Backward<Wgpu, 3> for BnBackward<D> {
+    /// x and what the forward left for the backward.
+    type State = (CubeTensor, std::sync::Arc<BatchNormForward>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Wgpu>(&ops.node);
+        let (x, forward) = ops.state;
+        let [parent_x, parent_gamma, parent_beta] = ops.parents;
+        let result = (|| {
+            let shared = Shared::of(&self.device)?;
+            let (xv, gv) = (
+                shared.view_primitive(&x, &self.dims)?,
+                shared.view_primitive(&grad, &self.dims)?,
+            );
+            let (grad_gamma, grad_beta) = (
+                empty(&shared, [self.features])?,
+                empty(&shared, [self.features])?,
+            );
+            let (gg, gb) = (
+                shared.view_primitive(&grad_gamma, &[self.features])?,
+                shared.view_primitive(&grad_beta, &[self.features])?,
+            );
+            let grad_x = run(&shared, self.dims, |rec| {
+                let grads = self.bn.record_backward(rec, &xv, &gv, &forward)?;
+                // Per-feature gradients are not shaped like the data: copied on the
+                // GPU into burn's tensors.
+                rec.copy_tensor(&grads.gamma, &gg)?;
+                rec.copy_tensor(&grads.beta, &gb)?;
+                Ok(())
+            })?;
+            Ok::<_, Error>((grad_x, grad_gamma, grad_beta))
+        })();
+        let (grad_x, grad_gamma, grad_beta) =
+            result.unwrap_or_else(|e| panic!("batch_norm backward: {e}"));
+        for (parent, g) in [
+            (parent_x, grad_x),
+            (parent_gamma, grad_gamma),
+            (parent_beta, grad_beta),
+        ] {
+            if let Some(node) = parent {
+                grads.register::<Wgpu>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Batch Normalization of a burn activation `x` with burn's `gamma` and `beta`
+/// (features on `bn.feature_axis`; PyTorch's defaults with [`BatchNorm::pytorch`]),
+/// in `mode`, updating `state` (running statistics as wgnorm tensors, or views of
+/// burn tensors from [`Shared::view`], updated in place) when it trains. On autodiff
+/// devices the gradients of `x`, `gamma` and `beta` come from wgnorm's backward
+/// kernels. The state changes only if this returns `Ok`.
+pub fn batch_norm<const D: usize>(
+    bn: &BatchNorm,
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    state: &mut BatchNormState,
+    mode: BatchNormMode,
+) -> Result<Tensor<D>> {
+    let dims = x.dims();
+    let features = gamma.dims()[0];
+    let tracked = (
+        x.clone().try_into_primitive::<Ad>(),
+        gamma.clone().try_into_primitive::<Ad>(),
+        beta.clone().try_into_primitive::<Ad>(),
+    );
+    let (px, pg, pb, nodes) = match tracked {
+        (Ok(ax), Ok(ag), Ok(ab)) => (
+            ax.primitive().clone(),
+            ag.primitive().clone(),
+            ab.primitive().clone(),
+            Some([ax.node(), ag.node(), ab.node()]),
+        ),
+        _ => {
+            let plain = |e| Error::Burn(format!("not wgpu tensors on one device: {e:?}"));
+            (
+                x.try_into_primitive::<Wgpu>().map_err(plain)?,
+                gamma.try_into_primitive::<Wgpu>().map_err(plain)?,
+                beta.try_into_primitive::<Wgpu>().map_err(plain)?,
+                None,
+            )
+        }
+    };
+    let device = wgpu_device(&px)?;
+    let shared = Shared::of(&device)?;
+    let (xv, gv, bv) = (
+        shared.view_primitive(&px, &dims)?,
+        shared.view_primitive(&pg, &[features])?,
+        shared.view_primitive(&pb, &[features])?,
+    );
+    let mut forward = None;
+    let out = run(&shared, dims, |rec| {
+        forward = Some(bn.record_forward(rec, &xv, Some(&gv), Some(&bv), Some(state), mode)?);
+        Ok(())
+    })?;
+    let Some(nodes) = nodes else {
+        return Ok(Tensor::from_primitive::<Wgpu>(out));
+    };
+    let forward = std::sync::Arc::new(forward.expect("recorded above"));
+    let back = BnBackward {
+        bn: *bn,
+        device,
+        dims,
+        features,
+    };
+    let result = match back
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((px, forward), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Ok(Tensor::from_primitive::<Ad>(result))

@@ -6,7 +6,7 @@ use burn::backend::wgpu::graphics::AutoGraphicsApi;
 use std::sync::{Arc, Mutex};
 
 mod autodiff;
-pub use autodiff::{spectral_norm, weight_norm, weight_standardization};
+pub use autodiff::{batch_norm, spectral_norm, weight_norm, weight_standardization};
 
 use burn::backend::wgpu::wgpu;
 use burn::backend::wgpu::{try_init_setup, AutoCompiler, CubeTensor, RuntimeOptions, WgpuDevice};

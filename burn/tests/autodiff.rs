@@ -212,3 +212,72 @@ fn spectral_norm_training_matches_burn_composition() {
     );
     assert!(du < 1e-5, "the state's u differs by {du}");
 }
+
+/// PyTorch-style batch-norm training as a burn op: output and the gradients of x,
+/// gamma and beta against burn's composition, running statistics updated.
+#[test]
+fn batch_norm_training_gradients_match_burn_composition() {
+    use wgnorm::{BatchNorm, BatchNormMode, BatchNormState};
+    use wgnorm_burn::batch_norm;
+    let shared = Shared::of(&Default::default()).expect("shared device");
+    let plain = shared.burn_device();
+    let dev = plain.clone().autodiff();
+    let (n, c, h, w) = (4, 6, 5, 4);
+    let xd =
+        Tensor::<4>::random([n, c, h, w], Distribution::Uniform(-2.0, 3.0), &plain).into_data();
+    let gd = Tensor::<1>::random([c], Distribution::Uniform(0.5, 1.5), &plain).into_data();
+    let bd = Tensor::<1>::random([c], Distribution::Uniform(-0.5, 0.5), &plain).into_data();
+    let upstream = Tensor::<4>::random([n, c, h, w], Distribution::Uniform(-1.0, 1.0), &dev);
+    let mut state = BatchNormState::new(&shared.ctx, c).unwrap();
+
+    let x = Tensor::<4>::from_data(xd.clone(), &dev).require_grad();
+    let gamma = Tensor::<1>::from_data(gd.clone(), &dev).require_grad();
+    let beta = Tensor::<1>::from_data(bd.clone(), &dev).require_grad();
+    let y = batch_norm(
+        &BatchNorm::pytorch(),
+        x.clone(),
+        gamma.clone(),
+        beta.clone(),
+        &mut state,
+        BatchNormMode::Train,
+    )
+    .unwrap();
+    let grads = (y.clone() * upstream.clone()).sum().backward();
+    assert_eq!(state.num_updates, 1);
+
+    let x2 = Tensor::<4>::from_data(xd, &dev).require_grad();
+    let gamma2 = Tensor::<1>::from_data(gd, &dev).require_grad();
+    let beta2 = Tensor::<1>::from_data(bd, &dev).require_grad();
+    let mean = x2.clone().mean_dim(0).mean_dim(2).mean_dim(3);
+    let centred = x2.clone() - mean;
+    let var = centred
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(0)
+        .mean_dim(2)
+        .mean_dim(3);
+    let y2 = centred / (var + 1e-5).sqrt() * gamma2.clone().reshape([1, c, 1, 1])
+        + beta2.clone().reshape([1, c, 1, 1]);
+    let grads2 = (y2.clone() * upstream).sum().backward();
+
+    let flat = |t: Tensor<4>| t.reshape([n * c * h * w]);
+    let d1 = |a: Tensor<1>, b: Tensor<1>| {
+        let a: Vec<f32> = a.into_data().try_to_vec::<f32>().unwrap();
+        let b: Vec<f32> = b.into_data().try_to_vec::<f32>().unwrap();
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let fwd = d1(flat(y.inner()), flat(y2.inner()));
+    let gx = d1(
+        flat(x.grad(&grads).unwrap()),
+        flat(x2.grad(&grads2).unwrap()),
+    );
+    let gg = d1(gamma.grad(&grads).unwrap(), gamma2.grad(&grads2).unwrap());
+    let gb = d1(beta.grad(&grads).unwrap(), beta2.grad(&grads2).unwrap());
+    assert!(fwd < 1e-5, "forward differs by {fwd}");
+    assert!(gx < 1e-5, "grad x differs by {gx}");
+    assert!(gg < 1e-5, "grad gamma differs by {gg}");
+    assert!(gb < 1e-5, "grad beta differs by {gb}");
+}
