@@ -5,7 +5,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{unary, Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::wgpu::{CubeTensor, WgpuDevice};
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::Tensor;
@@ -39,6 +39,65 @@ fn run<const D: usize>(
     record(&mut rec)?;
     rec.submit()?;
     Ok(out)
+}
+
+/// A burn float tensor's backend primitive, and its autodiff node when it lives on an
+/// autodiff device.
+fn primitive<const D: usize>(t: Tensor<D>) -> Result<(CubeTensor, Option<NodeGuard>)> {
+    if let Ok(ad) = t.clone().try_into_primitive::<Ad>() {
+        return Ok((ad.primitive().clone(), Some(ad.node())));
+    }
+    let prim = t
+        .try_into_primitive::<Wgpu>()
+        .map_err(|e| Error::Burn(format!("not a tensor of a wgpu device: {e:?}")))?;
+    Ok((prim, None))
+}
+
+/// Inputs all on an autodiff device or none: checked before anything runs, so a refused
+/// call leaves the state as it was.
+fn all_or_none(op: &str, nodes: &[&Option<NodeGuard>]) -> Result<()> {
+    let tracked = nodes.iter().filter(|n| n.is_some()).count();
+    if tracked != 0 && tracked != nodes.len() {
+        return Err(Error::Burn(format!(
+            "{op}: {tracked} of {} inputs are on an autodiff device: all or none must be",
+            nodes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The op's output as a burn tensor: on an autodiff device (every input has a node)
+/// with `back` as its backward, given `state`; plain when no input has one. Inputs of
+/// both kinds are an error (their gradients would be lost without a word).
+fn finish<BO, const N: usize, const D: usize>(
+    op: &str,
+    back: BO,
+    nodes: [Option<NodeGuard>; N],
+    state: BO::State,
+    out: CubeTensor,
+) -> Result<Tensor<D>>
+where
+    BO: Backward<Wgpu, N>,
+{
+    let tracked = nodes.iter().filter(|n| n.is_some()).count();
+    if tracked == 0 {
+        return Ok(Tensor::from_primitive::<Wgpu>(out));
+    }
+    let nodes: Option<Vec<NodeGuard>> = nodes.into_iter().collect();
+    let Some(nodes) = nodes.and_then(|n| <[NodeGuard; N]>::try_from(n).ok()) else {
+        return Err(Error::Burn(format!(
+            "{op}: {tracked} of {N} inputs are on an autodiff device: all or none must be"
+        )));
+    };
+    let result = match back
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(Tensor::from_primitive::<Ad>(result))
 }
 
 #[derive(Debug)]
@@ -82,40 +141,20 @@ pub fn weight_standardization<const D: usize>(
     weight: Tensor<D>,
 ) -> Result<Tensor<D>> {
     let dims = weight.dims();
-    if let Ok(ad) = weight.clone().try_into_primitive::<Ad>() {
-        let prim = ad.primitive().clone();
-        let device = wgpu_device(&prim)?;
-        let shared = Shared::of(&device)?;
-        let w = shared.view_primitive(&prim, &dims)?;
-        let out = run(&shared, dims, |rec| {
-            ws.record_forward(rec, &w).map(drop)?;
-            Ok(())
-        })?;
-        let back = WsBackward {
-            ws: *ws,
-            device,
-            dims,
-        };
-        let result = match back
-            .prepare::<NoCheckpointing>([ad.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(prim, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        };
-        return Ok(Tensor::from_primitive::<Ad>(result));
-    }
-    let prim: CubeTensor = weight
-        .try_into_primitive::<Wgpu>()
-        .map_err(|e| Error::Burn(format!("not a wgpu tensor: {e:?}")))?;
-    let shared = Shared::of(&wgpu_device(&prim)?)?;
+    let (prim, node) = primitive(weight)?;
+    let device = wgpu_device(&prim)?;
+    let shared = Shared::of(&device)?;
     let w = shared.view_primitive(&prim, &dims)?;
     let out = run(&shared, dims, |rec| {
         ws.record_forward(rec, &w).map(drop)?;
         Ok(())
     })?;
-    Ok(Tensor::from_primitive::<Wgpu>(out))
+    let back = WsBackward {
+        ws: *ws,
+        device,
+        dims,
+    };
+    finish("weight_standardization", back, [node], prim, out)
 }
 
 /// The wgpu device of a burn primitive.
@@ -179,46 +218,10 @@ pub fn weight_norm<const D: usize>(
     v: Tensor<D>,
 ) -> Result<Tensor<D>> {
     let (g_dims, v_dims) = (g.dims(), v.dims());
-    if let (Ok(ag), Ok(av)) = (
-        g.clone().try_into_primitive::<Ad>(),
-        v.clone().try_into_primitive::<Ad>(),
-    ) {
-        let (pg, pv) = (ag.primitive().clone(), av.primitive().clone());
-        let device = wgpu_device(&pv)?;
-        let shared = Shared::of(&device)?;
-        let (gt, vt) = (
-            shared.view_primitive(&pg, &g_dims)?,
-            shared.view_primitive(&pv, &v_dims)?,
-        );
-        let out = run(&shared, v_dims, |rec| {
-            wn.record_forward(rec, &gt, &vt).map(drop)?;
-            Ok(())
-        })?;
-        let back = WnBackward {
-            wn: *wn,
-            device,
-            g_dims,
-            v_dims,
-        };
-        let result = match back
-            .prepare::<NoCheckpointing>([ag.node(), av.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((pg, pv), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        };
-        return Ok(Tensor::from_primitive::<Ad>(result));
-    }
-    let prim = |t: Tensor<D>| -> Result<CubeTensor> {
-        t.try_into_primitive::<Wgpu>().map_err(|e| {
-            Error::Burn(format!(
-                "not a wgpu tensor (both on one device, autodiff or not): {e:?}"
-            ))
-        })
-    };
-    let (pg, pv) = (prim(g)?, prim(v)?);
-    let shared = Shared::of(&wgpu_device(&pv)?)?;
+    let ((pg, ng), (pv, nv)) = (primitive(g)?, primitive(v)?);
+    all_or_none("weight_norm", &[&ng, &nv])?;
+    let device = wgpu_device(&pv)?;
+    let shared = Shared::of(&device)?;
     let (gt, vt) = (
         shared.view_primitive(&pg, &g_dims)?,
         shared.view_primitive(&pv, &v_dims)?,
@@ -227,7 +230,13 @@ pub fn weight_norm<const D: usize>(
         wn.record_forward(rec, &gt, &vt).map(drop)?;
         Ok(())
     })?;
-    Ok(Tensor::from_primitive::<Wgpu>(out))
+    let back = WnBackward {
+        wn: *wn,
+        device,
+        g_dims,
+        v_dims,
+    };
+    finish("weight_norm", back, [ng, nv], (pg, pv), out)
 }
 
 #[derive(Debug)]
@@ -272,15 +281,7 @@ pub fn spectral_norm<const D: usize>(
     training: bool,
 ) -> Result<Tensor<D>> {
     let dims = weight.dims();
-    let (prim, tracked) = match weight.clone().try_into_primitive::<Ad>() {
-        Ok(ad) => (ad.primitive().clone(), Some(ad)),
-        Err(_) => (
-            weight
-                .try_into_primitive::<Wgpu>()
-                .map_err(|e| Error::Burn(format!("not a wgpu tensor: {e:?}")))?,
-            None,
-        ),
-    };
+    let (prim, node) = primitive(weight)?;
     let device = wgpu_device(&prim)?;
     let shared = Shared::of(&device)?;
     let w = shared.view_primitive(&prim, &dims)?;
@@ -289,24 +290,19 @@ pub fn spectral_norm<const D: usize>(
         forward = Some(sn.record_forward(rec, &w, state, training)?);
         Ok(())
     })?;
-    let Some(ad) = tracked else {
-        return Ok(Tensor::from_primitive::<Wgpu>(out));
-    };
     let forward = forward.expect("recorded above");
     let back = SnBackward {
         sn: *sn,
         device,
         dims,
     };
-    let result = match back
-        .prepare::<NoCheckpointing>([ad.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((prim, forward, state.clone()), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Ok(Tensor::from_primitive::<Ad>(result))
+    finish(
+        "spectral_norm",
+        back,
+        [node],
+        (prim, forward, state.clone()),
+        out,
+    )
 }
 
 #[derive(Debug)]
@@ -379,28 +375,8 @@ pub fn batch_norm<const D: usize>(
 ) -> Result<Tensor<D>> {
     let dims = x.dims();
     let features = gamma.dims()[0];
-    let tracked = (
-        x.clone().try_into_primitive::<Ad>(),
-        gamma.clone().try_into_primitive::<Ad>(),
-        beta.clone().try_into_primitive::<Ad>(),
-    );
-    let (px, pg, pb, nodes) = match tracked {
-        (Ok(ax), Ok(ag), Ok(ab)) => (
-            ax.primitive().clone(),
-            ag.primitive().clone(),
-            ab.primitive().clone(),
-            Some([ax.node(), ag.node(), ab.node()]),
-        ),
-        _ => {
-            let plain = |e| Error::Burn(format!("not wgpu tensors on one device: {e:?}"));
-            (
-                x.try_into_primitive::<Wgpu>().map_err(plain)?,
-                gamma.try_into_primitive::<Wgpu>().map_err(plain)?,
-                beta.try_into_primitive::<Wgpu>().map_err(plain)?,
-                None,
-            )
-        }
-    };
+    let ((px, nx), (pg, ng), (pb, nb)) = (primitive(x)?, primitive(gamma)?, primitive(beta)?);
+    all_or_none("batch_norm", &[&nx, &ng, &nb])?;
     let device = wgpu_device(&px)?;
     let shared = Shared::of(&device)?;
     let (xv, gv, bv) = (
@@ -413,9 +389,6 @@ pub fn batch_norm<const D: usize>(
         forward = Some(bn.record_forward(rec, &xv, Some(&gv), Some(&bv), Some(state), mode)?);
         Ok(())
     })?;
-    let Some(nodes) = nodes else {
-        return Ok(Tensor::from_primitive::<Wgpu>(out));
-    };
     let forward = std::sync::Arc::new(forward.expect("recorded above"));
     let back = BnBackward {
         bn: *bn,
@@ -423,13 +396,5 @@ pub fn batch_norm<const D: usize>(
         dims,
         features,
     };
-    let result = match back
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((px, forward), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Ok(Tensor::from_primitive::<Ad>(result))
+    finish("batch_norm", back, [nx, ng, nb], (px, forward), out)
 }

@@ -199,15 +199,16 @@ fn spectral_norm_training_matches_burn_composition() {
         .fold(0.0f32, f32::max);
     assert!(fwd < 1e-5, "forward differs from the f64 one by {fwd}");
     assert!(
-        burn_fwd < 1e-3,
+        burn_fwd < 1e-2,
         "burn's composed forward is off by {burn_fwd}"
     );
     assert!(bwd < 1e-5, "gradient differs from the f64 one by {bwd}");
     // burn's own composition (its matmul and reductions in f32 on this adapter) lands
-    // 1e-5 to 3e-4 from the exact values, run to run: wgnorm is held to the f64 ones,
-    // burn's to a sanity bound.
+    // 1e-5 to 2e-3 from the exact values, run to run: wgnorm is held to the f64 ones,
+    // burn's only to a bound that a different formula (values up to about 0.2) would
+    // break.
     assert!(
-        burn_bwd < 1e-3,
+        burn_bwd < 1e-2,
         "burn's composed gradient is off by {burn_bwd}"
     );
     assert!(du < 1e-5, "the state's u differs by {du}");
@@ -280,4 +281,30 @@ fn batch_norm_training_gradients_match_burn_composition() {
     assert!(gx < 1e-5, "grad x differs by {gx}");
     assert!(gg < 1e-5, "grad gamma differs by {gg}");
     assert!(gb < 1e-5, "grad beta differs by {gb}");
+}
+
+/// Inputs on an autodiff device and on a plain one: an error, and the state untouched.
+#[test]
+fn mixed_autodiff_and_plain_inputs_are_refused_before_anything_runs() {
+    use wgnorm::{BatchNorm, BatchNormMode, BatchNormState};
+    use wgnorm_burn::batch_norm;
+    let shared = Shared::of(&Default::default()).expect("shared device");
+    let plain = shared.burn_device();
+    let dev = plain.clone().autodiff();
+    let x =
+        Tensor::<4>::random([2, 3, 4, 4], Distribution::Uniform(-1.0, 1.0), &dev).require_grad();
+    let gamma = Tensor::<1>::ones([3], &plain);
+    let beta = Tensor::<1>::zeros([3], &dev).require_grad();
+    let mut state = BatchNormState::new(&shared.ctx, 3).unwrap();
+    let err = batch_norm(
+        &BatchNorm::pytorch(),
+        x,
+        gamma,
+        beta,
+        &mut state,
+        BatchNormMode::Train,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("batch_norm"), "{err}");
+    assert_eq!(state.num_updates, 0);
 }
