@@ -79,8 +79,25 @@ impl Shared {
         self.view_primitive(&prim, &t.dims())
     }
 
-    /// [`Self::view`] of burn's backend primitive, shaped `shape`.
+    /// [`Self::view`] of burn's backend primitive, shaped `shape`. Only a contiguous
+    /// f32 tensor of that many elements has one: anything else is an error, never a
+    /// view that reads the wrong elements.
     pub fn view_primitive(&self, prim: &CubeTensor, shape: &[usize]) -> Result<wgnorm::Tensor> {
+        if prim.dtype != burn::tensor::DType::F32 {
+            return Err(Error::Burn(format!(
+                "a view needs an f32 tensor, this one is {:?}",
+                prim.dtype
+            )));
+        }
+        let elements = prim.meta.shape().num_elements();
+        if !prim.is_contiguous() || elements != shape.iter().product::<usize>() {
+            return Err(Error::Burn(format!(
+                "a view needs a contiguous tensor of {} elements (shape {shape:?}); this one has \
+                 {elements}, contiguous: {} (make it contiguous first)",
+                shape.iter().product::<usize>(),
+                prim.is_contiguous()
+            )));
+        }
         let resource = prim
             .client
             .get_resource::<WgpuServer<AutoCompiler>>(prim.handle.clone())

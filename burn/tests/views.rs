@@ -112,3 +112,18 @@ fn batch_norm_training_updates_burn_running_statistics_in_place() {
     assert!(worst(running_mean, expected_mean) < 1e-5);
     assert!(worst(running_var, expected_var) < 1e-5);
 }
+
+/// A transposed (strided) burn tensor or one of another type has no view: an error,
+/// not a view reading the wrong elements.
+#[test]
+fn strided_or_non_f32_tensors_have_no_view() {
+    let shared = Shared::new(Default::default()).expect("shared device");
+    let dev = &shared.burn_device();
+    let w = Tensor::<2>::random([16, 24], Distribution::Uniform(-1.0, 1.0), dev);
+    assert!(shared.view(&w).is_ok());
+    let err = shared.view(&w.clone().transpose()).unwrap_err();
+    assert!(err.to_string().contains("contiguous"), "{err}");
+    let half = w.cast(burn::tensor::DType::F16);
+    let err = shared.view(&half).unwrap_err();
+    assert!(err.to_string().contains("f32"), "{err}");
+}
