@@ -100,6 +100,29 @@ where
     Ok(Tensor::from_primitive::<Ad>(result))
 }
 
+/// A weight's gradient in a backward pass: `record` records wgnorm's backward of the
+/// weight and the incoming gradient (views of burn's buffers), its output a new burn
+/// tensor. burn's backward has no error path: a failure here is a bug or a lost
+/// device, and the panic says which op.
+fn weight_grad<const D: usize>(
+    op: &str,
+    device: &WgpuDevice,
+    dims: [usize; D],
+    weight: &CubeTensor,
+    grad: &CubeTensor,
+    record: impl FnOnce(&mut Recording<'_>, &wgnorm::Tensor, &wgnorm::Tensor) -> wgnorm::Result<()>,
+) -> CubeTensor {
+    let result = (|| {
+        let shared = Shared::of(device)?;
+        let (w, g) = (
+            shared.view_primitive(weight, &dims)?,
+            shared.view_primitive(grad, &dims)?,
+        );
+        run(&shared, dims, |rec| Ok(record(rec, &w, &g)?))
+    })();
+    result.unwrap_or_else(|e| panic!("{op} backward: {e}"))
+}
+
 #[derive(Debug)]
 struct WsBackward<const D: usize> {
     ws: WeightStandardization,
@@ -114,20 +137,15 @@ impl<const D: usize> Backward<Wgpu, 1> for WsBackward<D> {
     fn backward(self, ops: Ops<CubeTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let weight = ops.state;
         unary::<Wgpu, _>(ops.parents, ops.node, grads, |grad| {
-            let grad_weight = (|| {
-                let shared = Shared::of(&self.device)?;
-                let (w, g) = (
-                    shared.view_primitive(&weight, &self.dims)?,
-                    shared.view_primitive(&grad, &self.dims)?,
-                );
-                run(&shared, self.dims, |rec| {
-                    self.ws.record_backward(rec, &w, &g).map(drop)?;
-                    Ok(())
-                })
-            })();
-            // burn's backward has no error path: a failure here is a bug or a lost
-            // device, and says which.
-            grad_weight.unwrap_or_else(|e| panic!("weight_standardization backward: {e}"))
+            let ws = self.ws;
+            weight_grad(
+                "weight_standardization",
+                &self.device,
+                self.dims,
+                &weight,
+                &grad,
+                |rec, w, g| ws.record_backward(rec, w, g).map(drop),
+            )
         });
     }
 }
@@ -253,18 +271,15 @@ impl<const D: usize> Backward<Wgpu, 1> for SnBackward<D> {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (weight, forward, state) = ops.state;
         unary::<Wgpu, _>(ops.parents, ops.node, grads, |grad| {
-            let grad_weight = (|| {
-                let shared = Shared::of(&self.device)?;
-                let (w, g) = (
-                    shared.view_primitive(&weight, &self.dims)?,
-                    shared.view_primitive(&grad, &self.dims)?,
-                );
-                run(&shared, self.dims, |rec| {
-                    self.sn.record_backward(rec, &w, &g, &forward, &state)?;
-                    Ok(())
-                })
-            })();
-            grad_weight.unwrap_or_else(|e| panic!("spectral_norm backward: {e}"))
+            let sn = self.sn;
+            weight_grad(
+                "spectral_norm",
+                &self.device,
+                self.dims,
+                &weight,
+                &grad,
+                |rec, w, g| sn.record_backward(rec, w, g, &forward, &state).map(drop),
+            )
         });
     }
 }

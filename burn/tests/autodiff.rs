@@ -1,18 +1,12 @@
 //! wgnorm's weight standardization as a burn autodiff op: forward and gradient match
 //! burn's own composition of it (burn's autodiff through its tensor ops).
 
+mod common;
+
 use burn::tensor::{Distribution, Tensor};
+use common::{max_diff, max_diff_values, values};
 use wgnorm::WeightStandardization;
 use wgnorm_burn::{weight_standardization, Shared};
-
-fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
-    let a: Vec<f32> = a.into_data().try_to_vec::<f32>().unwrap();
-    let b: Vec<f32> = b.into_data().try_to_vec::<f32>().unwrap();
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
-}
 
 #[test]
 fn weight_standardization_gradient_matches_burn_composition() {
@@ -157,8 +151,8 @@ fn spectral_norm_training_matches_burn_composition() {
         .iter()
         .copied()
         .collect();
-    let wv: Vec<f32> = w2.clone().inner().into_data().try_to_vec::<f32>().unwrap();
-    let gv: Vec<f32> = upstream.inner().into_data().try_to_vec::<f32>().unwrap();
+    let wv = values(w2.clone().inner());
+    let gv = values(upstream.inner());
     let (r_of, c_of) = (|k: usize| k / cols, |k: usize| k % cols);
     let sigma: f64 = (0..rows * cols)
         .map(|k| u_after[r_of(k)] as f64 * wv[k] as f64 * v_after[c_of(k)] as f64)
@@ -171,32 +165,22 @@ fn spectral_norm_training_matches_burn_composition() {
         })
         .collect();
     let off = |t: Tensor<2>| {
-        let t: Vec<f32> = t.into_data().try_to_vec::<f32>().unwrap();
-        t.iter()
+        values(t)
+            .iter()
             .zip(&exact)
             .map(|(a, e)| (*a as f64 - e).abs())
             .fold(0.0f64, f64::max)
     };
-    let yv: Vec<f32> = y.inner().into_data().try_to_vec::<f32>().unwrap();
+    let yv = values(y.inner());
     let fwd = yv
         .iter()
         .zip(&wv)
         .map(|(a, w)| (*a as f64 - *w as f64 / sigma).abs())
         .fold(0.0f64, f64::max);
-    let y2v: Vec<f32> = y2.inner().into_data().try_to_vec::<f32>().unwrap();
-    let burn_fwd = y2v
-        .iter()
-        .zip(&yv)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let burn_fwd = max_diff_values(&values(y2.inner()), &yv);
     let bwd = off(w.grad(&grads).unwrap());
     let burn_bwd = off(w2.grad(&grads2).unwrap());
-    let ud: Vec<f32> = u.inner().into_data().try_to_vec::<f32>().unwrap();
-    let du = u_after
-        .iter()
-        .zip(&ud)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let du = max_diff_values(&u_after, &values(u.inner()));
     assert!(fwd < 1e-5, "forward differs from the f64 one by {fwd}");
     assert!(
         burn_fwd < 1e-2,
@@ -261,22 +245,10 @@ fn batch_norm_training_gradients_match_burn_composition() {
         + beta2.clone().reshape([1, c, 1, 1]);
     let grads2 = (y2.clone() * upstream).sum().backward();
 
-    let flat = |t: Tensor<4>| t.reshape([n * c * h * w]);
-    let d1 = |a: Tensor<1>, b: Tensor<1>| {
-        let a: Vec<f32> = a.into_data().try_to_vec::<f32>().unwrap();
-        let b: Vec<f32> = b.into_data().try_to_vec::<f32>().unwrap();
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
-    let fwd = d1(flat(y.inner()), flat(y2.inner()));
-    let gx = d1(
-        flat(x.grad(&grads).unwrap()),
-        flat(x2.grad(&grads2).unwrap()),
-    );
-    let gg = d1(gamma.grad(&grads).unwrap(), gamma2.grad(&grads2).unwrap());
-    let gb = d1(beta.grad(&grads).unwrap(), beta2.grad(&grads2).unwrap());
+    let fwd = max_diff(y.inner(), y2.inner());
+    let gx = max_diff(x.grad(&grads).unwrap(), x2.grad(&grads2).unwrap());
+    let gg = max_diff(gamma.grad(&grads).unwrap(), gamma2.grad(&grads2).unwrap());
+    let gb = max_diff(beta.grad(&grads).unwrap(), beta2.grad(&grads2).unwrap());
     assert!(fwd < 1e-5, "forward differs by {fwd}");
     assert!(gx < 1e-5, "grad x differs by {gx}");
     assert!(gg < 1e-5, "grad gamma differs by {gg}");

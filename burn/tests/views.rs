@@ -1,7 +1,10 @@
 //! Views of burn tensors: wgnorm's weight standardization of a burn tensor, written
 //! into a burn-allocated output, equals burn's own composition of it.
 
+mod common;
+
 use burn::tensor::{Distribution, Tensor};
+use common::max_diff;
 use wgnorm::{Recording, WeightStandardization};
 use wgnorm_burn::Shared;
 
@@ -23,24 +26,8 @@ fn weight_standardization_reads_and_writes_burn_buffers_in_place() {
         .record_forward(&mut rec, &wv)
         .unwrap();
     rec.submit().unwrap();
-    let got: Vec<f32> = out.into_data().try_to_vec::<f32>().unwrap();
-    let want: Vec<f32> = expected.into_data().try_to_vec::<f32>().unwrap();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_diff(out, expected);
     assert!(worst < 1e-5, "worst difference {worst}");
-}
-
-fn worst(a: burn::tensor::Tensor<1>, b: burn::tensor::Tensor<1>) -> f32 {
-    let a: Vec<f32> = a.into_data().try_to_vec::<f32>().unwrap();
-    let b: Vec<f32> = b.into_data().try_to_vec::<f32>().unwrap();
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
 }
 
 /// PyTorch-style batch norm training on burn tensors: the output is written into a
@@ -103,14 +90,9 @@ fn batch_norm_training_updates_burn_running_statistics_in_place() {
     // No readback and no wait on the step's path: burn reads the results on its own.
     assert_eq!(shared.ctx.host_round_trips(), trips);
     assert_eq!(state.num_updates, 1);
-    assert!(
-        worst(
-            out.reshape([n * c * h * w]),
-            expected.reshape([n * c * h * w])
-        ) < 1e-5
-    );
-    assert!(worst(running_mean, expected_mean) < 1e-5);
-    assert!(worst(running_var, expected_var) < 1e-5);
+    assert!(max_diff(out, expected) < 1e-5);
+    assert!(max_diff(running_mean, expected_mean) < 1e-5);
+    assert!(max_diff(running_var, expected_var) < 1e-5);
 }
 
 /// A transposed (strided) burn tensor or one of another type has no view: an error,
