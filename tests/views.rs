@@ -524,3 +524,28 @@ fn inputs_and_outputs_may_share_a_buffer() {
         );
     }
 }
+
+#[test]
+fn copies_between_views_of_one_buffer() {
+    // burn's pooled tensors share one buffer: the driver's copy refuses that, the
+    // copy kernel takes it.
+    let ctx = ctx();
+    let mut rng = Rng::new(52);
+    let a = rng.array(&[100], 0.0, 1.0);
+    let mut shared = Shared::new(&ctx, 4096);
+    let src = shared.place(&ctx, &a, DType::F32);
+    let dst = shared.place(&ctx, &ArrayD::zeros(&[100][..]), DType::F32);
+    let mut rec = wgnorm::Recording::new(&ctx);
+    rec.copy_tensor(&src, &dst).unwrap();
+    rec.copy_tensor(&src, &src).unwrap(); // itself: nothing to do
+    rec.submit().unwrap();
+    assert_eq!(read(&ctx, &dst), a);
+    let regions = [src.offset(), dst.offset()].map(|o| (o, o + 400));
+    shared.assert_untouched_outside(&ctx, &regions, "copy");
+    // Overlapping ranges: refused.
+    let shifted =
+        Tensor::from_buffer(&ctx, src.buffer(), src.offset() + ALIGN, &[100], DType::F32).unwrap();
+    let mut rec = wgnorm::Recording::new(&ctx);
+    let e = rec.copy_tensor(&src, &shifted).unwrap_err().to_string();
+    assert!(e.contains("overlap"), "{e}");
+}

@@ -43,7 +43,7 @@ fn run<const D: usize>(
 
 /// A burn float tensor's backend primitive, and its autodiff node when it lives on an
 /// autodiff device.
-fn primitive<const D: usize>(t: Tensor<D>) -> Result<(CubeTensor, Option<NodeGuard>)> {
+pub(crate) fn primitive<const D: usize>(t: Tensor<D>) -> Result<(CubeTensor, Option<NodeGuard>)> {
     if let Ok(ad) = t.clone().try_into_primitive::<Ad>() {
         return Ok((ad.primitive().clone(), Some(ad.node())));
     }
@@ -51,6 +51,59 @@ fn primitive<const D: usize>(t: Tensor<D>) -> Result<(CubeTensor, Option<NodeGua
         .try_into_primitive::<Wgpu>()
         .map_err(|e| Error::Burn(format!("not a tensor of a wgpu device: {e:?}")))?;
     Ok((prim, None))
+}
+
+/// `prim` with its elements in row-major order: itself when they are (no copy), else
+/// a contiguous copy by burn's kernel (a transposed or sliced weight, a gradient burn
+/// made strided).
+pub(crate) fn contiguous(prim: CubeTensor) -> CubeTensor {
+    burn_cubecl::kernel::into_contiguous(prim)
+}
+
+/// Where a data-shaped tensor of rank `D` keeps its feature axis 1 in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Memory {
+    /// Row-major (NCHW).
+    RowMajor,
+    /// Axis 1 innermost, the others in order (NHWC): what burn's convolutions give.
+    ChannelsLast,
+}
+
+/// Axis `i` of the physical (channels-last) order is logical axis `physical(d)[i]`.
+fn channels_last_order(d: usize) -> Vec<usize> {
+    let mut order = vec![0];
+    order.extend(2..d);
+    order.push(1);
+    order
+}
+
+/// The memory order of `prim` (rank >= 3), or `None` for any other strides.
+fn memory_of(prim: &CubeTensor) -> Option<Memory> {
+    if prim.is_contiguous() {
+        return Some(Memory::RowMajor);
+    }
+    let (shape, strides) = (prim.meta.shape(), prim.meta.strides());
+    let d = shape.num_dims();
+    if d < 3 {
+        return None;
+    }
+    let mut expected = 1;
+    for &axis in channels_last_order(d).iter().rev() {
+        if shape[axis] != 1 && strides[axis] != expected {
+            return None;
+        }
+        expected *= shape[axis];
+    }
+    Some(Memory::ChannelsLast)
+}
+
+/// A burn tensor primitive permuted (a view, no copy).
+fn permuted<const D: usize>(prim: CubeTensor, axes: &[usize]) -> Result<CubeTensor> {
+    let axes: [usize; D] = axes.try_into().expect("one axis per dimension");
+    Tensor::<D>::from_primitive::<Wgpu>(prim)
+        .permute(axes.map(|a| a as isize))
+        .try_into_primitive::<Wgpu>()
+        .map_err(|e| Error::Burn(format!("{e:?}")))
 }
 
 /// Inputs all on an autodiff device or none: checked before anything runs, so a refused
@@ -114,9 +167,10 @@ fn weight_grad<const D: usize>(
 ) -> CubeTensor {
     let result = (|| {
         let shared = Shared::of(device)?;
+        let grad = contiguous(grad.clone());
         let (w, g) = (
             shared.view_primitive(weight, &dims)?,
-            shared.view_primitive(grad, &dims)?,
+            shared.view_primitive(&grad, &dims)?,
         );
         run(&shared, dims, |rec| Ok(record(rec, &w, &g)?))
     })();
@@ -160,6 +214,7 @@ pub fn weight_standardization<const D: usize>(
 ) -> Result<Tensor<D>> {
     let dims = weight.dims();
     let (prim, node) = primitive(weight)?;
+    let prim = contiguous(prim);
     let device = wgpu_device(&prim)?;
     let shared = Shared::of(&device)?;
     let w = shared.view_primitive(&prim, &dims)?;
@@ -176,7 +231,7 @@ pub fn weight_standardization<const D: usize>(
 }
 
 /// The wgpu device of a burn primitive.
-fn wgpu_device(prim: &CubeTensor) -> Result<WgpuDevice> {
+pub(crate) fn wgpu_device(prim: &CubeTensor) -> Result<WgpuDevice> {
     match &prim.device {
         cubecl::Device::Wgpu(d) => Ok(d.clone()),
         other => Err(Error::Burn(format!("{other:?} is not a wgpu device"))),
@@ -196,7 +251,7 @@ impl<const D: usize> Backward<Wgpu, 2> for WnBackward<D> {
     type State = (CubeTensor, CubeTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<Wgpu>(&ops.node);
+        let grad = contiguous(grads.consume::<Wgpu>(&ops.node));
         let (g, v) = ops.state;
         let [parent_g, parent_v] = ops.parents;
         let result = (|| {
@@ -238,6 +293,7 @@ pub fn weight_norm<const D: usize>(
     let (g_dims, v_dims) = (g.dims(), v.dims());
     let ((pg, ng), (pv, nv)) = (primitive(g)?, primitive(v)?);
     all_or_none("weight_norm", &[&ng, &nv])?;
+    let (pg, pv) = (contiguous(pg), contiguous(pv));
     let device = wgpu_device(&pv)?;
     let shared = Shared::of(&device)?;
     let (gt, vt) = (
@@ -297,6 +353,7 @@ pub fn spectral_norm<const D: usize>(
 ) -> Result<Tensor<D>> {
     let dims = weight.dims();
     let (prim, node) = primitive(weight)?;
+    let prim = contiguous(prim);
     let device = wgpu_device(&prim)?;
     let shared = Shared::of(&device)?;
     let w = shared.view_primitive(&prim, &dims)?;
@@ -324,12 +381,24 @@ pub fn spectral_norm<const D: usize>(
 struct BnBackward<const D: usize> {
     bn: BatchNorm,
     device: WgpuDevice,
+    /// The shape wgnorm sees: the input's axes in memory order.
     dims: [usize; D],
+    /// Axis `i` of `dims` is the burn tensor's axis `order[i]`.
+    order: [usize; D],
     features: usize,
 }
 
+/// The permutation that undoes `order`.
+fn inverse<const D: usize>(order: &[usize; D]) -> [usize; D] {
+    let mut inv = [0; D];
+    for (i, &a) in order.iter().enumerate() {
+        inv[a] = i;
+    }
+    inv
+}
+
 impl<const D: usize> Backward<Wgpu, 3> for BnBackward<D> {
-    /// x and what the forward left for the backward.
+    /// x (in memory order) and what the forward left for the backward.
     type State = (CubeTensor, std::sync::Arc<BatchNormForward>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -338,6 +407,9 @@ impl<const D: usize> Backward<Wgpu, 3> for BnBackward<D> {
         let [parent_x, parent_gamma, parent_beta] = ops.parents;
         let result = (|| {
             let shared = Shared::of(&self.device)?;
+            // The gradient in x's memory order: a view when burn made it so (the
+            // usual case after a convolution), else one copy.
+            let grad = contiguous(permuted::<D>(grad, &self.order)?);
             let (xv, gv) = (
                 shared.view_primitive(&x, &self.dims)?,
                 shared.view_primitive(&grad, &self.dims)?,
@@ -358,6 +430,7 @@ impl<const D: usize> Backward<Wgpu, 3> for BnBackward<D> {
                 rec.copy_tensor(&grads.beta, &gb)?;
                 Ok(())
             })?;
+            let grad_x = permuted::<D>(grad_x, &inverse(&self.order))?;
             Ok::<_, Error>((grad_x, grad_gamma, grad_beta))
         })();
         let (grad_x, grad_gamma, grad_beta) =
@@ -380,6 +453,11 @@ impl<const D: usize> Backward<Wgpu, 3> for BnBackward<D> {
 /// burn tensors from [`Shared::view`], updated in place) when it trains. On autodiff
 /// devices the gradients of `x`, `gamma` and `beta` come from wgnorm's backward
 /// kernels. The state changes only if this returns `Ok`.
+///
+/// Memory order: an `x` whose feature axis 1 is innermost in memory (channels-last,
+/// what burn's convolutions return) runs on wgnorm's channels-last kernels in place,
+/// and the output and `x`'s gradient come back in that order; any other strided `x`
+/// is copied to row-major first.
 pub fn batch_norm<const D: usize>(
     bn: &BatchNorm,
     x: Tensor<D>,
@@ -388,10 +466,23 @@ pub fn batch_norm<const D: usize>(
     state: &mut BatchNormState,
     mode: BatchNormMode,
 ) -> Result<Tensor<D>> {
-    let dims = x.dims();
+    let logical = x.dims();
     let features = gamma.dims()[0];
     let ((px, nx), (pg, ng), (pb, nb)) = (primitive(x)?, primitive(gamma)?, primitive(beta)?);
     all_or_none("batch_norm", &[&nx, &ng, &nb])?;
+    let (pg, pb) = (contiguous(pg), contiguous(pb));
+    let channels_last = bn.resolved_axis(D)? == 1 && memory_of(&px) == Some(Memory::ChannelsLast);
+    let (order, px, bn) = if channels_last {
+        let order: [usize; D] = channels_last_order(D).try_into().expect("rank D");
+        let bn = BatchNorm {
+            feature_axis: D as isize - 1,
+            ..*bn
+        };
+        (order, permuted::<D>(px, &order)?, bn)
+    } else {
+        (std::array::from_fn(|i| i), contiguous(px), *bn)
+    };
+    let dims = order.map(|a| logical[a]);
     let device = wgpu_device(&px)?;
     let shared = Shared::of(&device)?;
     let (xv, gv, bv) = (
@@ -404,11 +495,13 @@ pub fn batch_norm<const D: usize>(
         forward = Some(bn.record_forward(rec, &xv, Some(&gv), Some(&bv), Some(state), mode)?);
         Ok(())
     })?;
+    let out = permuted::<D>(out, &inverse(&order))?;
     let forward = std::sync::Arc::new(forward.expect("recorded above"));
     let back = BnBackward {
-        bn: *bn,
+        bn,
         device,
         dims,
+        order,
         features,
     };
     finish("batch_norm", back, [nx, ng, nb], (px, forward), out)

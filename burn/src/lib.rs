@@ -6,7 +6,12 @@ use burn::backend::wgpu::graphics::AutoGraphicsApi;
 use std::sync::{Arc, Mutex};
 
 mod autodiff;
+mod modules;
 pub use autodiff::{batch_norm, spectral_norm, weight_norm, weight_standardization};
+pub use modules::{
+    with_spectral_norm, with_weight_norm, with_weight_standardization, BatchNorm, BatchNormConfig,
+    Select, SpectralNormReparam, WeightNormReparam, WeightStandardizationReparam,
+};
 
 use burn::backend::wgpu::wgpu;
 use burn::backend::wgpu::{try_init_setup, AutoCompiler, CubeTensor, RuntimeOptions, WgpuDevice};

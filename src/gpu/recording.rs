@@ -256,7 +256,9 @@ impl<'c> Recording<'c> {
     }
 
     /// Records a copy of `src` into `dst` by the driver (`copy_buffer_to_buffer`): the
-    /// second bandwidth yardstick of the benchmarks, beside the copy kernel.
+    /// second bandwidth yardstick of the benchmarks, beside the copy kernel. Two
+    /// views of one buffer (which the driver's copy refuses) are copied by the copy
+    /// kernel; overlapping ranges are an error.
     pub fn copy_tensor(&mut self, src: &crate::Tensor, dst: &crate::Tensor) -> Result<()> {
         self.ctx
             .check_tensors("copy_tensor", &[("source", src), ("destination", dst)])?;
@@ -279,6 +281,16 @@ impl<'c> Recording<'c> {
                     dst.dtype()
                 ),
             ));
+        }
+        if src.buffer() == dst.buffer() && src.bytes() > 0 {
+            if src.offset() == dst.offset() {
+                return Ok(()); // the same tensor
+            }
+            // Two views of one caller's buffer (burn's pooled tensors): the driver's
+            // copy refuses a buffer as both source and destination, the copy kernel
+            // takes it (and refuses overlapping ranges).
+            self.destinations.push_front(dst.clone());
+            return crate::ops::copy::record_copy(self, src).map(drop);
         }
         self.copy_buffer(src, dst, src.bytes());
         Ok(())
