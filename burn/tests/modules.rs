@@ -101,7 +101,8 @@ fn spectral_norm_on_a_burn_conv_trains_as_pytorch_parametrization() {
     // The gradient of the weight through sigma, u and v constant:
     // G / sigma - <G, W> / sigma^2 u v^T, with G the gradient of the effective weight.
     let upstream = Tensor::<4>::random([6, 3, 3, 3], Distribution::Uniform(-1.0, 1.0), &dev);
-    let grads = (conv.weight.val() * upstream.clone()).sum().backward();
+    let effective = conv.weight.val();
+    let grads = (effective.clone() * upstream.clone()).sum().backward();
     // That second val() ran one more iteration: its u and v are the ones below.
     let g = values(
         conv.weight
@@ -126,6 +127,11 @@ fn spectral_norm_on_a_burn_conv_trains_as_pytorch_parametrization() {
         })
         .collect();
     assert!(largest_off(&g, &exact) < TOL as f64, "gradient");
+    let w_sn: Vec<f64> = w.iter().map(|a| *a as f64 / sigma2).collect();
+    assert!(
+        largest_off(&values(effective.inner()), &w_sn) < TOL as f64,
+        "training weight W / sigma"
+    );
 
     // Evaluation (burn's valid()): the stored u, v, sigma = u^T W v, no iteration.
     let eval = conv.valid();
