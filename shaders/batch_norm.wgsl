@@ -60,10 +60,17 @@ fn finalize(ids: Ids) {
     }
     var mean: f32;
     var var_: f32;
+    var scaled = false; // m2 in units of 2^140 (welford.wgsl)
+    var scaled_rstd = 0.0;
     if (fp.from_batch == 1u) {
         let s = fp_stats[c];
         mean = s.x;
         var_ = max(s.y, 0.0) / s.z; // biased batch variance
+        if (s.w != 0.0) {
+            scaled = true;
+            scaled_rstd = welford_rstd(s, 1.0 / s.z, fp.eps);
+            var_ = var_ * UP * UP; // for the running average: beyond f32 it is Inf
+        }
         if (fp.update == 1u) {
             let w = fp.weight;
             fp_running_mean[c] = (1.0 - w) * fp_running_mean[c] + w * mean;
@@ -81,7 +88,11 @@ fn finalize(ids: Ids) {
     if (fp.has_beta == 1u) {
         beta = fp_beta[c];
     }
-    fp_norm[c] = vec4<f32>(mean, 1.0 / sqrt(var_ + fp.eps), gamma, beta);
+    var rstd = 1.0 / sqrt(var_ + fp.eps);
+    if (scaled) {
+        rstd = scaled_rstd;
+    }
+    fp_norm[c] = vec4<f32>(mean, rstd, gamma, beta);
 }
 
 // ---- normalize: y = (x - mean) * (invstd * gamma) + beta ------------------------------

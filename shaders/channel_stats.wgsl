@@ -24,7 +24,8 @@
 // the sums into (mean, M2), and Chan's parallel combine merges threads (shared-memory
 // tree) and partials: never E[x^2] - E[x]^2 on raw values, which loses every digit for
 // weights with a large common offset. No division per element, which matters on
-// software adapters.
+// software adapters. Sums of squares that reach 2^64 are summed again scaled
+// (welford.wgsl), so that they cannot overflow.
 //
 // Variants: `vec4` (shaders/permutations) when every row, item chunk and box start is
 // a multiple of 4 elements: the params (inner, row_stride, row_chunk, base_delta)
@@ -164,6 +165,7 @@ fn welford_partials(ids: Ids) {
     var acc = vec4<f32>(0.0);
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
+        let run = w;
         let shift = lane0(dload(wp_x[walk_index(wp, it, w)]));
         var s1 = V(0.0);
         var s2 = V(0.0);
@@ -175,7 +177,19 @@ fn welford_partials(ids: Ids) {
             n += LANES;
             walk_next(&w, it.cols);
         }
-        acc = chan(acc, welford_state(shift, hsum(s1), hsum(s2), n));
+        var st = welford_state(shift, hsum(s1), hsum(s2), n);
+        if (!(hsum(s2) < BIG)) {
+            // The run's squares reach 2^64 (welford.wgsl): summed again, scaled.
+            var q = V(0.0);
+            var r = run;
+            for (var k = 0u; k < RESHIFT && r.row < r.rows; k += 1u) {
+                let d = dload(wp_x[walk_index(wp, it, r)]) * DOWN - shift * DOWN;
+                q = fma(d, d, q);
+                walk_next(&r, it.cols);
+            }
+            st = welford_state_scaled(shift, hsum(s1), hsum(q), n);
+        }
+        acc = chan(acc, st);
     }
     let total = tree_welford(ids.lid, acc);
     if (ids.lid == 0u) {
@@ -206,6 +220,7 @@ fn welford_combine(ids: Ids) {
 }
 
 // ---- Sums: (sum a, sum a (b - centre[c]), sum (b - centre[c])^2) per channel -----
+// (the last in two parts, z and w: welford.wgsl's scaled sums of squares)
 //
 // With a = grad, b = v and no centre: <grad, v> and the squared norm of v in one pass.
 // With a = grad, b = x, centre = mean: the two sums every normalization backward needs,
@@ -243,7 +258,20 @@ fn sum_partials(ids: Ids) {
         sbb = fma(b, b, sbb);
         walk_next(&w, it.cols);
     }
-    let total = tree_sum(ids.lid, vec4<f32>(hsum(sa), hsum(sab), hsum(sbb), 0.0));
+    // The sum of (b - centre)^2 in two parts (welford.wgsl): z plain, w scaled when
+    // this thread's reached 2^64.
+    var bb = vec2<f32>(hsum(sbb), 0.0);
+    if (!(bb.x < BIG)) {
+        var q = V(0.0);
+        var r = walk_start(it, ids.lid);
+        while (r.row < r.rows) {
+            let b = dload(sp_b[walk_index(sp, it, r)]) * DOWN - centre * DOWN;
+            q = fma(b, b, q);
+            walk_next(&r, it.cols);
+        }
+        bb = vec2<f32>(0.0, hsum(q));
+    }
+    let total = tree_sum(ids.lid, vec4<f32>(hsum(sa), hsum(sab), bb));
     if (ids.lid == 0u) {
         sp_out[it.slot] = total;
     }
@@ -351,6 +379,7 @@ fn cl_thread(p: ClParams, linear: u32, lid: u32) -> ClThread {
 }
 
 var<workgroup> cl_red: array<mat3x4<f32>, WG>;
+var<workgroup> cl_scaled: array<vec4<f32>, WG>;
 
 // Adds the three accumulators of the `tr` threads of each channel group; the result
 // is meaningful in the threads with tr == 0.
@@ -378,8 +407,10 @@ fn welford_partials_cl(ids: Ids) {
     }
     let t = cl_thread(wcl, linear, ids.lid);
     // Per thread: sums shifted by its own first row (4 features at once), turned into a
-    // Welford state per feature: (mean, m2, count) as three vec4s.
+    // Welford state per feature: (mean, m2, count) as three vec4s, and per feature
+    // whether m2 is scaled (welford.wgsl: squares that reached 2^64, summed again).
     var acc = mat3x4<f32>();
+    var scaled = vec4<f32>(0.0);
     let r_first = t.r0 + t.tr;
     if (t.live && r_first < t.r1) {
         let shift = dload4(wcl_x[t.first + t.tr * wcl.c4]);
@@ -394,21 +425,42 @@ fn welford_partials_cl(ids: Ids) {
         }
         let dm = s1 / n;
         acc = mat3x4<f32>(shift + dm, max(s2 - s1 * dm, vec4<f32>(0.0)), vec4<f32>(n));
+        let big = !(s2 < vec4<f32>(BIG));
+        if (any(big)) {
+            var q = vec4<f32>(0.0);
+            for (var r = r_first; r < t.r1; r += wcl.tr) {
+                let d = dload4(wcl_x[t.first + (r - t.r0) * wcl.c4]) * DOWN - shift * DOWN;
+                q = fma(d, d, q);
+            }
+            let m2s = max(q - (s1 * DOWN) * (dm * DOWN), vec4<f32>(0.0));
+            acc[1] = select(acc[1], m2s, big);
+            scaled = select(scaled, vec4<f32>(1.0), big);
+        }
     }
     cl_red[ids.lid] = acc;
+    cl_scaled[ids.lid] = scaled;
     workgroupBarrier();
     if (t.live && t.tr == 0u) {
-        // Chan's combine of the `tr` threads of this channel group, 4 features at once.
+        // Chan's combine of the `tr` threads of this channel group, 4 features at once
+        // (`chan` of welford.wgsl, lane by lane).
         for (var k = 1u; k < wcl.tr; k += 1u) {
             let b = cl_red[ids.lid + k * wcl.group];
+            let bs = cl_scaled[ids.lid + k * wcl.group];
             let nb = b[2];
             let n = acc[2] + nb;
             let wb = select(vec4<f32>(0.0), nb / n, n > vec4<f32>(0.0));
             let d = b[0] - acc[0];
-            acc = mat3x4<f32>(acc[0] + d * wb, acc[1] + b[1] + d * d * acc[2] * wb, n);
+            let plain = acc[1] + b[1] + d * d * acc[2] * wb;
+            let big = scaled != vec4<f32>(0.0) | bs != vec4<f32>(0.0) | !(plain < vec4<f32>(BIG));
+            let ya = select(acc[1], acc[1] * DOWN * DOWN, scaled == vec4<f32>(0.0));
+            let yb = select(b[1], b[1] * DOWN * DOWN, bs == vec4<f32>(0.0));
+            let ds = d * DOWN;
+            let m2 = select(plain, ya + yb + ds * ds * acc[2] * wb, big);
+            acc = mat3x4<f32>(acc[0] + d * wb, m2, n);
+            scaled = select(scaled, vec4<f32>(1.0), big);
         }
         for (var i = 0u; i < 4u; i += 1u) {
-            wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(acc[0][i], acc[1][i], acc[2][i], 0.0);
+            wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(acc[0][i], acc[1][i], acc[2][i], scaled[i]);
         }
     }
 }
@@ -427,6 +479,7 @@ fn sum_partials_cl(ids: Ids) {
     }
     let t = cl_thread(scl, linear, ids.lid);
     var acc = mat3x4<f32>(); // sum a, sum a b, sum b^2
+    var big = vec4<f32>(0.0); // sum b^2 scaled (welford.wgsl)
     if (t.live) {
         var centre = vec4<f32>(0.0);
         if (CENTERED) {
@@ -441,11 +494,27 @@ fn sum_partials_cl(ids: Ids) {
             acc[1] = fma(a, b, acc[1]);
             acc[2] = fma(b, b, acc[2]);
         }
+        // Squares reaching 2^64 (welford.wgsl): those features summed again, scaled,
+        // into the fourth component.
+        let over = !(acc[2] < vec4<f32>(BIG));
+        if (any(over)) {
+            var q = vec4<f32>(0.0);
+            for (var r = t.r0 + t.tr; r < t.r1; r += scl.tr) {
+                let b = dload4(scl_b[t.first + (r - t.r0) * scl.c4]) * DOWN - centre * DOWN;
+                q = fma(b, b, q);
+            }
+            big = select(big, q, over);
+            acc[2] = select(acc[2], vec4<f32>(0.0), over);
+        }
     }
+    cl_scaled[ids.lid] = big; // read after cl_rows_sum's barrier
     let s = cl_rows_sum(scl, t, ids.lid, acc);
     if (t.live && t.tr == 0u) {
+        for (var k = 1u; k < scl.tr; k += 1u) {
+            big += cl_scaled[ids.lid + k * scl.group];
+        }
         for (var i = 0u; i < 4u; i += 1u) {
-            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(s[0][i], s[1][i], s[2][i], 0.0);
+            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(s[0][i], s[1][i], s[2][i], big[i]);
         }
     }
 }

@@ -260,7 +260,16 @@ fn vec_partials(ids: Ids) {
         }
         part = fma(vec2<f32>(x), vec2<f32>(x, y), part);
     }
-    let total = tree_sum(ids.lid, vec4<f32>(part, 0.0, 0.0));
+    // Squares reaching 2^64 (welford.wgsl): summed again, scaled, into z.
+    var big = 0.0;
+    if (!(part.x < BIG)) {
+        for (var i = first + ids.lid; i < last; i += WG) {
+            let x = vp_raw[i].x * DOWN;
+            big = fma(x, x, big);
+        }
+        part.x = 0.0;
+    }
+    let total = tree_sum(ids.lid, vec4<f32>(part, big, 0.0));
     if (ids.lid == 0u) {
         vp_out[group_id(ids)] = total;
     }
@@ -276,6 +285,7 @@ fn vec_partials(ids: Ids) {
 @compute @workgroup_size(WG)
 fn normalize(ids: Ids) {
     var part = 0.0;
+    var big = 0.0; // squares summed scaled (welford.wgsl)
     var first = 0u;
     var last = np.n;
     if (np.parts == 0u) {
@@ -283,15 +293,24 @@ fn normalize(ids: Ids) {
             let x = np_raw[i].x;
             part = fma(x, x, part);
         }
+        if (!(part < BIG)) {
+            for (var i = ids.lid; i < np.n; i += WG) {
+                let x = np_raw[i].x * DOWN;
+                big = fma(x, x, big);
+            }
+            part = 0.0;
+        }
     } else {
         for (var i = ids.lid; i < np.parts; i += WG) {
             part += np_partials[i].x;
+            big += np_partials[i].z;
         }
         first = group_id(ids) * VEC_CHUNK;
         last = min(first + VEC_CHUNK, np.n);
     }
-    let ss = tree_sum(ids.lid, vec4<f32>(part, 0.0, 0.0, 0.0)).x;
-    let norm = sqrt(ss);
+    let sums = tree_sum(ids.lid, vec4<f32>(part, big, 0.0, 0.0)).xy;
+    let ss = sums.x;
+    let norm = scaled_sqrt(sums.x, sums.y);
     var denom = norm + np.eps;
     if (np.pytorch == 1u) {
         denom = max(norm, np.eps);
@@ -304,7 +323,11 @@ fn normalize(ids: Ids) {
         }
     }
     if (np.write_sigma == 1u && ids.lid == 0u && group_id(ids) == 0u) {
-        np_sigma[np.sigma_index] = ss / denom / np.factor;
+        var sigma = ss / denom;
+        if (!(sums.y == 0.0)) {
+            sigma = norm * (norm / denom); // ||raw||^2 beyond f32
+        }
+        np_sigma[np.sigma_index] = sigma / np.factor;
     }
 }
 

@@ -32,25 +32,36 @@ struct SliceParams {
     _pad1: u32,
 }
 
-fn clamped_norm(sq: f32, eps: f32) -> f32 {
-    return sqrt(max(sq, eps));
+// The norm of a slice from its squared norm in two parts (welford.wgsl: `sq.y` the
+// part summed scaled, 0 unless some thread's squares reached 2^64), clamped at eps.
+fn clamped_norm(sq: vec2<f32>, eps: f32) -> f32 {
+    if (!(sq.y == 0.0)) {
+        return scaled_sqrt(sq.x, sq.y);
+    }
+    return sqrt(max(sq.x, eps));
 }
 
 // grad_g = s / n, grad_v = (g / n) G - (g s / n^3) v (second term 0 when clamped);
-// `sums` = (<G, v>, |v|^2). Returns (grad_g, g / n, g s / n^3).
-fn grad_coef(g: f32, sums: vec2<f32>, eps: f32) -> vec3<f32> {
-    let inv = 1.0 / clamped_norm(sums.y, eps);
+// s = <G, v>, `sq` = |v|^2 in two parts. Returns (grad_g, g / n, c, k) with
+// grad_v = (g / n) G - c (k v): c = g s / n^3 and k = 1, or for a norm beyond 2^32
+// (whose 1 / n^3 underflows) c = g s / n^2 and k = 1 / n.
+fn grad_coef(g: f32, s: f32, sq: vec2<f32>, eps: f32) -> vec4<f32> {
+    let inv = 1.0 / clamped_norm(sq, eps);
     var second = 0.0;
-    if (sums.y >= eps) {
-        second = g * sums.x * inv * inv * inv;
+    var k = 1.0;
+    if (!(sq.y == 0.0)) {
+        second = (g * inv) * (s * inv);
+        k = inv;
+    } else if (sq.x >= eps) {
+        second = g * s * inv * inv * inv;
     }
-    return vec3<f32>(sums.x * inv, g * inv, second);
+    return vec4<f32>(s * inv, g * inv, second, k);
 }
 
 // ---- norms: g = ||v|| per slice (decompose) ---------------------------------------
 
 @group(0) @binding(0) var<uniform> nm: SliceParams;
-@group(0) @binding(1) var<storage, read> nm_sums: array<vec4<f32>>; // z: sum v^2
+@group(0) @binding(1) var<storage, read> nm_sums: array<vec4<f32>>; // z, w: sum v^2 (two parts)
 @group(0) @binding(2) var<storage, read_write> nm_g: array<f32>;
 
 @compute @workgroup_size(WG)
@@ -60,7 +71,7 @@ fn norms(ids: Ids) {
         return;
     }
     // The plain norm: decomposing must leave the weight unchanged, g * v / ||v|| = v.
-    nm_g[c] = sqrt(nm_sums[c].z);
+    nm_g[c] = scaled_sqrt(nm_sums[c].z, nm_sums[c].w);
 }
 
 // ---- factors: f = g / ||v|| per slice -----------------------------------------------
@@ -76,7 +87,7 @@ fn factors(ids: Ids) {
     if (c >= fa.slices) {
         return;
     }
-    fa_out[c] = vec4<f32>(fa_g[c] / clamped_norm(fa_sums[c].z, fa.eps), 0.0, 0.0, 0.0);
+    fa_out[c] = vec4<f32>(fa_g[c] / clamped_norm(fa_sums[c].zw, fa.eps), 0.0, 0.0, 0.0);
 }
 
 // ---- apply: W = f[slice] * v ----------------------------------------------------------
@@ -101,7 +112,7 @@ fn apply(ids: Ids) {
 
 @group(0) @binding(0) var<uniform> gf: SliceParams;
 @group(0) @binding(1) var<storage, read> gf_g: array<f32>;
-@group(0) @binding(2) var<storage, read> gf_sums: array<vec4<f32>>; // y: <G, v>, z: |v|^2
+@group(0) @binding(2) var<storage, read> gf_sums: array<vec4<f32>>; // y: <G, v>, z, w: |v|^2
 @group(0) @binding(3) var<storage, read_write> gf_grad_g: array<f32>;
 @group(0) @binding(4) var<storage, read_write> gf_coef: array<vec4<f32>>;
 
@@ -111,12 +122,12 @@ fn grad_factors(ids: Ids) {
     if (c >= gf.slices) {
         return;
     }
-    let k = grad_coef(gf_g[c], gf_sums[c].yz, gf.eps);
+    let k = grad_coef(gf_g[c], gf_sums[c].y, gf_sums[c].zw, gf.eps);
     gf_grad_g[c] = k.x;
-    gf_coef[c] = vec4<f32>(k.y, k.z, 0.0, 0.0);
+    gf_coef[c] = vec4<f32>(k.y, k.z, k.w, 0.0);
 }
 
-// ---- grad_v = coef.x * G - coef.y * v -----------------------------------------------
+// ---- grad_v = coef.x * G - coef.y * (coef.z * v) -------------------------------------
 
 @group(0) @binding(0) var<uniform> gv: ElementParams;
 @group(0) @binding(1) var<storage, read> gv_v: array<D>;
@@ -131,7 +142,7 @@ fn grad_v(ids: Ids) {
         if (w.fresh) {
             k = gv_coef[w.slice];
         }
-        gv_out[w.e] = dstore(k.x * dload(gv_grad[w.e]) - k.y * dload(gv_v[w.e]));
+        gv_out[w.e] = dstore(k.x * dload(gv_grad[w.e]) - k.y * (k.z * dload(gv_v[w.e])));
     }
 }
 
@@ -170,7 +181,17 @@ fn rows_forward(ids: Ids) {
         let v = dload(rf_v[base + i]);
         sq = fma(v, v, sq);
     }
-    let total = row_sum(ids.lid, slot.tl, rf.tpr, vec4<f32>(hsum(sq), 0.0, 0.0, 0.0)).x;
+    // Squares reaching 2^64 (welford.wgsl): summed again, scaled, in the second part.
+    var sq2 = vec2<f32>(hsum(sq), 0.0);
+    if (!(sq2.x < BIG)) {
+        var q = V(0.0);
+        for (var j = slot.tl; j < rf.len && slot.live; j += t) {
+            let v = dload(rf_v[base + j]) * DOWN;
+            q = fma(v, v, q);
+        }
+        sq2 = vec2<f32>(0.0, hsum(q));
+    }
+    let total = row_sum(ids.lid, slot.tl, rf.tpr, vec4<f32>(sq2, 0.0, 0.0)).xy;
     let f = rf_g[rf.first_row + slot.row] / clamped_norm(total, rf.eps);
     i = slot.tl;
     if (ROW_BATCH) {
@@ -227,8 +248,18 @@ fn rows_grad(ids: Ids) {
         sgv = fma(dload(rb_grad[base + i]), v, sgv);
         svv = fma(v, v, svv);
     }
-    let sums = row_sum(ids.lid, slot.tl, rb.tpr, vec4<f32>(hsum(sgv), hsum(svv), 0.0, 0.0)).xy;
-    let k = grad_coef(rb_g[rb.first_row + slot.row], sums, rb.eps);
+    var sq = vec2<f32>(hsum(svv), 0.0);
+    if (!(sq.x < BIG)) {
+        // Squares reaching 2^64 (welford.wgsl): summed again, scaled.
+        var q = V(0.0);
+        for (var j = slot.tl; j < rb.len && slot.live; j += t) {
+            let v = dload(rb_v[base + j]) * DOWN;
+            q = fma(v, v, q);
+        }
+        sq = vec2<f32>(0.0, hsum(q));
+    }
+    let sums = row_sum(ids.lid, slot.tl, rb.tpr, vec4<f32>(hsum(sgv), sq, 0.0)).xyz;
+    let k = grad_coef(rb_g[rb.first_row + slot.row], sums.x, sums.yz, rb.eps);
     if (slot.tl == 0u && slot.live) {
         rb_grad_g[rb.first_row + slot.row] = k.x;
     }
@@ -243,13 +274,13 @@ fn rows_grad(ids: Ids) {
             let gb = dload(rb_grad[base + i + t]);
             let gc = dload(rb_grad[base + i + 2u * t]);
             let gd = dload(rb_grad[base + i + 3u * t]);
-            rb_grad_v[base + i] = dstore(k.y * ga - k.z * va);
-            rb_grad_v[base + i + t] = dstore(k.y * gb - k.z * vb);
-            rb_grad_v[base + i + 2u * t] = dstore(k.y * gc - k.z * vc);
-            rb_grad_v[base + i + 3u * t] = dstore(k.y * gd - k.z * vd);
+            rb_grad_v[base + i] = dstore(k.y * ga - k.z * (k.w * va));
+            rb_grad_v[base + i + t] = dstore(k.y * gb - k.z * (k.w * vb));
+            rb_grad_v[base + i + 2u * t] = dstore(k.y * gc - k.z * (k.w * vc));
+            rb_grad_v[base + i + 3u * t] = dstore(k.y * gd - k.z * (k.w * vd));
         }
     }
     for (; i < rb.len && slot.live; i += t) {
-        rb_grad_v[base + i] = dstore(k.y * dload(rb_grad[base + i]) - k.z * dload(rb_v[base + i]));
+        rb_grad_v[base + i] = dstore(k.y * dload(rb_grad[base + i]) - k.z * (k.w * dload(rb_v[base + i])));
     }
 }

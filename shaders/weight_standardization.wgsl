@@ -49,8 +49,13 @@ fn finalize(ids: Ids) {
         return;
     }
     let s = fp_stats[c];
-    let var_ = max(s.y, 0.0) / fp.divisor;
-    fp_norm[c] = vec4<f32>(s.x, 1.0 / sqrt(var_ + fp.eps), 0.0, 0.0);
+    var rstd: f32;
+    if (s.w != 0.0) {
+        rstd = welford_rstd(s, 1.0 / fp.divisor, fp.eps); // m2 scaled (welford.wgsl)
+    } else {
+        rstd = 1.0 / sqrt(max(s.y, 0.0) / fp.divisor + fp.eps);
+    }
+    fp_norm[c] = vec4<f32>(s.x, rstd, 0.0, 0.0);
 }
 
 @group(0) @binding(0) var<uniform> np: ElementParams;
@@ -110,7 +115,7 @@ fn chan_grad(a: GradState, b: GradState) -> GradState {
     let wb = b.w.z / n;
     let d = b.w.x - a.w.x;
     var r: GradState;
-    r.w = vec4<f32>(a.w.x + d * wb, a.w.y + b.w.y + d * d * a.w.z * wb, n, 0.0);
+    r.w = chan(a.w, b.w); // m2 scaled where it must be (welford.wgsl)
     // mean - mean_a = d wb, mean - mean_b = -d (1 - wb).
     r.g = vec2<f32>(a.g.x + b.g.x, a.g.y + b.g.y - d * wb * a.g.x + d * (1.0 - wb) * b.g.x);
     return r;
@@ -150,6 +155,7 @@ fn rows_forward(ids: Ids) {
     var own = vec4<f32>(0.0);
     var i = slot.tl;
     while (i < rp.len && slot.live) {
+        let i0 = i;
         let shift = lane0(dload(rp_x[base + i]));
         var s1 = V(0.0);
         var s2 = V(0.0);
@@ -161,11 +167,26 @@ fn rows_forward(ids: Ids) {
             n += LANES;
             i += rp.tpr;
         }
-        own = chan(own, welford_state(shift, hsum(s1), hsum(s2), n));
+        var st = welford_state(shift, hsum(s1), hsum(s2), n);
+        if (!(hsum(s2) < BIG)) {
+            // The run's squares reach 2^64 (welford.wgsl): summed again, scaled.
+            var q = V(0.0);
+            var j = i0;
+            for (var k = 0u; k < RESHIFT && j < rp.len; k += 1u) {
+                let d = dload(rp_x[base + j]) * DOWN - shift * DOWN;
+                q = fma(d, d, q);
+                j += rp.tpr;
+            }
+            st = welford_state_scaled(shift, hsum(s1), hsum(q), n);
+        }
+        own = chan(own, st);
     }
     let st = row_welford(ids.lid, slot.tl, rp.tpr, own);
     let mean = st.x;
-    let rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
+    var rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
+    if (st.w != 0.0) {
+        rstd = welford_rstd(st, rp.inv_divisor, rp.eps);
+    }
     let t = rp.tpr;
     i = slot.tl;
     if (ROW_BATCH) {
@@ -201,6 +222,7 @@ fn rows_grad(ids: Ids) {
     var own = GradState(vec4<f32>(0.0), vec2<f32>(0.0));
     var i = slot.tl;
     while (i < rg.len && slot.live) {
+        let i0 = i;
         let shift = lane0(dload(rg_x[base + i]));
         var sd = V(0.0);
         var sdd = V(0.0);
@@ -219,6 +241,17 @@ fn rows_grad(ids: Ids) {
         }
         var run: GradState;
         run.w = welford_state(shift, hsum(sd), hsum(sdd), n);
+        if (!(hsum(sdd) < BIG)) {
+            // The run's squares reach 2^64 (welford.wgsl): summed again, scaled.
+            var q = V(0.0);
+            var j = i0;
+            for (var k = 0u; k < RESHIFT && j < rg.len; k += 1u) {
+                let d = dload(rg_x[base + j]) * DOWN - shift * DOWN;
+                q = fma(d, d, q);
+                j += rg.tpr;
+            }
+            run.w = welford_state_scaled(shift, hsum(sd), hsum(q), n);
+        }
         let tg = hsum(sg);
         // sum g (x - run mean) = sum g (x - shift) - (run mean - shift) sum g.
         run.g = vec2<f32>(tg, hsum(sgd) - (run.w.x - shift) * tg);
@@ -226,7 +259,10 @@ fn rows_grad(ids: Ids) {
     }
     let st = row_welford_grad(ids.lid, slot.tl, rg.tpr, own);
     let mean = st.w.x;
-    let rstd = 1.0 / sqrt(st.w.y * rg.inv_divisor + rg.eps);
+    var rstd = 1.0 / sqrt(st.w.y * rg.inv_divisor + rg.eps);
+    if (st.w.w != 0.0) {
+        rstd = welford_rstd(st.w, rg.inv_divisor, rg.eps);
+    }
     let t = st.g;
     let a = t.x * rg.inv_n;
     let b = rstd * t.y * rg.inv_divisor;

@@ -52,7 +52,7 @@ fn rows_left(p: RowParams, ids: Ids) -> bool {
     return group_id(ids) * (RWG / p.tpr) < p.rows;
 }
 
-// Chan's combine of the Welford states vec4(mean, m2, count, 0) of the `tpr` threads of
+// Chan's combine of the Welford states vec4(mean, m2, count, scaled) of the `tpr` threads of
 // each row; each of them gets its row's state.
 fn row_welford(lid: u32, tl: u32, tpr: u32, v: vec4<f32>) -> vec4<f32> {
     row_red[lid] = v;

@@ -1,5 +1,5 @@
 // tree.wgsl: workgroup reductions of one vec4 per invocation through shared memory: a
-// sum, and Chan's combine of Welford states (mean, m2, count, 0). No subgroup
+// sum, and Chan's combine of Welford states (mean, m2, count, scaled). No subgroup
 // operations, so they run where there are none (GL) and are right for any subgroup
 // size. `WG` is the importing kernel's workgroup size, a power of two.
 #import welford

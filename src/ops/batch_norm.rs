@@ -959,7 +959,7 @@ impl BatchNorm {
         Ok(ChannelStats {
             count: layout.per_channel() as f64,
             mean: host.outer_iter().map(|r| f64::from(r[0])).collect(),
-            m2: host.outer_iter().map(|r| f64::from(r[1])).collect(),
+            m2: host.outer_iter().map(|r| m2_of(r[1], r[3])).collect(),
         })
     }
 
@@ -1143,11 +1143,21 @@ impl PopulationStats {
                 RunningVar::Unbiased => n - 1.0,
                 RunningVar::Biased => n,
             };
-            var.push((f64::from(r[1]) / d) as f32);
+            var.push((m2_of(r[1], r[3]) / d) as f32);
         }
         state.running_mean = Tensor::from_slice(ctx, &[f], &mean)?;
         state.running_var = Tensor::from_slice(ctx, &[f], &var)?;
         Ok(())
+    }
+}
+
+/// A Welford state's `m2` from the GPU: in units of 2^140 when its flag is set (sums
+/// of squares that reached 2^64, `shaders/shared/welford.wgsl`).
+fn m2_of(m2: f32, scaled: f32) -> f64 {
+    if scaled != 0.0 {
+        f64::from(m2) * 2f64.powi(140)
+    } else {
+        f64::from(m2)
     }
 }
 
