@@ -797,6 +797,25 @@ fn statistics_do_not_depend_on_element_order() {
     }
 }
 
+/// Whether every feature of the `x` that `check` draws from `seed` has a spread well
+/// above the f32 resolution of its values (`2^-24 max|x| / std <= 1e-5`).
+fn well_conditioned(shape: &[usize], axis: usize, offset: f32, seed: u64) -> bool {
+    let x = Rng::new(seed).array(shape, offset, 2.0); // the first draw of `check`
+    (0..shape[axis]).all(|c| {
+        let v = x.index_axis(ndarray::Axis(axis), c);
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&a| f64::from(a)).sum::<f64>() / n;
+        let std = (v
+            .iter()
+            .map(|&a| (f64::from(a) - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        let max = v.iter().fold(0f64, |m, &a| m.max(f64::from(a).abs()));
+        max * 2f64.powi(-24) <= 1e-5 * std
+    })
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(common::property_cases(64)))]
     /// Random shapes, feature axes, every framework's preset, training or evaluation,
@@ -817,6 +836,11 @@ proptest::proptest! {
         // Training needs two values per feature (refused otherwise, as PyTorch does).
         let per_feature = shape.iter().product::<usize>() / shape[config.resolved_axis(shape.len()).unwrap()];
         proptest::prop_assume!(!train || per_feature > 1);
+        // Training on a feature whose values lie within a few hundred f32 ulps of each
+        // other (two values near -50, by chance close) is ill-conditioned: the inputs'
+        // own rounding, not the kernel, decides its gradient. Such draws are left out:
+        // the f32 resolution of the values over their spread stays below 1e-5.
+        proptest::prop_assume!(!train || well_conditioned(&shape, config.resolved_axis(shape.len()).unwrap(), offset, seed));
         let mode = if train { BatchNormMode::Train } else { BatchNormMode::Eval };
         check(context.get(common::property_contexts()), &config, &shape, mode, &mut Rng::new(seed), offset);
     }
