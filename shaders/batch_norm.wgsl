@@ -69,7 +69,7 @@ fn finalize(ids: Ids) {
         if (s.w != 0.0) {
             scaled = true;
             scaled_rstd = welford_rstd(s, 1.0 / s.z, fp.eps);
-            var_ = var_ * UP * UP; // for the running average: beyond f32 it is Inf
+            var_ = ldexp(var_, 140); // for the running average: beyond f32 it is Inf
         }
         if (fp.update == 1u) {
             let w = fp.weight;

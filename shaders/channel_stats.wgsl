@@ -165,7 +165,6 @@ fn welford_partials(ids: Ids) {
     var acc = vec4<f32>(0.0);
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
-        let run = w;
         let shift = lane0(dload(wp_x[walk_index(wp, it, w)]));
         var s1 = V(0.0);
         var s2 = V(0.0);
@@ -177,23 +176,37 @@ fn welford_partials(ids: Ids) {
             n += LANES;
             walk_next(&w, it.cols);
         }
-        var st = welford_state(shift, hsum(s1), hsum(s2), n);
-        if (!(hsum(s2) < BIG)) {
-            // The run's squares reach 2^64 (welford.wgsl): summed again, scaled.
-            var q = V(0.0);
-            var r = run;
-            for (var k = 0u; k < RESHIFT && r.row < r.rows; k += 1u) {
-                let d = dload(wp_x[walk_index(wp, it, r)]) * DOWN - shift * DOWN;
-                q = fma(d, d, q);
-                walk_next(&r, it.cols);
-            }
-            st = welford_state_scaled(shift, hsum(s1), hsum(q), n);
-        }
-        acc = chan(acc, st);
+        acc = chan_plain(acc, welford_state(shift, hsum(s1), hsum(s2), n));
     }
     let total = tree_welford(ids.lid, acc);
     if (ids.lid == 0u) {
-        wp_out[it.slot] = total;
+        var out = total;
+        if (needs_scaling(total)) {
+            // Squares reaching 2^64 somewhere in the item (welford.wgsl: the rare path):
+            // the whole item again by this invocation, in runs of RESHIFT units, scaled.
+            out = vec4<f32>(0.0);
+            var r = walk_start(it, 0u);
+            r.drow = 1u / it.cols;
+            r.dcol = 1u % it.cols;
+            while (r.row < r.rows) {
+                let shift = lane0(dload(wp_x[walk_index(wp, it, r)]));
+                var s1 = V(0.0);
+                var q1 = V(0.0);
+                var q2 = V(0.0);
+                var n = 0u;
+                for (var k = 0u; k < RESHIFT && r.row < r.rows; k += 1u) {
+                    let x = dload(wp_x[walk_index(wp, it, r)]);
+                    s1 += x - shift;
+                    let d = x * DOWN - shift * DOWN;
+                    q1 += d;
+                    q2 = fma(d, d, q2);
+                    n += LANES;
+                    walk_next(&r, it.cols);
+                }
+                out = chan_scaled(out, welford_state_scaled(shift, hsum(s1), hsum(q1), hsum(q2), n));
+            }
+        }
+        wp_out[it.slot] = out;
     }
 }
 
@@ -211,11 +224,20 @@ fn welford_combine(ids: Ids) {
     let first = c * wc.partials_per_channel;
     var acc = vec4<f32>(0.0);
     for (var i = ids.lid; i < wc.partials_per_channel; i += WG) {
-        acc = chan(acc, wc_partials[first + i]);
+        acc = chan_plain(acc, wc_partials[first + i]);
     }
     let total = tree_welford(ids.lid, acc);
     if (ids.lid == 0u) {
-        wc_out[c] = total;
+        var out = total;
+        if (needs_scaling(total)) {
+            // A scaled partial, or m2 past 2^64 (welford.wgsl: the rare path): the
+            // partials again by this invocation, scaled where they must be.
+            out = vec4<f32>(0.0);
+            for (var i = 0u; i < wc.partials_per_channel; i += 1u) {
+                out = chan(out, wc_partials[first + i]);
+            }
+        }
+        wc_out[c] = out;
     }
 }
 
@@ -379,7 +401,6 @@ fn cl_thread(p: ClParams, linear: u32, lid: u32) -> ClThread {
 }
 
 var<workgroup> cl_red: array<mat3x4<f32>, WG>;
-var<workgroup> cl_scaled: array<vec4<f32>, WG>;
 
 // Adds the three accumulators of the `tr` threads of each channel group; the result
 // is meaningful in the threads with tr == 0.
@@ -407,10 +428,8 @@ fn welford_partials_cl(ids: Ids) {
     }
     let t = cl_thread(wcl, linear, ids.lid);
     // Per thread: sums shifted by its own first row (4 features at once), turned into a
-    // Welford state per feature: (mean, m2, count) as three vec4s, and per feature
-    // whether m2 is scaled (welford.wgsl: squares that reached 2^64, summed again).
+    // Welford state per feature: (mean, m2, count) as three vec4s.
     var acc = mat3x4<f32>();
-    var scaled = vec4<f32>(0.0);
     let r_first = t.r0 + t.tr;
     if (t.live && r_first < t.r1) {
         let shift = dload4(wcl_x[t.first + t.tr * wcl.c4]);
@@ -424,40 +443,56 @@ fn welford_partials_cl(ids: Ids) {
             n += 1.0;
         }
         let dm = s1 / n;
-        acc = mat3x4<f32>(shift + dm, max(s2 - s1 * dm, vec4<f32>(0.0)), vec4<f32>(n));
-        let big = !(s2 < vec4<f32>(BIG));
-        if (any(big)) {
-            var q = vec4<f32>(0.0);
-            for (var r = r_first; r < t.r1; r += wcl.tr) {
-                let d = dload4(wcl_x[t.first + (r - t.r0) * wcl.c4]) * DOWN - shift * DOWN;
-                q = fma(d, d, q);
-            }
-            let m2s = max(q - (s1 * DOWN) * (dm * DOWN), vec4<f32>(0.0));
-            acc[1] = select(acc[1], m2s, big);
-            scaled = select(scaled, vec4<f32>(1.0), big);
-        }
+        // Where the squares reached 2^64, m2 is s2 itself (at least 2^64, or Inf): never
+        // the NaN of Inf - Inf, so the combined m2 shows it.
+        let m2 = select(s2, max(s2 - s1 * dm, vec4<f32>(0.0)), s2 < vec4<f32>(BIG));
+        acc = mat3x4<f32>(shift + dm, m2, vec4<f32>(n));
     }
     cl_red[ids.lid] = acc;
-    cl_scaled[ids.lid] = scaled;
     workgroupBarrier();
     if (t.live && t.tr == 0u) {
-        // Chan's combine of the `tr` threads of this channel group, 4 features at once
-        // (`chan` of welford.wgsl, lane by lane).
+        // Chan's combine of the `tr` threads of this channel group, 4 features at once.
         for (var k = 1u; k < wcl.tr; k += 1u) {
             let b = cl_red[ids.lid + k * wcl.group];
-            let bs = cl_scaled[ids.lid + k * wcl.group];
             let nb = b[2];
             let n = acc[2] + nb;
             let wb = select(vec4<f32>(0.0), nb / n, n > vec4<f32>(0.0));
             let d = b[0] - acc[0];
-            let plain = acc[1] + b[1] + d * d * acc[2] * wb;
-            let big = scaled != vec4<f32>(0.0) | bs != vec4<f32>(0.0) | !(plain < vec4<f32>(BIG));
-            let ya = select(acc[1], acc[1] * DOWN * DOWN, scaled == vec4<f32>(0.0));
-            let yb = select(b[1], b[1] * DOWN * DOWN, bs == vec4<f32>(0.0));
-            let ds = d * DOWN;
-            let m2 = select(plain, ya + yb + ds * ds * acc[2] * wb, big);
-            acc = mat3x4<f32>(acc[0] + d * wb, m2, n);
-            scaled = select(scaled, vec4<f32>(1.0), big);
+            acc = mat3x4<f32>(acc[0] + d * wb, acc[1] + b[1] + d * d * acc[2] * wb, n);
+        }
+        var scaled = vec4<f32>(0.0);
+        let need = !(acc[1] < vec4<f32>(BIG));
+        if (any(need)) {
+            // An m2 that reached 2^64 (welford.wgsl: the rare path): the whole block again
+            // by this thread, in runs of RESHIFT rows, m2 in units of 2^140, for the
+            // features that need it (the others' squares would underflow scaled).
+            var m = vec4<f32>(0.0);
+            var m2 = vec4<f32>(0.0);
+            var cnt = vec4<f32>(0.0);
+            for (var r0 = t.r0; r0 < t.r1; r0 += RESHIFT) {
+                let shift = dload4(wcl_x[t.first + (r0 - t.r0) * wcl.c4]);
+                let end = min(r0 + RESHIFT, t.r1);
+                var s1 = vec4<f32>(0.0);
+                var q1 = vec4<f32>(0.0);
+                var q2 = vec4<f32>(0.0);
+                for (var r = r0; r < end; r += 1u) {
+                    let x = dload4(wcl_x[t.first + (r - t.r0) * wcl.c4]);
+                    s1 += x - shift;
+                    let d = x * DOWN - shift * DOWN;
+                    q1 += d;
+                    q2 = fma(d, d, q2);
+                }
+                let nr = vec4<f32>(f32(end - r0));
+                let mean_r = shift + s1 / nr;
+                let n = cnt + nr;
+                let wb = nr / n;
+                let ds = (mean_r - m) * DOWN;
+                m2 = m2 + max(q2 - q1 * (q1 / nr), vec4<f32>(0.0)) + ds * ds * cnt * wb;
+                m = m + (mean_r - m) * wb;
+                cnt = n;
+            }
+            acc = mat3x4<f32>(select(acc[0], m, need), select(acc[1], m2, need), select(acc[2], cnt, need));
+            scaled = select(scaled, vec4<f32>(1.0), need);
         }
         for (var i = 0u; i < 4u; i += 1u) {
             wcl_out[(t.g4 * 4u + i) * wcl.blocks + t.block] = vec4<f32>(acc[0][i], acc[1][i], acc[2][i], scaled[i]);
@@ -479,9 +514,8 @@ fn sum_partials_cl(ids: Ids) {
     }
     let t = cl_thread(scl, linear, ids.lid);
     var acc = mat3x4<f32>(); // sum a, sum a b, sum b^2
-    var big = vec4<f32>(0.0); // sum b^2 scaled (welford.wgsl)
+    var centre = vec4<f32>(0.0);
     if (t.live) {
-        var centre = vec4<f32>(0.0);
         if (CENTERED) {
             let c = t.g4 * 4u;
             centre = vec4<f32>(scl_centre[c].x, scl_centre[c + 1u].x, scl_centre[c + 2u].x, scl_centre[c + 3u].x);
@@ -494,27 +528,27 @@ fn sum_partials_cl(ids: Ids) {
             acc[1] = fma(a, b, acc[1]);
             acc[2] = fma(b, b, acc[2]);
         }
-        // Squares reaching 2^64 (welford.wgsl): those features summed again, scaled,
-        // into the fourth component.
-        let over = !(acc[2] < vec4<f32>(BIG));
+    }
+    let s = cl_rows_sum(scl, t, ids.lid, acc);
+    if (t.live && t.tr == 0u) {
+        // Sums of squares that reached 2^64 (welford.wgsl: the rare path; a sum of
+        // squares only grows, so any thread's shows in the total): those features'
+        // squares again by this thread over the whole block, scaled, into the fourth
+        // component.
+        var small = s[2];
+        var big = vec4<f32>(0.0);
+        let over = !(small < vec4<f32>(BIG));
         if (any(over)) {
             var q = vec4<f32>(0.0);
-            for (var r = t.r0 + t.tr; r < t.r1; r += scl.tr) {
+            for (var r = t.r0; r < t.r1; r += 1u) {
                 let b = dload4(scl_b[t.first + (r - t.r0) * scl.c4]) * DOWN - centre * DOWN;
                 q = fma(b, b, q);
             }
             big = select(big, q, over);
-            acc[2] = select(acc[2], vec4<f32>(0.0), over);
-        }
-    }
-    cl_scaled[ids.lid] = big; // read after cl_rows_sum's barrier
-    let s = cl_rows_sum(scl, t, ids.lid, acc);
-    if (t.live && t.tr == 0u) {
-        for (var k = 1u; k < scl.tr; k += 1u) {
-            big += cl_scaled[ids.lid + k * scl.group];
+            small = select(small, vec4<f32>(0.0), over);
         }
         for (var i = 0u; i < 4u; i += 1u) {
-            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(s[0][i], s[1][i], s[2][i], big[i]);
+            scl_out[(t.g4 * 4u + i) * scl.blocks + t.block] = vec4<f32>(s[0][i], s[1][i], small[i], big[i]);
         }
     }
 }

@@ -85,14 +85,19 @@ fn normalize(ids: Ids) {
 @compute @workgroup_size(WG)
 fn grad(ids: Ids) {
     var m: vec4<f32>;
-    var s: vec4<f32>;
+    var a = 0.0;
+    var b = 0.0;
     for (var w = cursor_start(gp, ids); cursor_live(w); cursor_next(gp, &w)) {
         if (w.fresh) {
             m = gp_norm[w.slice];
-            s = gp_sums[w.slice];
+            let s = gp_sums[w.slice];
+            // Per slice: r * sum(g (x - mean)) / d, as the row kernels do; never r * r on
+            // its own, which underflows for weights near 1e19 when a driver reassociates.
+            a = s.x * gp.aux0;
+            b = m.y * s.y * gp.aux1;
         }
         let y = (dload(gp_x[w.e]) - m.x) * m.y;
-        gp_dx[w.e] = dstore(m.y * (dload(gp_g[w.e]) - s.x * gp.aux0 - y * m.y * s.y * gp.aux1));
+        gp_dx[w.e] = dstore(m.y * (dload(gp_g[w.e]) - a - y * b));
     }
 }
 
@@ -104,7 +109,9 @@ struct GradState {
     g: vec2<f32>, // (sum g, sum g (x - mean))
 }
 
-fn chan_grad(a: GradState, b: GradState) -> GradState {
+// Chan's combine of GradStates: `combine` is `chan_plain`, `chan` or `chan_scaled`
+// (welford.wgsl) for the Welford part; (G, C) are plain sums either way.
+fn chan_grad(a: GradState, b: GradState, combine: u32) -> GradState {
     if (b.w.z == 0.0) {
         return a;
     }
@@ -115,7 +122,13 @@ fn chan_grad(a: GradState, b: GradState) -> GradState {
     let wb = b.w.z / n;
     let d = b.w.x - a.w.x;
     var r: GradState;
-    r.w = chan(a.w, b.w); // m2 scaled where it must be (welford.wgsl)
+    if (combine == 0u) {
+        r.w = chan_plain(a.w, b.w);
+    } else if (combine == 1u) {
+        r.w = chan(a.w, b.w);
+    } else {
+        r.w = chan_scaled(a.w, b.w);
+    }
     // mean - mean_a = d wb, mean - mean_b = -d (1 - wb).
     r.g = vec2<f32>(a.g.x + b.g.x, a.g.y + b.g.y - d * wb * a.g.x + d * (1.0 - wb) * b.g.x);
     return r;
@@ -123,14 +136,15 @@ fn chan_grad(a: GradState, b: GradState) -> GradState {
 
 var<workgroup> row_red_g: array<vec2<f32>, RWG>;
 
-// `row_welford` with (G, C) carried along.
+// `row_welford` with (G, C) carried along (plain combines; a row that
+// `needs_scaling` is redone by the kernel).
 fn row_welford_grad(lid: u32, tl: u32, tpr: u32, v: GradState) -> GradState {
     row_red[lid] = v.w;
     row_red_g[lid] = v.g;
     workgroupBarrier();
     for (var s = tpr / 2u; s > 0u; s >>= 1u) {
         if (tl < s) {
-            let c = chan_grad(GradState(row_red[lid], row_red_g[lid]), GradState(row_red[lid + s], row_red_g[lid + s]));
+            let c = chan_grad(GradState(row_red[lid], row_red_g[lid]), GradState(row_red[lid + s], row_red_g[lid + s]), 0u);
             row_red[lid] = c.w;
             row_red_g[lid] = c.g;
         }
@@ -155,7 +169,6 @@ fn rows_forward(ids: Ids) {
     var own = vec4<f32>(0.0);
     var i = slot.tl;
     while (i < rp.len && slot.live) {
-        let i0 = i;
         let shift = lane0(dload(rp_x[base + i]));
         var s1 = V(0.0);
         var s2 = V(0.0);
@@ -167,21 +180,29 @@ fn rows_forward(ids: Ids) {
             n += LANES;
             i += rp.tpr;
         }
-        var st = welford_state(shift, hsum(s1), hsum(s2), n);
-        if (!(hsum(s2) < BIG)) {
-            // The run's squares reach 2^64 (welford.wgsl): summed again, scaled.
-            var q = V(0.0);
-            var j = i0;
-            for (var k = 0u; k < RESHIFT && j < rp.len; k += 1u) {
-                let d = dload(rp_x[base + j]) * DOWN - shift * DOWN;
-                q = fma(d, d, q);
-                j += rp.tpr;
-            }
-            st = welford_state_scaled(shift, hsum(s1), hsum(q), n);
-        }
-        own = chan(own, st);
+        own = chan_plain(own, welford_state(shift, hsum(s1), hsum(s2), n));
     }
-    let st = row_welford(ids.lid, slot.tl, rp.tpr, own);
+    var st = row_welford(ids.lid, slot.tl, rp.tpr, own);
+    if (needs_scaling(st) && slot.live) {
+        // Squares reaching 2^64 in this row (welford.wgsl): the whole row again, scaled,
+        // by each of its threads alone (no barrier: the rare path).
+        st = vec4<f32>(0.0);
+        for (var r = 0u; r < rp.len; r += RESHIFT) {
+            let shift = lane0(dload(rp_x[base + r]));
+            var s1 = V(0.0);
+            var q1 = V(0.0);
+            var q2 = V(0.0);
+            let end = min(r + RESHIFT, rp.len);
+            for (var k = r; k < end; k += 1u) {
+                let x = dload(rp_x[base + k]);
+                s1 += x - shift;
+                let d = x * DOWN - shift * DOWN;
+                q1 += d;
+                q2 = fma(d, d, q2);
+            }
+            st = chan_scaled(st, welford_state_scaled(shift, hsum(s1), hsum(q1), hsum(q2), (end - r) * LANES));
+        }
+    }
     let mean = st.x;
     var rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
     if (st.w != 0.0) {
@@ -222,7 +243,6 @@ fn rows_grad(ids: Ids) {
     var own = GradState(vec4<f32>(0.0), vec2<f32>(0.0));
     var i = slot.tl;
     while (i < rg.len && slot.live) {
-        let i0 = i;
         let shift = lane0(dload(rg_x[base + i]));
         var sd = V(0.0);
         var sdd = V(0.0);
@@ -241,23 +261,42 @@ fn rows_grad(ids: Ids) {
         }
         var run: GradState;
         run.w = welford_state(shift, hsum(sd), hsum(sdd), n);
-        if (!(hsum(sdd) < BIG)) {
-            // The run's squares reach 2^64 (welford.wgsl): summed again, scaled.
-            var q = V(0.0);
-            var j = i0;
-            for (var k = 0u; k < RESHIFT && j < rg.len; k += 1u) {
-                let d = dload(rg_x[base + j]) * DOWN - shift * DOWN;
-                q = fma(d, d, q);
-                j += rg.tpr;
-            }
-            run.w = welford_state_scaled(shift, hsum(sd), hsum(q), n);
-        }
         let tg = hsum(sg);
         // sum g (x - run mean) = sum g (x - shift) - (run mean - shift) sum g.
         run.g = vec2<f32>(tg, hsum(sgd) - (run.w.x - shift) * tg);
-        own = chan_grad(own, run);
+        own = chan_grad(own, run, 0u);
     }
-    let st = row_welford_grad(ids.lid, slot.tl, rg.tpr, own);
+    var st = row_welford_grad(ids.lid, slot.tl, rg.tpr, own);
+    if (needs_scaling(st.w) && slot.live) {
+        // Squares reaching 2^64 in this row (welford.wgsl): the whole row again, m2
+        // scaled, by each of its threads alone (no barrier: the rare path).
+        st = GradState(vec4<f32>(0.0), vec2<f32>(0.0));
+        for (var r = 0u; r < rg.len; r += RESHIFT) {
+            let shift = lane0(dload(rg_x[base + r]));
+            var sd = V(0.0);
+            var q1 = V(0.0);
+            var q2 = V(0.0);
+            var sg = V(0.0);
+            var sgd = V(0.0);
+            let end = min(r + RESHIFT, rg.len);
+            for (var k = r; k < end; k += 1u) {
+                let x = dload(rg_x[base + k]);
+                let g = dload(rg_g[base + k]);
+                let d = x - shift;
+                let ds = x * DOWN - shift * DOWN;
+                sd += d;
+                q1 += ds;
+                q2 = fma(ds, ds, q2);
+                sg += g;
+                sgd = fma(g, d, sgd);
+            }
+            var run: GradState;
+            run.w = welford_state_scaled(shift, hsum(sd), hsum(q1), hsum(q2), (end - r) * LANES);
+            let tg = hsum(sg);
+            run.g = vec2<f32>(tg, hsum(sgd) - (run.w.x - shift) * tg);
+            st = chan_grad(st, run, 2u);
+        }
+    }
     let mean = st.w.x;
     var rstd = 1.0 / sqrt(st.w.y * rg.inv_divisor + rg.eps);
     if (st.w.w != 0.0) {

@@ -52,14 +52,16 @@ fn rows_left(p: RowParams, ids: Ids) -> bool {
     return group_id(ids) * (RWG / p.tpr) < p.rows;
 }
 
-// Chan's combine of the Welford states vec4(mean, m2, count, scaled) of the `tpr` threads of
-// each row; each of them gets its row's state.
+// Chan's combine (`chan_plain`) of the Welford states vec4(mean, m2, count, flag) of the
+// `tpr` threads of each row; each of them gets its row's state. A row whose state
+// `needs_scaling` (welford.wgsl: rare) is redone by the kernel, each of its threads
+// alone over the whole row (no barrier: rows of one workgroup decide apart).
 fn row_welford(lid: u32, tl: u32, tpr: u32, v: vec4<f32>) -> vec4<f32> {
     row_red[lid] = v;
     workgroupBarrier();
     for (var s = tpr / 2u; s > 0u; s >>= 1u) {
         if (tl < s) {
-            row_red[lid] = chan(row_red[lid], row_red[lid + s]);
+            row_red[lid] = chan_plain(row_red[lid], row_red[lid + s]);
         }
         workgroupBarrier();
     }

@@ -20,12 +20,14 @@ fn tree_sum(lid: u32, value: vec4<f32>) -> vec4<f32> {
     return total;
 }
 
+// Plain combines (`chan_plain`, welford.wgsl): a total that `needs_scaling` (rare) is
+// redone by the kernel, in the invocation that writes it (no barrier there).
 fn tree_welford(lid: u32, value: vec4<f32>) -> vec4<f32> {
     tree[lid] = value;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {
         if (lid < s) {
-            tree[lid] = chan(tree[lid], tree[lid + s]);
+            tree[lid] = chan_plain(tree[lid], tree[lid + s]);
         }
         workgroupBarrier();
     }
