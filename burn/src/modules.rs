@@ -203,13 +203,22 @@ pub fn with_spectral_norm<M: Module>(
             "spectral_norm: use_gamma is not supported as a burn reparameterization".into(),
         ));
     }
-    let error = FirstError::default();
-    let module = module.apply_reparameterization(SpectralNormWeights {
+    apply_collecting(module, |error| SpectralNormWeights {
         config,
         seed,
         select: Box::new(select),
-        error: error.clone(),
-    });
+        error,
+    })
+}
+
+/// `module` with the reparameterizer `make(error slot)` applied: the first error it
+/// kept (burn's `Reparameterizer` has no error path) instead of the module.
+fn apply_collecting<M: Module, R: Reparameterizer>(
+    module: M,
+    make: impl FnOnce(FirstError) -> R,
+) -> crate::Result<M> {
+    let error = FirstError::default();
+    let module = module.apply_reparameterization(make(error.clone()));
     let first = error.borrow_mut().take();
     match first {
         Some(e) => Err(e),
@@ -329,17 +338,11 @@ pub fn with_weight_norm<M: Module>(
     axis: usize,
     select: impl FnMut(&str, &[usize]) -> bool,
 ) -> crate::Result<M> {
-    let error = FirstError::default();
-    let module = module.apply_reparameterization(WeightNormWeights {
+    apply_collecting(module, |error| WeightNormWeights {
         axis,
         select: Box::new(select),
-        error: error.clone(),
-    });
-    let first = error.borrow_mut().take();
-    match first {
-        Some(e) => Err(e),
-        None => Ok(module),
-    }
+        error,
+    })
 }
 
 // ---------------------------------------------------------------------------------
