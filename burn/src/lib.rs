@@ -1,6 +1,11 @@
-//! wgnorm on burn's wgpu device (issue 18, in progress): one `wgpu::Device` shared by
-//! burn and wgnorm, and wgnorm tensor views of burn's own buffers, so that wgnorm's
-//! kernels read and write burn tensors in place, with no copy in either direction.
+//! wgnorm on burn's wgpu device: one `wgpu::Device` shared by burn and wgnorm, wgnorm
+//! tensor views of burn's own buffers (wgnorm's kernels read and write burn tensors in
+//! place, no copy in either direction), the four normalizations as burn autodiff ops
+//! with wgnorm's backward kernels, and as burn modules: spectral, weight norm and weight
+//! standardization as reparameterizations of any burn layer's weight
+//! ([`with_spectral_norm`], [`with_weight_norm`], [`with_weight_standardization`]) and
+//! a [`BatchNorm`] that loads `burn::nn::BatchNorm`'s records. `examples/train.rs`
+//! trains a small conv net through it and through burn's own ops.
 
 use burn::backend::wgpu::graphics::AutoGraphicsApi;
 use std::sync::{Arc, Mutex};
