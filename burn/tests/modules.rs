@@ -86,11 +86,6 @@ fn spectral_norm_on_a_burn_conv_trains_as_pytorch_parametrization() {
     let u1: Vec<f64> = u1.iter().map(|a| a / norm(&u1)).collect();
     let v1 = matvec_t(&w, rows, cols, &u1);
     let v1: Vec<f64> = v1.iter().map(|a| a / norm(&v1)).collect();
-    let sigma: f64 = matvec(&w, rows, cols, &v1)
-        .iter()
-        .zip(&u1)
-        .map(|(a, b)| a * b)
-        .sum();
     let sn = conv
         .weight
         .reparameterization::<SpectralNormReparam>()
@@ -156,7 +151,6 @@ fn spectral_norm_on_a_burn_conv_trains_as_pytorch_parametrization() {
             .value(),
     );
     assert_eq!(before, after, "evaluation keeps u");
-    let _ = sigma;
 }
 
 #[test]
