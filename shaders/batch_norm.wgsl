@@ -60,16 +60,17 @@ fn finalize(ids: Ids) {
     }
     var mean: f32;
     var var_: f32;
-    var scaled = false; // m2 in units of 2^140 (welford.wgsl)
-    var scaled_rstd = 0.0;
+    var rstd: f32;
     if (fp.from_batch == 1u) {
         let s = fp_stats[c];
         mean = s.x;
         var_ = max(s.y, 0.0) / s.z; // biased batch variance
+        rstd = 1.0 / sqrt(var_ + fp.eps);
         if (s.w != 0.0) {
-            scaled = true;
-            scaled_rstd = welford_rstd(s, 1.0 / s.z, fp.eps);
-            var_ = ldexp(var_, 140); // for the running average: beyond f32 it is Inf
+            // m2 in units of 2^140 (welford.wgsl); the variance for the running average
+            // is Inf beyond f32.
+            rstd = welford_rstd(s, 1.0 / s.z, fp.eps);
+            var_ = ldexp(var_, 140);
         }
         if (fp.update == 1u) {
             let w = fp.weight;
@@ -79,6 +80,7 @@ fn finalize(ids: Ids) {
     } else {
         mean = fp_running_mean[c];
         var_ = fp_running_var[c];
+        rstd = 1.0 / sqrt(var_ + fp.eps);
     }
     var gamma = 1.0;
     if (fp.has_gamma == 1u) {
@@ -87,10 +89,6 @@ fn finalize(ids: Ids) {
     var beta = 0.0;
     if (fp.has_beta == 1u) {
         beta = fp_beta[c];
-    }
-    var rstd = 1.0 / sqrt(var_ + fp.eps);
-    if (scaled) {
-        rstd = scaled_rstd;
     }
     fp_norm[c] = vec4<f32>(mean, rstd, gamma, beta);
 }

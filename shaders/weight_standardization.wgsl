@@ -204,10 +204,7 @@ fn rows_forward(ids: Ids) {
         }
     }
     let mean = st.x;
-    var rstd = 1.0 / sqrt(st.y * rp.inv_divisor + rp.eps);
-    if (st.w != 0.0) {
-        rstd = welford_rstd(st, rp.inv_divisor, rp.eps);
-    }
+    let rstd = welford_rstd(st, rp.inv_divisor, rp.eps); // plain or scaled m2
     let t = rp.tpr;
     i = slot.tl;
     if (ROW_BATCH) {
@@ -298,10 +295,7 @@ fn rows_grad(ids: Ids) {
         }
     }
     let mean = st.w.x;
-    var rstd = 1.0 / sqrt(st.w.y * rg.inv_divisor + rg.eps);
-    if (st.w.w != 0.0) {
-        rstd = welford_rstd(st.w, rg.inv_divisor, rg.eps);
-    }
+    let rstd = welford_rstd(st.w, rg.inv_divisor, rg.eps); // plain or scaled m2
     let t = st.g;
     let a = t.x * rg.inv_n;
     let b = rstd * t.y * rg.inv_divisor;

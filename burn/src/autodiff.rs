@@ -212,22 +212,45 @@ pub fn weight_standardization<const D: usize>(
     ws: &WeightStandardization,
     weight: Tensor<D>,
 ) -> Result<Tensor<D>> {
+    let w = weight_input(weight)?;
+    let out = run(&w.shared, w.dims, |rec| {
+        ws.record_forward(rec, &w.view).map(drop)?;
+        Ok(())
+    })?;
+    let back = WsBackward {
+        ws: *ws,
+        device: w.device,
+        dims: w.dims,
+    };
+    finish("weight_standardization", back, [w.node], w.prim, out)
+}
+
+/// A weight op's input: its dims, its contiguous primitive and autodiff node, its
+/// device, that device's `Shared`, and the wgnorm view of it.
+struct WeightInput<const D: usize> {
+    dims: [usize; D],
+    prim: CubeTensor,
+    node: Option<NodeGuard>,
+    device: WgpuDevice,
+    shared: std::sync::Arc<Shared>,
+    view: wgnorm::Tensor,
+}
+
+fn weight_input<const D: usize>(weight: Tensor<D>) -> Result<WeightInput<D>> {
     let dims = weight.dims();
     let (prim, node) = primitive(weight)?;
     let prim = contiguous(prim);
     let device = wgpu_device(&prim)?;
     let shared = Shared::of(&device)?;
-    let w = shared.view_primitive(&prim, &dims)?;
-    let out = run(&shared, dims, |rec| {
-        ws.record_forward(rec, &w).map(drop)?;
-        Ok(())
-    })?;
-    let back = WsBackward {
-        ws: *ws,
-        device,
+    let view = shared.view_primitive(&prim, &dims)?;
+    Ok(WeightInput {
         dims,
-    };
-    finish("weight_standardization", back, [node], prim, out)
+        prim,
+        node,
+        device,
+        shared,
+        view,
+    })
 }
 
 /// The wgpu device of a burn primitive.
@@ -351,28 +374,23 @@ pub fn spectral_norm<const D: usize>(
     state: &mut SpectralNormState,
     training: bool,
 ) -> Result<Tensor<D>> {
-    let dims = weight.dims();
-    let (prim, node) = primitive(weight)?;
-    let prim = contiguous(prim);
-    let device = wgpu_device(&prim)?;
-    let shared = Shared::of(&device)?;
-    let w = shared.view_primitive(&prim, &dims)?;
+    let w = weight_input(weight)?;
     let mut forward = None;
-    let out = run(&shared, dims, |rec| {
-        forward = Some(sn.record_forward(rec, &w, state, training)?);
+    let out = run(&w.shared, w.dims, |rec| {
+        forward = Some(sn.record_forward(rec, &w.view, state, training)?);
         Ok(())
     })?;
     let forward = forward.expect("recorded above");
     let back = SnBackward {
         sn: *sn,
-        device,
-        dims,
+        device: w.device,
+        dims: w.dims,
     };
     finish(
         "spectral_norm",
         back,
-        [node],
-        (prim, forward, state.clone()),
+        [w.node],
+        (w.prim, forward, state.clone()),
         out,
     )
 }

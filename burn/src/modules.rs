@@ -124,8 +124,12 @@ pub type Select<'a> = Box<dyn FnMut(&str, &[usize]) -> bool + 'a>;
 /// error path, and [`with_spectral_norm`] and the others return it.
 type FirstError = Rc<RefCell<Option<Error>>>;
 
-fn keep_first(slot: &FirstError, e: Error) {
-    slot.borrow_mut().get_or_insert(e);
+/// The reparameterization, or none with its error kept in `slot` (the first one wins).
+fn kept<R>(slot: &FirstError, r: crate::Result<R>) -> Option<R> {
+    r.map_err(|e| {
+        slot.borrow_mut().get_or_insert(e);
+    })
+    .ok()
 }
 
 struct SpectralNormWeights<'a> {
@@ -147,21 +151,16 @@ impl Reparameterizer for SpectralNormWeights<'_> {
             return (param, None);
         }
         self.seed = self.seed.wrapping_add(1);
-        match self.state_for(&param.val()) {
-            Ok((u, v)) => {
-                let reparam = SpectralNormReparam {
-                    u: RunningState::new(u),
-                    v: RunningState::new(v),
-                    training: Param::from_bool(true),
-                    config: self.config,
-                };
-                (param, Some(reparam))
-            }
-            Err(e) => {
-                keep_first(&self.error, e);
-                (param, None)
-            }
-        }
+        let config = self.config;
+        let reparam = self
+            .state_for(&param.val())
+            .map(|(u, v)| SpectralNormReparam {
+                u: RunningState::new(u),
+                v: RunningState::new(v),
+                training: Param::from_bool(true),
+                config,
+            });
+        (param, kept(&self.error, reparam))
     }
 }
 
@@ -288,19 +287,12 @@ impl Reparameterizer for WeightNormWeights<'_> {
         if self.error.borrow().is_some() || !(self.select)(path, &dims) {
             return (param, None);
         }
-        match self.norms(&param.val()) {
-            Ok(g) => {
-                let reparam = WeightNormReparam {
-                    g: Param::from_tensor(g),
-                    axis: self.axis,
-                };
-                (param, Some(reparam))
-            }
-            Err(e) => {
-                keep_first(&self.error, e);
-                (param, None)
-            }
-        }
+        let axis = self.axis;
+        let reparam = self.norms(&param.val()).map(|g| WeightNormReparam {
+            g: Param::from_tensor(g),
+            axis,
+        });
+        (param, kept(&self.error, reparam))
     }
 }
 
