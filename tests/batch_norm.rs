@@ -240,6 +240,33 @@ fn split_bindings_match_the_reference() {
     );
 }
 
+/// More features than one binding holds per-feature values for (a vec4 of statistics,
+/// 16 bytes, per feature: 1024 fill a 16 KiB cap) run in groups of features, each
+/// binding its part of the statistics, parameters and running averages (issue 14: they
+/// were refused as `TooLarge`). NCHW (the group's rows strided across the tensor), [N, C]
+/// and NHWC (channels-last kernels per group), a count that is not a multiple of 4,
+/// training, evaluation and the backward, in both thread layouts.
+#[test]
+fn more_features_than_a_binding_of_statistics() {
+    let mut rng = Rng::new(41);
+    for ctx in common::ctx_with_binding_both_layouts(16 * 1024) {
+        let nhwc = BatchNorm {
+            feature_axis: 3,
+            ..BatchNorm::keras()
+        };
+        for (config, shape) in [
+            (BatchNorm::pytorch(), vec![2, 2500, 3]),
+            (BatchNorm::pytorch(), vec![3, 2600]),
+            (BatchNorm::chainer(), vec![4, 1031]),
+            (nhwc, vec![2, 2, 1, 2052]),
+        ] {
+            for mode in [BatchNormMode::Train, BatchNormMode::Eval] {
+                check(&ctx, &config, &shape, mode, &mut rng, 0.5);
+            }
+        }
+    }
+}
+
 /// Every refused call leaves the running statistics and the update count as they were.
 #[test]
 fn a_failed_call_leaves_the_running_statistics_unchanged() {

@@ -281,3 +281,31 @@ fn more_rows_than_a_binding_of_statistics_use_the_row_kernels() {
         &mut Rng::new(19),
     );
 }
+
+/// More slices than a binding holds per-slice values for (16 bytes each: 1024 fill a
+/// 16 KiB cap) where the row kernels do not apply: the op runs in groups of slices
+/// (issue 14: refused as `TooLarge` before), PyTorch's kept axis 1 (rows strided) and
+/// Jittor's middle axis (groups of whole batch entries, or of channels); and the row
+/// kernels with more rows of `g` (4 bytes each) than one binding holds, which bind `g`
+/// window by window. Forward, backward and decompose, in both thread layouts.
+#[test]
+fn more_slices_than_a_binding_of_statistics() {
+    let mut rng = Rng::new(47);
+    for ctx in common::ctx_with_binding_both_layouts(16 * 1024) {
+        for (config, shape) in [
+            (WeightNorm::pytorch(Some(1)), vec![3, 2500]),
+            (WeightNorm::pytorch(Some(1)), vec![2, 1100, 4]),
+            (WeightNorm::jittor(1), vec![6, 3, 640]),
+            (WeightNorm::jittor(1), vec![2, 3, 1536]),
+            (WeightNorm::pytorch(Some(0)), vec![5000, 2]),
+            (WeightNorm::jittor(-1), vec![4500, 3]),
+        ] {
+            check(&ctx, &config, &shape, &mut rng);
+            let w = rng.array(&shape, 0.0, 1.0);
+            let tw = Tensor::from_array(&ctx, &w).unwrap();
+            let WeightNormParams { g, .. } = config.decompose(&ctx, &tw).unwrap();
+            let (want_g, _) = reference::decompose(&config, w.view()).unwrap();
+            assert_close("g", &g.to_array(&ctx).unwrap(), &want_g, RTOL, ATOL);
+        }
+    }
+}

@@ -381,3 +381,27 @@ fn more_rows_than_a_binding_of_statistics_use_the_row_kernels() {
     let g = rng.array(&[2000, 3, 1, 1], 0.0, 1.0);
     check(&ctx, &WeightStandardization::default(), &w, &g);
 }
+
+/// More output channels than a binding holds statistics for (16 bytes each: 1024 fill a
+/// 16 KiB cap) where the row kernels do not apply (output axis 1, or rows longer than
+/// theirs): the op runs in groups of channels (issue 14: refused as `TooLarge` before),
+/// forward and backward, in both thread layouts.
+#[test]
+fn more_channels_than_a_binding_of_statistics() {
+    let mut rng = Rng::new(43);
+    for ctx in common::ctx_with_binding_both_layouts(16 * 1024) {
+        for (shape, axis) in [
+            (vec![3, 2500], 1),       // deconvolution layout, rows strided
+            (vec![2, 1300, 3], 1),    // and rows of 3
+            (vec![2, 2052, 2, 2], 1), // rows a multiple of 4 (vec4)
+        ] {
+            let config = WeightStandardization {
+                axis,
+                ..WeightStandardization::labml()
+            };
+            let w = rng.array(&shape, 0.3, 1.0);
+            let g = rng.array(&shape, 0.0, 1.0);
+            check(&ctx, &config, &w, &g);
+        }
+    }
+}

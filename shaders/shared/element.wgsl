@@ -43,7 +43,7 @@ struct ElementParams {
     flag: u32,      // op-specific
     aux0: f32,      // op-specific scalars
     aux1: f32,
-    _pad0: u32,
+    skip: u32,      // units bound before the window's first unit (a slice group's rows)
     _pad1: u32,
 }
 
@@ -119,6 +119,9 @@ fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
     }
     w.slice = w.a * p.channels + w.c;
     w.fresh = true;
+    // Units are located from the window's first unit, indexed from the binding's.
+    w.e += p.skip;
+    w.end += p.skip;
     return w;
 }
 

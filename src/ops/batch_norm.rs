@@ -4,10 +4,10 @@ use bytemuck::{Pod, Zeroable};
 
 use super::cast::{cast_internal, widened};
 use super::channel_stats::{read_vec4, record_sums, record_welford, vec4_buffer, ReducePlan};
-use super::element::{record_elementwise, Extra};
+use super::element::{record_elementwise, record_per_slice, Extra, PerSlice};
 use super::layout::{check_channel_input, check_grad_dtype, ChannelLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, DType, Kernel, Recording, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, DType, Kernel, Recording, Tensor};
 
 const OP: &str = "batch_norm";
 
@@ -716,37 +716,36 @@ impl BatchNorm {
         };
         let norm = vec4_buffer(ctx, OP, features)?;
         let dummy = &*ctx.dummy;
-        let gamma_bind = gamma.map_or(Bind::elems(dummy, 4), |g| Bind::elems(g, features));
-        let beta_bind = beta.map_or(Bind::elems(dummy, 4), |b| Bind::elems(b, features));
+        let fixed = PerSlice::Fixed(Bind::elems(dummy, 4));
+        let gamma_bind = gamma.map_or(fixed, |g| PerSlice::Values(g, 1));
+        let beta_bind = beta.map_or(fixed, |b| PerSlice::Values(b, 1));
         // Evaluation with running statistics in one pass over x where the adapter gains
         // from it (`Tuning::one_pass_eval`): the normalizing threads compute each
         // feature's factors and write `norm` for the backward.
         let one_pass = !from_batch && layout.len() > 0 && ctx.limits.tuning.one_pass_eval;
         if !one_pass {
-            let params = FinalizeParams {
-                features: features as u32,
-                from_batch: from_batch as u32,
-                update: update as u32,
-                has_gamma: gamma.is_some() as u32,
-                has_beta: beta.is_some() as u32,
-                eps: self.eps,
-                weight,
-                var_correction,
-            };
-            rec.dispatch(
+            record_per_slice(
+                rec,
                 Kernel::BnFinalize,
-                &params,
+                features,
+                |n| FinalizeParams {
+                    features: n as u32,
+                    from_batch: from_batch as u32,
+                    update: update as u32,
+                    has_gamma: gamma.is_some() as u32,
+                    has_beta: beta.is_some() as u32,
+                    eps: self.eps,
+                    weight,
+                    var_correction,
+                },
                 &[
-                    stats
-                        .as_ref()
-                        .map_or(Bind::elems(dummy, 4), |s| Bind::elems(s, features * 4)),
+                    stats.as_ref().map_or(fixed, |s| PerSlice::Values(s, 4)),
                     gamma_bind,
                     beta_bind,
-                    Bind::elems(rm, features),
-                    Bind::elems(rv, features),
-                    Bind::elems(&norm, features * 4),
+                    PerSlice::Values(rm, 1),
+                    PerSlice::Values(rv, 1),
+                    PerSlice::Values(&norm, 4),
                 ],
-                features.div_ceil(u64::from(WORKGROUP_SIZE)),
             )?;
         }
         let output = rec.output(OP, x.shape(), x.dtype())?;
@@ -757,11 +756,11 @@ impl BatchNorm {
                 &layout,
                 &[x],
                 &[
-                    Bind::elems(rm, features),
-                    Bind::elems(rv, features),
+                    PerSlice::Values(rm, 1),
+                    PerSlice::Values(rv, 1),
                     gamma_bind,
                     beta_bind,
-                    Bind::elems(&norm, features * 4),
+                    PerSlice::Values(&norm, 4),
                 ],
                 &output,
                 Extra {
@@ -775,7 +774,7 @@ impl BatchNorm {
                 Kernel::BnNormalize,
                 &layout,
                 &[x],
-                &[Bind::elems(&norm, features * 4)],
+                &[PerSlice::Values(&norm, 4)],
                 &output,
                 Extra::default(),
             )?;
@@ -827,7 +826,7 @@ impl BatchNorm {
         let coef = vec4_buffer(ctx, OP, features)?;
         let inv_n = 1.0 / layout.per_channel() as f64;
         let out = [&grad_gamma, &grad_beta, &coef];
-        record_grad_factors(rec, forward, sums.buffer(), inv_n, out)?;
+        record_grad_factors(rec, forward, &sums, inv_n, out)?;
         let grad_input = rec.output(OP, x.shape(), x.dtype())?;
         record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
         forward.param_grads(rec, grad_input, grad_gamma, grad_beta)
@@ -935,9 +934,9 @@ impl BatchNorm {
             let (coef, unused_coef) = (vec4_buffer(ctx, OP, f)?, vec4_buffer(ctx, OP, f)?);
             let inv_n = 1.0 / count;
             let local_out = [&grad_gamma, &grad_beta, &unused_coef];
-            record_grad_factors(rec, forward, local.buffer(), inv_n, local_out)?;
+            record_grad_factors(rec, forward, &local, inv_n, local_out)?;
             let global_out = [&unused_gamma, &unused_beta, &coef];
-            record_grad_factors(rec, forward, global.buffer(), inv_n, global_out)?;
+            record_grad_factors(rec, forward, &global, inv_n, global_out)?;
             let grad_input = rec.output(OP, x.shape(), x.dtype())?;
             if layout.len() > 0 {
                 record_grad_input(rec, &layout, x, grad_output, &coef, &grad_input)?;
@@ -1032,27 +1031,28 @@ pub(crate) struct DistributedSums<'a> {
 fn record_grad_factors(
     rec: &mut Recording<'_>,
     forward: &BatchNormForward,
-    sums: &wgpu::Buffer,
+    sums: &Tensor,
     inv_n: f64,
     out: [&Tensor; 3],
 ) -> Result<()> {
     let features = forward.norm.len() as u64 / 4;
-    rec.dispatch(
+    record_per_slice(
+        rec,
         Kernel::BnGradFactors,
-        &GradParams {
-            features: features as u32,
+        features,
+        |n| GradParams {
+            features: n as u32,
             training: forward.from_batch as u32,
             inv_n: inv_n as f32,
             _pad: 0,
         },
         &[
-            Bind::elems(&forward.norm, features * 4),
-            Bind::elems(sums, features * 4),
-            Bind::elems(out[0], features),
-            Bind::elems(out[1], features),
-            Bind::elems(out[2], features * 4),
+            PerSlice::Values(&forward.norm, 4),
+            PerSlice::Values(sums, 4),
+            PerSlice::Values(out[0], 1),
+            PerSlice::Values(out[1], 1),
+            PerSlice::Values(out[2], 4),
         ],
-        features.div_ceil(u64::from(WORKGROUP_SIZE)),
     )
 }
 
@@ -1070,7 +1070,7 @@ fn record_grad_input(
         Kernel::BnGradInput,
         layout,
         &[x, grad_output],
-        &[Bind::elems(coef, layout.channels * 4)],
+        &[PerSlice::Values(coef, 4)],
         grad_input,
         Extra::default(),
     )
@@ -1100,15 +1100,15 @@ impl PopulationStats {
         ctx.run(|rec| {
             let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
             let stats = record_welford(rec, OP, &plan, x)?;
-            let f = layout.channels;
-            rec.dispatch(
+            record_per_slice(
+                rec,
                 Kernel::BnMerge,
-                &MergeParams {
-                    features: f as u32,
+                layout.channels,
+                |n| MergeParams {
+                    features: n as u32,
                     _pad: [0; 3],
                 },
-                &[Bind::elems(&stats, f * 4), Bind::elems(&self.acc, f * 4)],
-                f.div_ceil(u64::from(WORKGROUP_SIZE)),
+                &[PerSlice::Values(&stats, 4), PerSlice::Values(&self.acc, 4)],
             )
         })
     }

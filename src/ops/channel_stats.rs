@@ -10,7 +10,7 @@ use crate::gpu::{
 };
 
 use super::cast::widened;
-use super::layout::ChannelLayout;
+use super::layout::{slice_groups, ChannelLayout};
 
 /// Threads per workgroup of the reductions (`WG` in shaders/channel_stats.wgsl).
 pub(crate) const REDUCE_WORKGROUP: u64 = 64;
@@ -63,18 +63,28 @@ pub(crate) struct ReduceBox {
     pub base_delta: u64,
 }
 
-/// How a reduction over a [`ChannelLayout`] is split.
+/// How a reduction over a [`ChannelLayout`] is split: into slice groups whose
+/// per-slice results fit one binding (one group, the whole layout, unless there are
+/// more slices than that), each reduced by its own plan.
 #[derive(Clone, Debug)]
 pub(crate) struct ReducePlan {
     pub layout: ChannelLayout,
+    /// (first slice, plan) of each group.
+    groups: Vec<(u64, GroupPlan)>,
+}
+
+/// How the reduction of one slice group is split into items and binding-sized boxes.
+#[derive(Clone, Debug)]
+struct GroupPlan {
+    layout: ChannelLayout,
     pub rows_per_item: u64,
     pub row_chunk: u64,
     pub chunks_per_row: u64,
     /// Item blocks along `outer` in one batch entry.
-    pub blocks_per_batch: u64,
-    pub boxes: Vec<ReduceBox>,
+    blocks_per_batch: u64,
+    boxes: Vec<ReduceBox>,
     /// The channels-last split, when the layout has one (see [`ChannelsLastPlan`]).
-    pub channels_last: Option<ChannelsLastPlan>,
+    channels_last: Option<ChannelsLastPlan>,
 }
 
 /// Channels-last reductions (`batch == 1`, `inner == 1`, channels a multiple of 4,
@@ -132,6 +142,7 @@ impl ChannelsLastPlan {
             outer,
             channels,
             inner,
+            ..
         } = layout;
         let align = limits.align_elems.max(1);
         if batch != 1
@@ -215,11 +226,50 @@ impl ChannelsLastPlan {
 
 impl ReducePlan {
     pub fn new(op: &'static str, layout: ChannelLayout, limits: &PlanLimits) -> Result<Self> {
+        // A vec4 per slice (results, a centre) in one binding, per group; and the
+        // group's partials, at least one per slice and more for long slices (a group
+        // whose rows are strided has a partial per row at least): groups are made
+        // smaller until their partials fit one binding too.
+        let align = limits.align_elems.max(1);
+        let mut max_slices = limits.max_binding_elems / 4;
+        loop {
+            let plans = slice_groups(op, layout, max_slices, align)?
+                .into_iter()
+                .map(|g| Ok((g.first, GroupPlan::new(op, g.layout, limits)?)))
+                .collect::<Result<Vec<_>>>();
+            match plans {
+                Err(Error::TooLarge { .. }) if max_slices.min(layout.slices()) > align => {
+                    max_slices = (max_slices.min(layout.slices()) / 2).max(align);
+                }
+                plans => {
+                    return Ok(ReducePlan {
+                        layout,
+                        groups: plans?,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether a reduction of `kernel` reads its data in units of four elements in
+    /// every group (vec4 or channels-last kernels), so that half data need no widening.
+    fn by_four(&self, kernel: Kernel) -> bool {
+        self.groups.iter().all(|(_, g)| {
+            (g.channels_last.is_some() && kernel.channels_last_twin().is_some())
+                || (g.by_vec4() && kernel.vec4_twin().is_some())
+        })
+    }
+}
+
+impl GroupPlan {
+    fn new(op: &'static str, layout: ChannelLayout, limits: &PlanLimits) -> Result<Self> {
         let ChannelLayout {
             batch,
             outer,
             channels,
             inner,
+            base,
+            row_stride,
         } = layout;
         let align = limits.align_elems.max(1);
         // Room for the box start to be aligned down.
@@ -236,7 +286,6 @@ impl ReducePlan {
                 ),
             });
         }
-        let row_stride = channels * inner;
         if row_stride > u64::from(u32::MAX)
             || batch * outer > u64::from(u32::MAX)
             || layout.slices() > u64::from(u32::MAX)
@@ -293,6 +342,7 @@ impl ReducePlan {
         let total = layout.len();
         let mut boxes = Vec::new();
         let mut push = |b0, nb, c0, nc, jc0, njc, start: u64, end: u64| {
+            let (start, end) = (base + start, base + end);
             let bind_start = start / align * align;
             boxes.push(ReduceBox {
                 b0,
@@ -315,7 +365,9 @@ impl ReducePlan {
                 let nb = per_box.min(blocks - b);
                 let last = b + nb - 1;
                 let start = first_row(b) * row_stride;
-                let end = (first_row(last) + block_rows(last)) * row_stride;
+                // The last row ends with the layout's channels (a slice group's rows
+                // are `row_stride` apart, longer than that).
+                let end = (first_row(last) + block_rows(last) - 1) * row_stride + channels * inner;
                 push(b, nb, 0, channels, 0, chunks_per_row, start, end);
                 b += nb;
             }
@@ -346,14 +398,19 @@ impl ReducePlan {
                 }
             }
         }
-        Ok(ReducePlan {
+        Ok(GroupPlan {
             layout,
             rows_per_item,
             row_chunk,
             chunks_per_row,
             blocks_per_batch,
             boxes,
-            channels_last: ChannelsLastPlan::new(layout, limits),
+            // The channels-last kernels read whole rows of a whole tensor.
+            channels_last: if layout.contiguous() && base == 0 {
+                ChannelsLastPlan::new(layout, limits)
+            } else {
+                None
+            },
         })
     }
 
@@ -366,6 +423,7 @@ impl ReducePlan {
     /// and lengths all multiples of 4 elements.
     fn by_vec4(&self) -> bool {
         self.layout.inner.is_multiple_of(4)
+            && self.layout.row_stride.is_multiple_of(4)
             && self.row_chunk.is_multiple_of(4)
             && self
                 .boxes
@@ -394,7 +452,7 @@ impl ReducePlan {
         ReduceParams {
             channels: l.channels as u32,
             inner: l.inner as u32,
-            row_stride: (l.channels * l.inner) as u32,
+            row_stride: l.row_stride as u32,
             outer: l.outer as u32,
             rows_per_item: self.rows_per_item as u32,
             row_chunk: self.row_chunk as u32,
@@ -434,7 +492,7 @@ pub(crate) fn record_welford(
         kernel,
         Kernel::WelfordCombine,
         dtype,
-        |start, len| vec![Bind::window(&data[0], start, len)],
+        |_, _, start, len| vec![Bind::window(&data[0], start, len)],
     )
 }
 
@@ -448,7 +506,6 @@ pub(crate) fn record_sums(
     b: &Tensor,
     centre: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let channels = plan.layout.slices();
     let dummy = rec.context().dummy.clone();
     let kernel = match centre {
         Some(_) => Kernel::SumPartialsCentered,
@@ -462,11 +519,13 @@ pub(crate) fn record_sums(
         kernel,
         Kernel::SumCombine,
         dtype,
-        |start, len| {
+        |first, slices, start, len| {
             vec![
                 Bind::window(&data[0], start, len),
                 Bind::window(&data[1], start, len),
-                centre.map_or(Bind::elems(&*dummy, 4), |c| Bind::elems(c, channels * 4)),
+                centre.map_or(Bind::elems(&*dummy, 4), |c| {
+                    Bind::window(c, first * 4, slices * 4)
+                }),
             ]
         },
     )
@@ -493,7 +552,7 @@ pub(crate) fn record_dot(
         kernel,
         Kernel::SumCombine,
         dtype,
-        |start, len| {
+        |_, _, start, len| {
             vec![
                 Bind::window(&data[0], start, len),
                 Bind::elems(vector, vector_len),
@@ -512,10 +571,8 @@ fn data_tensors(
     tensors: &[&Tensor],
 ) -> Result<(Vec<Tensor>, DType)> {
     let dtype = tensors[0].dtype();
-    let by_four = (plan.channels_last.is_some() && kernel.channels_last_twin().is_some())
-        || (plan.by_vec4() && kernel.vec4_twin().is_some());
     let same = tensors.iter().all(|t| t.dtype() == dtype);
-    if same && (dtype == DType::F32 || by_four) {
+    if same && (dtype == DType::F32 || plan.by_four(kernel)) {
         return Ok((tensors.iter().map(|t| (*t).clone()).collect(), dtype));
     }
     let wide = tensors
@@ -525,10 +582,11 @@ fn data_tensors(
     Ok((wide, DType::F32))
 }
 
-/// The partials-then-combine scaffolding: one dispatch of `kernel` (or its vec4 or
-/// channels-last twin) per box, with `binds(window start, window length)` then the
-/// partials binding; then `combine` (skipped when each channel has one partial).
-/// `dtype` is the type of the data `binds` binds.
+/// The partials-then-combine scaffolding, group by group: one dispatch of `kernel` (or
+/// its vec4 or channels-last twin) per box, with `binds(group's first slice, its
+/// slices, window start, window length)` then the partials binding; then `combine`
+/// into the group's part of the result (skipped when the layout is one group and each
+/// slice has one partial). `dtype` is the type of the data `binds` binds.
 fn record_partials<'x>(
     rec: &mut Recording<'_>,
     op: &'static str,
@@ -536,57 +594,78 @@ fn record_partials<'x>(
     kernel: Kernel,
     combine: Kernel,
     dtype: DType,
-    binds: impl Fn(u64, u64) -> Vec<Bind<'x>>,
+    binds: impl Fn(u64, u64, u64, u64) -> Vec<Bind<'x>>,
 ) -> Result<Tensor> {
     let ctx = rec.context();
-    let channels = plan.layout.slices();
-    let channels_last = plan.channels_last.as_ref().zip(kernel.channels_last_twin());
-    let (ppc, empty) = match channels_last {
-        Some((cl, _)) => (cl.blocks, cl.boxes.is_empty()),
-        None => (plan.partials_per_channel(), plan.boxes.is_empty()),
-    };
     let spec = Spec {
         dtype,
         ..Spec::default()
     };
-    let partials = vec4_buffer(ctx, op, channels * ppc)?;
-    let partials_bind = Bind::elems(&partials, channels * ppc * 4);
-    if let Some((cl, kcl)) = channels_last {
-        for bx in &cl.boxes {
-            let mut all = binds(bx.bind_start, bx.bind_len);
-            all.push(partials_bind);
-            let params = cl.params(plan.layout.outer, bx);
-            rec.dispatch_spec(kcl, spec, &params, &all, bx.nblocks * cl.ngroups)?;
-        }
-    } else {
-        let by4 = plan.by_vec4();
-        for bx in &plan.boxes {
-            let mut all = binds(bx.bind_start, bx.bind_len);
-            all.push(partials_bind);
-            let (kernel, params) = plan.partials(kernel, by4, bx);
-            rec.dispatch_spec(kernel, spec, &params, &all, bx.nb * bx.nc * bx.njc)?;
-        }
-    }
-    if ppc == 1 && !empty {
-        // One partial per channel, at slot c: it is already the result.
-        return Ok(partials);
-    }
-    let out = vec4_buffer(ctx, op, channels)?;
-    let params = CombineParams {
-        channels: channels as u32,
-        partials_per_channel: if empty { 0 } else { ppc as u32 },
-        _pad: [0; 2],
+    // (partials per slice, no boxes) of each group.
+    let shapes: Vec<(u64, bool)> = plan
+        .groups
+        .iter()
+        .map(
+            |(_, g)| match g.channels_last.as_ref().zip(kernel.channels_last_twin()) {
+                Some((cl, _)) => (cl.blocks, cl.boxes.is_empty()),
+                None => (g.partials_per_channel(), g.boxes.is_empty()),
+            },
+        )
+        .collect();
+    let most = plan
+        .groups
+        .iter()
+        .zip(&shapes)
+        .map(|((_, g), (ppc, _))| g.layout.slices() * ppc.max(&1))
+        .max()
+        .unwrap_or(1);
+    // One partials buffer for every group: each group's combine reads it before the
+    // next group's partials overwrite it (dispatches run in order).
+    let partials = vec4_buffer(ctx, op, most)?;
+    let single = plan.groups.len() == 1;
+    let out = match (single, shapes.first()) {
+        (true, Some(&(1, false))) => None,
+        _ => Some(vec4_buffer(ctx, op, plan.layout.slices())?),
     };
-    rec.dispatch(
-        combine,
-        &params,
-        &[
-            Bind::elems(&partials, channels * ppc.max(1) * 4),
-            Bind::elems(&out, channels * 4),
-        ],
-        channels,
-    )?;
-    Ok(out)
+    for ((first, g), &(ppc, empty)) in plan.groups.iter().zip(&shapes) {
+        let slices = g.layout.slices();
+        let partials_bind = Bind::elems(&partials, slices * ppc.max(1) * 4);
+        match g.channels_last.as_ref().zip(kernel.channels_last_twin()) {
+            Some((cl, kcl)) => {
+                for bx in &cl.boxes {
+                    let mut all = binds(*first, slices, bx.bind_start, bx.bind_len);
+                    all.push(partials_bind);
+                    let params = cl.params(g.layout.outer, bx);
+                    rec.dispatch_spec(kcl, spec, &params, &all, bx.nblocks * cl.ngroups)?;
+                }
+            }
+            None => {
+                let by4 = g.by_vec4();
+                for bx in &g.boxes {
+                    let mut all = binds(*first, slices, bx.bind_start, bx.bind_len);
+                    all.push(partials_bind);
+                    let (kernel, params) = g.partials(kernel, by4, bx);
+                    rec.dispatch_spec(kernel, spec, &params, &all, bx.nb * bx.nc * bx.njc)?;
+                }
+            }
+        }
+        let Some(out) = &out else {
+            // One group, one partial per slice, at slot c: it is already the result.
+            return Ok(partials);
+        };
+        let params = CombineParams {
+            channels: slices as u32,
+            partials_per_channel: if empty { 0 } else { ppc as u32 },
+            _pad: [0; 2],
+        };
+        rec.dispatch(
+            combine,
+            &params,
+            &[partials_bind, Bind::window(out, first * 4, slices * 4)],
+            slices,
+        )?;
+    }
+    Ok(out.unwrap_or(partials))
 }
 
 /// Downloads `count` vec4 of a scratch buffer, as a `[count, 4]` array, through a
@@ -613,15 +692,24 @@ mod tests {
     }
 
     /// Every element of every slice is covered by exactly one item of one box, every
-    /// box's reads stay inside its window, and every partial slot is written once. The
+    /// box's reads stay inside its window, every partial slot of a group is written
+    /// once, and every item's elements belong to the slice its group numbers it. The
     /// index arithmetic is the shader's (`item_at` in channel_stats.wgsl).
     fn check_cover(layout: ChannelLayout, lim: &PlanLimits) {
         let binding = lim.max_binding_elems;
         let plan = match ReducePlan::new("test", layout, lim) {
             Ok(plan) => plan,
+            Err(Error::TooLarge { .. })
+                if slice_groups("test", layout, binding / 4, lim.align_elems).is_err() =>
+            {
+                // Batch entries that cannot start on aligned slices (see `slice_groups`).
+                assert!(layout.batch > 1 && layout.channels % lim.align_elems != 0);
+                return;
+            }
             Err(Error::TooLarge { .. }) => {
-                // Refused only when no split's partials fit one binding: single-row
-                // items of at most a window each, or as many rows as a window holds.
+                // Refused only when even a group of `align` slices has partials that
+                // fit no split: single-row items of at most a window each, or as many
+                // rows as a window holds.
                 let window = binding - lim.align_elems;
                 let row_stride = layout.channels * layout.inner;
                 let fewest = if row_stride > window {
@@ -629,58 +717,77 @@ mod tests {
                 } else {
                     layout.outer.div_ceil(window / row_stride)
                 };
-                assert!(layout.slices() * fewest * 4 > binding, "{layout:?}");
+                let group = layout.slices().min(lim.align_elems);
+                assert!(group * fewest * 4 > binding, "{layout:?}");
                 return;
             }
             Err(e) => panic!("{e}"),
         };
-        // The partials are bound whole.
-        assert!(layout.slices() * plan.partials_per_channel() * 4 <= binding);
-        if let Some(cl) = &plan.channels_last {
-            assert!(layout.channels * cl.blocks * 4 <= binding, "{layout:?}");
-            assert!(cl.rows_per_block * layout.channels <= binding - lim.align_elems);
-        }
         let mut seen = vec![0u8; layout.len() as usize];
-        let ppc = plan.partials_per_channel();
-        let mut slots = vec![0u8; (layout.slices() * ppc) as usize];
-        let k = layout.channels * layout.inner;
-        let nb = plan.blocks_per_batch;
-        let ob = plan.rows_per_item;
-        for bx in &plan.boxes {
-            assert!(bx.bind_len <= lim.max_binding_elems, "{bx:?}");
-            assert_eq!(bx.bind_start % lim.align_elems, 0);
-            let (a0, b0) = (bx.b0 / nb, bx.b0 % nb);
-            for bl in 0..bx.nb {
-                for cl in 0..bx.nc {
-                    for jl in 0..bx.njc {
-                        let (bb, c, jc) = (bx.b0 + bl, bx.c0 + cl, bx.jc0 + jl);
-                        let (a, b) = (bb / nb, bb % nb);
-                        let rows = ob.min(layout.outer - b * ob);
-                        let cols = plan.row_chunk.min(layout.inner - jc * plan.row_chunk);
-                        let rows_from = (a - a0) * layout.outer + b * ob - b0 * ob;
-                        let base =
-                            bx.base_delta + rows_from * k + cl * layout.inner + jl * plan.row_chunk;
-                        slots[((a * layout.channels + c) * ppc + b * plan.chunks_per_row + jc)
-                            as usize] += 1;
-                        for r in 0..rows {
-                            for j in 0..cols {
-                                let rel = base + r * k + j;
-                                assert!(rel < bx.bind_len, "{layout:?} {bx:?}");
-                                let flat = bx.bind_start + rel;
-                                let expect = (a * layout.outer + b * ob + r) * k
-                                    + c * layout.inner
-                                    + jc * plan.row_chunk
-                                    + j;
-                                assert_eq!(flat, expect);
-                                seen[flat as usize] += 1;
+        let mut next_slice = 0;
+        for (first, g) in &plan.groups {
+            assert_eq!(*first, next_slice, "groups are consecutive runs of slices");
+            assert_eq!(first % lim.align_elems, 0, "groups start on aligned slices");
+            let gl = g.layout;
+            next_slice += gl.slices();
+            // The per-slice results and the partials are bound whole, per group.
+            assert!(gl.slices() * g.partials_per_channel() * 4 <= binding);
+            if let Some(cl) = &g.channels_last {
+                assert!(gl.channels * cl.blocks * 4 <= binding, "{gl:?}");
+                assert!(cl.rows_per_block * gl.channels <= binding - lim.align_elems);
+            }
+            let ppc = g.partials_per_channel();
+            let mut slots = vec![0u8; (gl.slices() * ppc) as usize];
+            let k = gl.row_stride;
+            let nb = g.blocks_per_batch;
+            let ob = g.rows_per_item;
+            for bx in &g.boxes {
+                assert!(bx.bind_len <= lim.max_binding_elems, "{bx:?}");
+                assert_eq!(bx.bind_start % lim.align_elems, 0);
+                let (a0, b0) = (bx.b0 / nb, bx.b0 % nb);
+                for bl in 0..bx.nb {
+                    for cl in 0..bx.nc {
+                        for jl in 0..bx.njc {
+                            let (bb, c, jc) = (bx.b0 + bl, bx.c0 + cl, bx.jc0 + jl);
+                            let (a, b) = (bb / nb, bb % nb);
+                            let rows = ob.min(gl.outer - b * ob);
+                            let cols = g.row_chunk.min(gl.inner - jc * g.row_chunk);
+                            let rows_from = (a - a0) * gl.outer + b * ob - b0 * ob;
+                            let base =
+                                bx.base_delta + rows_from * k + cl * gl.inner + jl * g.row_chunk;
+                            slots[((a * gl.channels + c) * ppc + b * g.chunks_per_row + jc)
+                                as usize] += 1;
+                            for r in 0..rows {
+                                for j in 0..cols {
+                                    let rel = base + r * k + j;
+                                    assert!(rel < bx.bind_len, "{gl:?} {bx:?}");
+                                    let flat = bx.bind_start + rel;
+                                    let expect = gl.base
+                                        + (a * gl.outer + b * ob + r) * k
+                                        + c * gl.inner
+                                        + jc * g.row_chunk
+                                        + j;
+                                    assert_eq!(flat, expect);
+                                    // The element's slice in the whole tensor.
+                                    let whole_c = flat / layout.inner % layout.channels;
+                                    let whole_a =
+                                        flat / (layout.inner * layout.channels * layout.outer);
+                                    assert_eq!(
+                                        whole_a * layout.channels + whole_c,
+                                        first + a * gl.channels + c,
+                                        "{layout:?} {gl:?}"
+                                    );
+                                    seen[flat as usize] += 1;
+                                }
                             }
                         }
                     }
                 }
             }
+            assert!(slots.iter().all(|&s| s == 1), "{gl:?}");
         }
+        assert_eq!(next_slice, layout.slices());
         assert!(seen.iter().all(|&s| s == 1), "{layout:?}");
-        assert!(slots.iter().all(|&s| s == 1), "{layout:?}");
     }
 
     #[test]
@@ -748,14 +855,17 @@ mod tests {
             // `reduce_item_elems` (BN on [1024, 16384] had four times the input).
             (1, 1024, 64, 1),
             (1, 300, 256, 1),
+            // More slices than a small binding's vec4s: slice groups, contiguous
+            // (outer 1, whole batch entries) and strided (runs of channels).
+            (1, 1, 3000, 3),
+            (1, 5, 2600, 1),
+            (1, 3, 1100, 4),
+            (7, 3, 320, 1),
+            (3, 2, 1280, 1),
+            (2, 2, 1000, 2),
         ];
         for (batch, outer, channels, inner) in cases {
-            let layout = ChannelLayout {
-                batch,
-                outer,
-                channels,
-                inner,
-            };
+            let layout = ChannelLayout::dense(batch, outer, channels, inner);
             check_cover(layout, &limits(1 << 20, 64));
             // Small bindings force every splitting strategy.
             check_cover(layout, &limits(8192, 64));

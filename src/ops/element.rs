@@ -5,7 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::cast::{record_cast_into, widened};
-use super::layout::{element_windows, ChannelLayout, ElementWindow};
+use super::layout::{element_windows, slice_groups, ChannelLayout, ElementWindow};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
 
@@ -30,7 +30,7 @@ pub(crate) struct ElementParams {
     pub flag: u32,
     pub aux0: f32,
     pub aux1: f32,
-    pub _pad0: u32,
+    pub skip: u32,
     pub _pad1: u32,
 }
 
@@ -51,17 +51,19 @@ enum Variant {
 }
 
 fn variant(kernel: Kernel, layout: &ChannelLayout) -> (Kernel, Variant) {
-    let cl = kernel
-        .channels_last_twin()
-        .filter(|_| layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4));
+    // Windows start at multiples of 4 elements (`PlanLimits::align_elems`) and so do a
+    // slice group's rows when these hold, so every vec4 stays inside one slice (vec4)
+    // or one row (channels last).
+    let by4 = layout.base.is_multiple_of(4) && layout.row_stride.is_multiple_of(4);
+    let cl = kernel.channels_last_twin().filter(|_| {
+        by4 && layout.inner == 1 && layout.batch == 1 && layout.channels.is_multiple_of(4)
+    });
     if let Some(k) = cl {
         return (k, Variant::ChannelsLast);
     }
-    // Windows always start at multiples of 4 elements (`PlanLimits::align_elems`), so
-    // rows a multiple of 4 long keep every vec4 inside one slice.
     match kernel
         .vec4_twin()
-        .filter(|_| layout.inner.is_multiple_of(4))
+        .filter(|_| by4 && layout.inner.is_multiple_of(4))
     {
         Some(k) => (k, Variant::Vec4),
         None => (kernel, Variant::Scalar),
@@ -79,18 +81,20 @@ fn params(
     extra: Extra,
 ) -> (ElementParams, u64) {
     let (mut count, mut channels, mut inner) = (w.len, layout.channels, layout.inner);
-    let (mut c_start, mut j_start) = (w.c_start, w.j_start);
+    let (mut c_start, mut j_start, mut skip) = (w.c_start, w.j_start, w.skip);
     match variant {
         Variant::Scalar => {}
         Variant::Vec4 => {
             count /= 4;
             inner /= 4;
             j_start /= 4;
+            skip /= 4;
         }
         Variant::ChannelsLast => {
             count /= 4;
             channels /= 4;
             c_start /= 4;
+            skip /= 4;
         }
     }
     let wg = u64::from(WORKGROUP_SIZE);
@@ -125,16 +129,86 @@ fn params(
         flag: extra.flag,
         aux0: extra.aux[0],
         aux1: extra.aux[1],
-        _pad0: 0,
+        skip: skip as u32,
         _pad1: 0,
     };
     (params, threads.div_ceil(u64::from(WORKGROUP_SIZE)))
 }
 
+/// A binding that is not shaped like the layout: per-slice values, bound from a slice
+/// group's first slice when the layout's slices do not fit one binding (see
+/// [`slice_groups`]), or bound as given.
+#[derive(Clone, Copy)]
+pub(crate) enum PerSlice<'a> {
+    /// `k` f32 per slice (1: a parameter, 4: a vec4 of statistics or coefficients).
+    Values(&'a Tensor, u64),
+    /// Bound as given, whatever the group (scalars, a placeholder).
+    Fixed(Bind<'a>),
+}
+
+impl<'a> PerSlice<'a> {
+    /// The binding for the `n` slices from slice `first`.
+    pub fn bind(&self, first: u64, n: u64) -> Bind<'a> {
+        match *self {
+            PerSlice::Values(t, k) => Bind::window(t, first * k, n * k),
+            PerSlice::Fixed(b) => b,
+        }
+    }
+
+    /// The most slices whose values one binding of `max_elems` f32 holds.
+    fn max_slices(&self, max_elems: u64) -> u64 {
+        match *self {
+            PerSlice::Values(_, k) => max_elems / k.max(1),
+            PerSlice::Fixed(_) => u64::MAX,
+        }
+    }
+}
+
+/// The slice groups of `layout` for per-slice bindings `per_slice`: the whole layout
+/// when every one fits a binding.
+pub(crate) fn groups_for(
+    rec: &Recording<'_>,
+    op: &'static str,
+    layout: &ChannelLayout,
+    per_slice: &[PerSlice<'_>],
+) -> Result<Vec<super::layout::SliceGroup>> {
+    let limits = &rec.context().limits;
+    let max = per_slice
+        .iter()
+        .map(|b| b.max_slices(limits.max_binding_elems))
+        .min()
+        .unwrap_or(u64::MAX);
+    slice_groups(op, *layout, max, limits.align_elems)
+}
+
+/// Records a per-slice `kernel` (one invocation per slice, `params(n)` for `n` slices)
+/// over `slices` slices, in groups whose per-slice bindings fit one binding each.
+pub(crate) fn record_per_slice<P: bytemuck::Pod>(
+    rec: &mut Recording<'_>,
+    kernel: Kernel,
+    slices: u64,
+    params: impl Fn(u64) -> P,
+    binds: &[PerSlice<'_>],
+) -> Result<()> {
+    let layout = ChannelLayout::dense(1, 1, slices, 1);
+    for g in groups_for(rec, kernel.def().label, &layout, binds)? {
+        let n = g.layout.channels;
+        let all: Vec<Bind<'_>> = binds.iter().map(|b| b.bind(g.first, n)).collect();
+        rec.dispatch(
+            kernel,
+            &params(n),
+            &all,
+            n.div_ceil(u64::from(WORKGROUP_SIZE)),
+        )?;
+    }
+    Ok(())
+}
+
 /// Records an elementwise `kernel` (its scalar form; the vec4 or channels-last variant
 /// is picked from the layout) over `layout`, window by window. Bindings: `params`,
 /// then `windowed` (tensors shaped like the layout, bound window by window), then
-/// `whole` (bound as given: per-slice values, scalars), then `out` (windowed).
+/// `whole` (per-slice values, bound group by group, and fixed bindings), then `out`
+/// (windowed).
 ///
 /// Half tensors run natively when they all share `out`'s type and the layout has vec4
 /// or channels-last units; otherwise through f32 (see `cast.rs`).
@@ -143,15 +217,17 @@ pub(crate) fn record_elementwise(
     kernel: Kernel,
     layout: &ChannelLayout,
     windowed: &[&Tensor],
-    whole: &[Bind<'_>],
+    whole: &[PerSlice<'_>],
     out: &Tensor,
     extra: Extra,
 ) -> Result<()> {
     let ctx = rec.context();
-    let (kernel4, variant) = variant(kernel, layout);
+    // A slice group's variant is never a narrower one than its layout's (see
+    // `slice_groups`), so what runs natively here runs natively in every group.
+    let (_, units) = variant(kernel, layout);
     let dtype = out.dtype();
     let native = windowed.iter().all(|t| t.dtype() == dtype)
-        && (dtype == DType::F32 || variant != Variant::Scalar);
+        && (dtype == DType::F32 || units != Variant::Scalar);
     if !native {
         let wide = windowed
             .iter()
@@ -166,30 +242,35 @@ pub(crate) fn record_elementwise(
         return record_cast_into(rec, &tmp, out);
     }
     let tuning = ctx.limits.tuning;
-    for w in element_windows(*layout, &ctx.limits) {
-        let per_thread = u64::from(tuning.per_thread);
-        let (params, groups) = params(layout, &w, variant, tuning.coalesced, per_thread, extra);
-        let spec = Spec {
-            layout: Some(match params.stride {
-                1 => 0,
-                s if s == WORKGROUP_SIZE => 1,
-                s if variant == Variant::ChannelsLast && s == params.channels => 3,
-                _ => 2,
-            }),
-            batched: layout.batch > 1,
-            per_thread: tuning.per_thread,
-            rows: None,
-            row_batch: false,
-            dtype,
-            aliased: false,
-        };
-        let mut binds: Vec<Bind<'_>> = windowed
-            .iter()
-            .map(|b| Bind::window(*b, w.start, w.len))
-            .collect();
-        binds.extend_from_slice(whole);
-        binds.push(Bind::window(out, w.start, w.len));
-        rec.dispatch_spec(kernel4, spec, &params, &binds, groups)?;
+    for group in groups_for(rec, kernel.def().label, layout, whole)? {
+        let layout = &group.layout;
+        let (kernel4, variant) = variant(kernel, layout);
+        for w in element_windows(*layout, &ctx.limits) {
+            let per_thread = u64::from(tuning.per_thread);
+            let (params, groups) = params(layout, &w, variant, tuning.coalesced, per_thread, extra);
+            let spec = Spec {
+                layout: Some(match params.stride {
+                    1 => 0,
+                    s if s == WORKGROUP_SIZE => 1,
+                    s if variant == Variant::ChannelsLast && s == params.channels => 3,
+                    _ => 2,
+                }),
+                batched: layout.batch > 1,
+                per_thread: tuning.per_thread,
+                rows: None,
+                row_batch: false,
+                dtype,
+                aliased: false,
+            };
+            let bound = w.skip + w.len;
+            let mut binds: Vec<Bind<'_>> = windowed
+                .iter()
+                .map(|b| Bind::window(*b, w.start, bound))
+                .collect();
+            binds.extend(whole.iter().map(|b| b.bind(group.first, layout.slices())));
+            binds.push(Bind::window(out, w.start, bound));
+            rec.dispatch_spec(kernel4, spec, &params, &binds, groups)?;
+        }
     }
     Ok(())
 }
@@ -216,11 +297,7 @@ mod tests {
             Extra::default(),
         );
         let mut seen = vec![0u8; p.count as usize];
-        let (inner, channels, outer) = (
-            u64::from(p.inner),
-            u64::from(p.channels),
-            u64::from(p.outer),
-        );
+        let (channels, outer) = (u64::from(p.channels), u64::from(p.outer));
         for t in 0..groups * u64::from(WORKGROUP_SIZE) {
             let t = t as u32;
             let mut e = (t / p.stride) * p.stride * (per_thread - 1) + t;
@@ -236,15 +313,19 @@ mod tests {
                     break;
                 }
                 seen[e as usize] += 1;
-                // Where unit e really is: window start + e, counted from x[0, 0, 0, 0].
-                let abs = (u64::from(p.a_start) * outer + u64::from(p.o_start)) * channels * inner
-                    + u64::from(p.c_start) * inner
-                    + u64::from(p.j_start)
-                    + u64::from(e);
-                assert_eq!(u64::from(j), abs % inner);
-                assert_eq!(u64::from(c), abs / inner % channels);
-                assert_eq!(u64::from(o), abs / inner / channels % outer);
-                assert_eq!(u64::from(a), abs / inner / channels / outer);
+                // Where unit e really is: the element the shader indexes (`skip + e`
+                // units into the binding) is the layout's x[a, o, c, j].
+                let (unit, c_el, j_el) = match variant {
+                    Variant::Scalar => (1, u64::from(c), u64::from(j)),
+                    Variant::Vec4 => (4, u64::from(c), 4 * u64::from(j)),
+                    Variant::ChannelsLast => (4, 4 * u64::from(c), 0),
+                };
+                let mem = layout.base
+                    + (u64::from(a) * layout.outer + u64::from(o)) * layout.row_stride
+                    + c_el * layout.inner
+                    + j_el;
+                assert_eq!(w.start + (u64::from(p.skip) + u64::from(e)) * unit, mem);
+                assert!(u64::from(c) < channels && u64::from(o) < outer);
                 e += p.stride;
                 j += p.step_j;
                 c += p.step_c;
@@ -285,6 +366,7 @@ mod tests {
     #[test]
     fn walks_visit_every_unit_once_at_the_right_position() {
         let lim = |binding| crate::gpu::PlanLimits::for_tests(binding, 64, true);
+        let mut layouts = Vec::new();
         for (batch, outer, channels, inner) in [
             (1, 1, 7, 5),
             (1, 3, 3, 1),
@@ -295,20 +377,37 @@ mod tests {
             (2, 9, 4, 8),
             (1, 1, 1, 1000),
         ] {
-            let layout = ChannelLayout {
+            layouts.push(ChannelLayout::dense(batch, outer, channels, inner));
+        }
+        // Slice groups: runs of channels with strided rows (windows start mid-binding,
+        // `skip`), runs of whole batch entries.
+        for (whole, max) in [
+            (ChannelLayout::dense(1, 3, 300, 1), 128),
+            (ChannelLayout::dense(1, 2, 200, 4), 64),
+            (ChannelLayout::dense(1, 3, 150, 3), 64),
+            (ChannelLayout::dense(4, 3, 32, 1), 64),
+            (ChannelLayout::dense(2, 2, 192, 1), 64),
+        ] {
+            let groups = super::super::layout::slice_groups("test", whole, max, 64).unwrap();
+            assert!(groups.len() > 1);
+            layouts.extend(groups.iter().map(|g| g.layout));
+        }
+        for layout in layouts {
+            let ChannelLayout {
                 batch,
-                outer,
                 channels,
                 inner,
-            };
+                ..
+            } = layout;
             for binding in [1 << 20, 512] {
                 for w in element_windows(layout, &lim(binding)) {
                     for (coalesced, n) in [(true, 1), (true, 4), (false, 4), (false, 2)] {
                         check_walk(layout, w, Variant::Scalar, coalesced, n);
-                        if inner % 4 == 0 {
+                        let by4 = layout.base % 4 == 0 && layout.row_stride % 4 == 0;
+                        if by4 && inner % 4 == 0 {
                             check_walk(layout, w, Variant::Vec4, coalesced, n);
                         }
-                        if inner == 1 && batch == 1 && channels % 4 == 0 {
+                        if by4 && inner == 1 && batch == 1 && channels % 4 == 0 {
                             check_walk(layout, w, Variant::ChannelsLast, coalesced, n);
                         }
                     }

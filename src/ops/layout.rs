@@ -11,43 +11,56 @@ use crate::gpu::PlanLimits;
 /// A tensor seen as `[batch, outer, channels, inner]`: slice `a * channels + c` owns
 /// `x[a, o, c, j]` for every `o` and `j`. `batch` is 1 except when a middle axis alone
 /// is reduced (Jittor's weight norm): then the axes before it form the batch.
+///
+/// Where the elements lie: `x[a, o, c, j]` is element
+/// `base + (a * outer + o) * row_stride + c * inner + j` of the tensor. A whole tensor
+/// is dense (`base` 0, `row_stride = channels * inner`); a [`SliceGroup`] of a tensor
+/// with more slices than one binding holds is a run of its channels, whose rows are
+/// `row_stride` apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ChannelLayout {
     pub batch: u64,
     pub outer: u64,
     pub channels: u64,
     pub inner: u64,
+    /// Element of `x[0, 0, 0, 0]` in the tensor.
+    pub base: u64,
+    /// Elements from `x[a, o, 0, 0]` to `x[a, o + 1, 0, 0]`.
+    pub row_stride: u64,
 }
 
 impl ChannelLayout {
+    /// A whole tensor of shape `[batch, outer, channels, inner]`.
+    pub const fn dense(batch: u64, outer: u64, channels: u64, inner: u64) -> Self {
+        ChannelLayout {
+            batch,
+            outer,
+            channels,
+            inner,
+            base: 0,
+            row_stride: channels * inner,
+        }
+    }
+
     /// The layout of `shape` with channels on `axis` (`None`: one channel, everything).
     pub fn new(shape: &[usize], axis: Option<usize>) -> Self {
         let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
         match axis {
-            Some(a) => ChannelLayout {
-                batch: 1,
-                outer: p(&shape[..a]),
-                channels: shape[a] as u64,
-                inner: p(&shape[a + 1..]),
-            },
-            None => ChannelLayout {
-                batch: 1,
-                outer: 1,
-                channels: 1,
-                inner: p(shape),
-            },
+            Some(a) => Self::dense(1, p(&shape[..a]), shape[a] as u64, p(&shape[a + 1..])),
+            None => Self::dense(1, 1, 1, p(shape)),
         }
     }
 
     /// The layout that reduces axis `k` of `shape` alone, keeping every other axis.
     pub fn reduce_one_axis(shape: &[usize], k: usize) -> Self {
         let p = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
-        ChannelLayout {
-            batch: p(&shape[..k]),
-            outer: shape[k] as u64,
-            channels: p(&shape[k + 1..]),
-            inner: 1,
-        }
+        Self::dense(p(&shape[..k]), shape[k] as u64, p(&shape[k + 1..]), 1)
+    }
+
+    /// Whether consecutive rows touch (`row_stride = channels * inner`), so that the
+    /// layout's elements are one contiguous run from `base`.
+    pub fn contiguous(&self) -> bool {
+        self.row_stride == self.channels * self.inner
     }
 
     pub fn len(&self) -> u64 {
@@ -103,11 +116,13 @@ pub(crate) fn check_channel_input(
     Ok(ChannelLayout::new(shape, Some(axis)))
 }
 
-/// A window of a flat elementwise pass: elements `[start, start + len)`, whose first
-/// element sits at `x[a_start, o_start, c_start, j_start]`.
+/// A window of an elementwise pass: elements `[start + skip, start + skip + len)` of
+/// the tensor, bound from `start` (aligned), whose first element sits at
+/// `x[a_start, o_start, c_start, j_start]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ElementWindow {
     pub start: u64,
+    pub skip: u64,
     pub len: u64,
     pub a_start: u64,
     pub o_start: u64,
@@ -198,7 +213,14 @@ pub(crate) struct RowWindow {
 /// kernel; `None` when the layout does not qualify.
 pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<Vec<RowWindow>> {
     let (rows, len) = (layout.channels, layout.inner);
-    if layout.batch != 1 || layout.outer != 1 || len == 0 || len > ROW_KERNEL_MAX_LEN || rows == 0 {
+    if !layout.contiguous()
+        || layout.base != 0
+        || layout.batch != 1
+        || layout.outer != 1
+        || len == 0
+        || len > ROW_KERNEL_MAX_LEN
+        || rows == 0
+    {
         return None;
     }
     let align = limits.align_elems.max(1);
@@ -225,30 +247,149 @@ pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<
 }
 
 /// Splits an elementwise pass over `layout` into windows that fit one binding, each
-/// starting at an aligned offset.
+/// bound from an aligned element (`start`) and beginning `skip` elements into it. A
+/// contiguous layout is one run of elements; a slice group's rows (see [`SliceGroup`])
+/// are a run each, so that no window holds another group's elements.
 pub(crate) fn element_windows(layout: ChannelLayout, limits: &PlanLimits) -> Vec<ElementWindow> {
     let align = limits.align_elems.max(1);
     let chunk = (limits.max_binding_elems / align * align).max(align);
-    let total = layout.len();
     let inner = layout.inner.max(1);
     let channels = layout.channels.max(1);
     let outer = layout.outer.max(1);
+    let row_len = layout.channels * layout.inner;
+    // Runs of elements: (first element in the tensor, first unit of the layout, length).
+    let runs: Vec<(u64, u64, u64)> = if layout.contiguous() {
+        vec![(layout.base, 0, layout.len())]
+    } else {
+        (0..layout.batch * layout.outer)
+            .map(|r| (layout.base + r * layout.row_stride, r * row_len, row_len))
+            .collect()
+    };
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < total {
-        let len = chunk.min(total - start);
-        let row = start / (inner * channels);
-        out.push(ElementWindow {
-            start,
-            len,
-            a_start: row / outer,
-            o_start: row % outer,
-            c_start: (start / inner) % channels,
-            j_start: start % inner,
-        });
-        start += len;
+    for (first, unit, len) in runs {
+        let mut done = 0;
+        while done < len {
+            let at = first + done;
+            let start = at / align * align;
+            let skip = at - start;
+            let n = (chunk - skip).min(len - done);
+            let u = unit + done;
+            let row = u / (inner * channels);
+            out.push(ElementWindow {
+                start,
+                skip,
+                len: n,
+                a_start: row / outer,
+                o_start: row % outer,
+                c_start: (u / inner) % channels,
+                j_start: u % inner,
+            });
+            done += n;
+        }
     }
     out
+}
+
+/// A run of a layout's slices whose per-slice values (statistics, coefficients,
+/// parameters) fit one storage binding: an op binds its per-slice buffers from slice
+/// `first` and runs its passes on `layout`, the run's part of the tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SliceGroup {
+    pub first: u64,
+    pub layout: ChannelLayout,
+}
+
+/// Splits `layout` into groups of at most `max_slices` slices, each starting on a
+/// multiple of `align` slices so that per-slice buffers (4 or 16 bytes a slice) are
+/// bound at aligned offsets; the whole layout, as one group, when it fits. Runs of
+/// whole batch entries where they fit, else runs of channels of one batch entry (rows
+/// `row_stride` apart). Refused (`TooLarge`) only for batched layouts whose batch
+/// entries cannot start on aligned slices (Jittor's weight norm over a middle axis,
+/// with more slices than a binding holds and a channel count that is not a multiple of
+/// `align`).
+pub(crate) fn slice_groups(
+    op: &'static str,
+    layout: ChannelLayout,
+    max_slices: u64,
+    align: u64,
+) -> Result<Vec<SliceGroup>> {
+    if layout.slices() <= max_slices {
+        return Ok(vec![SliceGroup { first: 0, layout }]);
+    }
+    let align = align.max(1);
+    let per = max_slices / align * align;
+    let too_large = |why: String| Error::TooLarge {
+        op,
+        problem: format!("{} slices: {why}", layout.slices()),
+    };
+    if per == 0 {
+        return Err(too_large(format!(
+            "a binding holds the values of {max_slices} slices, fewer than the {align} of an aligned offset"
+        )));
+    }
+    let ChannelLayout {
+        batch,
+        outer,
+        channels,
+        inner,
+        base,
+        row_stride,
+    } = layout;
+    let mut groups = Vec::new();
+    if batch > 1 && channels <= per && layout.contiguous() {
+        // Batch entries between aligned slices, and as many of those as fit.
+        let step = align / gcd(channels, align);
+        let n = per / channels / step * step;
+        if n > 0 {
+            let mut a0 = 0;
+            while a0 < batch {
+                let na = n.min(batch - a0);
+                groups.push(SliceGroup {
+                    first: a0 * channels,
+                    layout: ChannelLayout {
+                        batch: na,
+                        base: base + a0 * outer * row_stride,
+                        ..layout
+                    },
+                });
+                a0 += na;
+            }
+            return Ok(groups);
+        }
+    }
+    if batch > 1 && !channels.is_multiple_of(align) {
+        return Err(too_large(format!(
+            "batch entries of {channels} slices do not start on multiples of {align} slices, where per-slice buffers can be bound"
+        )));
+    }
+    for a in 0..batch {
+        let mut c0 = 0;
+        while c0 < channels {
+            let n = per.min(channels - c0);
+            groups.push(SliceGroup {
+                first: a * channels + c0,
+                layout: ChannelLayout {
+                    batch: 1,
+                    outer,
+                    channels: n,
+                    inner,
+                    base: base + a * outer * row_stride + c0 * inner,
+                    // A single row is contiguous whatever the stride.
+                    row_stride: if outer == 1 { n * inner } else { row_stride },
+                },
+            });
+            c0 += n;
+        }
+    }
+    Ok(groups)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Refuses a gradient (or any second input) whose shape is not the weight's, naming both.
@@ -403,12 +544,7 @@ mod tests {
 
     #[test]
     fn element_windows_cover_and_locate() {
-        let layout = ChannelLayout {
-            batch: 2,
-            outer: 3,
-            channels: 5,
-            inner: 1001,
-        };
+        let layout = ChannelLayout::dense(2, 3, 5, 1001);
         let w = element_windows(layout, &limits(1000, 64));
         let mut next = 0;
         for win in &w {

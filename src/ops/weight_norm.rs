@@ -5,12 +5,12 @@ use bytemuck::{Pod, Zeroable};
 use super::cast::{cast_internal, record_cast_into, widened};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::record_copy;
-use super::element::{record_elementwise, Extra};
+use super::element::{record_elementwise, record_per_slice, Extra, PerSlice};
 use super::layout::{
     check_grad_dtype, row_windows, ChannelLayout, RowGeometry, RowParams, RowWindow,
 };
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor};
 
 const OP: &str = "weight_norm";
 
@@ -159,12 +159,12 @@ impl WeightNorm {
                 let k = k as usize;
                 if k == rank - 1 {
                     // Each slice is one contiguous row: the row-reduction layout.
-                    Ok(ChannelLayout {
-                        batch: 1,
-                        outer: 1,
-                        channels: prod(&shape[..k]),
-                        inner: shape[k] as u64,
-                    })
+                    Ok(ChannelLayout::dense(
+                        1,
+                        1,
+                        prod(&shape[..k]),
+                        shape[k] as u64,
+                    ))
                 } else {
                     Ok(ChannelLayout::reduce_one_axis(shape, k))
                 }
@@ -272,15 +272,16 @@ impl WeightNorm {
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         let sums = record_sums(rec, OP, &plan, v, v, None)?;
         let factors = vec4_buffer(ctx, OP, layout.slices())?;
-        rec.dispatch(
+        record_per_slice(
+            rec,
             Kernel::WnFactors,
-            &self.slice_params(&layout),
+            layout.slices(),
+            |n| self.slice_params(n),
             &[
-                Bind::elems(&g, layout.slices()),
-                Bind::elems(&sums, layout.slices() * 4),
-                Bind::elems(&factors, layout.slices() * 4),
+                PerSlice::Values(g, 1),
+                PerSlice::Values(&sums, 4),
+                PerSlice::Values(&factors, 4),
             ],
-            layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let out = rec.output(OP, v.shape(), v.dtype())?;
         record_elementwise(
@@ -288,7 +289,7 @@ impl WeightNorm {
             Kernel::WnApply,
             &layout,
             &[v],
-            &[Bind::elems(&factors, layout.slices() * 4)],
+            &[PerSlice::Values(&factors, 4)],
             &out,
             Extra::default(),
         )?;
@@ -341,16 +342,17 @@ impl WeightNorm {
         let sums = record_sums(rec, OP, &plan, grad_w, v, None)?;
         let grad_g = Tensor::output(ctx, g.shape())?;
         let coef = vec4_buffer(ctx, OP, layout.slices())?;
-        rec.dispatch(
+        record_per_slice(
+            rec,
             Kernel::WnGradFactors,
-            &self.slice_params(&layout),
+            layout.slices(),
+            |n| self.slice_params(n),
             &[
-                Bind::elems(&g, layout.slices()),
-                Bind::elems(&sums, layout.slices() * 4),
-                Bind::elems(&grad_g, layout.slices()),
-                Bind::elems(&coef, layout.slices() * 4),
+                PerSlice::Values(g, 1),
+                PerSlice::Values(&sums, 4),
+                PerSlice::Values(&grad_g, 1),
+                PerSlice::Values(&coef, 4),
             ],
-            layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
         )?;
         let grad_v = rec.output(OP, v.shape(), v.dtype())?;
         record_elementwise(
@@ -358,7 +360,7 @@ impl WeightNorm {
             Kernel::WnGradV,
             &layout,
             &[v, grad_w],
-            &[Bind::elems(&coef, layout.slices() * 4)],
+            &[PerSlice::Values(&coef, 4)],
             &grad_v,
             Extra::default(),
         )?;
@@ -396,15 +398,19 @@ impl WeightNorm {
             dtype,
             ..geo.spec()
         };
-        let rows = layout.channels;
+        let align = rec.context().limits.align_elems;
         let mut first_row = 0;
         for w in windows {
             let groups = geo.groups(w);
+            // The window's rows of g and grad_g (one f32 a row), bound from an aligned
+            // row: more rows than one binding holds are normal.
+            let g_start = first_row / align * align;
+            let g_len = first_row + w.rows - g_start;
             let params = RowParams {
                 eps: self.eps,
-                ..geo.params(w, first_row)
+                ..geo.params(w, first_row - g_start)
             };
-            let gb = Bind::elems(&g, rows);
+            let gb = Bind::window(g, g_start, g_len);
             let vb = Bind::window(v, w.start, w.len);
             let ob = Bind::window(out, w.start, w.len);
             match grad {
@@ -418,7 +424,7 @@ impl WeightNorm {
                         gb,
                         vb,
                         Bind::window(grad_w, w.start, w.len),
-                        Bind::elems(&grad_g, rows),
+                        Bind::window(grad_g, g_start, g_len),
                         ob,
                     ];
                     rec.dispatch_spec(kernel, spec, &params, &binds, groups)?;
@@ -441,22 +447,20 @@ impl WeightNorm {
         let plan = ReducePlan::new(OP, layout, &ctx.limits)?;
         let sums = record_sums(rec, OP, &plan, weight, weight, None)?;
         let g = Tensor::zeros(ctx, &self.g_shape(weight.shape())?)?;
-        rec.dispatch(
+        record_per_slice(
+            rec,
             Kernel::WnNorms,
-            &self.slice_params(&layout),
-            &[
-                Bind::elems(&sums, layout.slices() * 4),
-                Bind::elems(&g, layout.slices()),
-            ],
-            layout.slices().div_ceil(u64::from(WORKGROUP_SIZE)),
+            layout.slices(),
+            |n| self.slice_params(n),
+            &[PerSlice::Values(&sums, 4), PerSlice::Values(&g, 1)],
         )?;
         let v = record_copy(rec, weight)?;
         Ok(WeightNormParams { g, v })
     }
 
-    fn slice_params(&self, layout: &ChannelLayout) -> SliceParams {
+    fn slice_params(&self, slices: u64) -> SliceParams {
         SliceParams {
-            slices: layout.slices() as u32,
+            slices: slices as u32,
             eps: self.eps,
             _pad: [0; 2],
         }

@@ -4,13 +4,13 @@ use bytemuck::{Pod, Zeroable};
 
 use super::cast::{record_cast_into, widened};
 use super::channel_stats::{record_sums, record_welford, vec4_buffer, ReducePlan};
-use super::element::{record_elementwise, Extra};
+use super::element::{record_elementwise, record_per_slice, Extra, PerSlice};
 use super::layout::{
     check_channel_input, check_weight_grad, row_windows, ChannelLayout, RowGeometry, RowParams,
     RowWindow,
 };
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor, WORKGROUP_SIZE};
+use crate::gpu::{Bind, Context, Kernel, Recording, Spec, Tensor};
 
 const OP: &str = "weight_standardization";
 
@@ -222,20 +222,18 @@ impl WeightStandardization {
         let layout = &plan.layout;
         let stats = record_welford(rec, OP, plan, weight)?;
         let norm = vec4_buffer(ctx, OP, layout.channels)?;
-        let params = FinalizeParams {
-            channels: layout.channels as u32,
-            eps: self.eps,
-            divisor: self.divisor(layout) as f32,
-            _pad: 0,
-        };
-        rec.dispatch(
+        let divisor = self.divisor(layout) as f32;
+        record_per_slice(
+            rec,
             Kernel::WsFinalize,
-            &params,
-            &[
-                Bind::elems(&stats, layout.channels * 4),
-                Bind::elems(&norm, layout.channels * 4),
-            ],
-            layout.channels.div_ceil(u64::from(WORKGROUP_SIZE)),
+            layout.channels,
+            |n| FinalizeParams {
+                channels: n as u32,
+                eps: self.eps,
+                divisor,
+                _pad: 0,
+            },
+            &[PerSlice::Values(&stats, 4), PerSlice::Values(&norm, 4)],
         )?;
         Ok(norm)
     }
@@ -254,7 +252,7 @@ impl WeightStandardization {
             Kernel::WsNormalize,
             layout,
             &[weight],
-            &[Bind::elems(norm, layout.channels * 4)],
+            &[PerSlice::Values(norm, 4)],
             &out,
             Extra::default(),
         )?;
@@ -285,10 +283,7 @@ impl WeightStandardization {
             Kernel::WsGrad,
             layout,
             &[weight, grad_output],
-            &[
-                Bind::elems(norm, layout.channels * 4),
-                Bind::elems(&sums, layout.channels * 4),
-            ],
+            &[PerSlice::Values(norm, 4), PerSlice::Values(&sums, 4)],
             &out,
             extra,
         )?;

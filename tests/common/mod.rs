@@ -27,6 +27,17 @@ pub fn ctx_with_binding(bytes: u64) -> Context {
     .unwrap_or_else(|e| panic!("no GPU adapter for the tests: {e}"))
 }
 
+/// Contexts with storage bindings capped at `bytes`, in both thread layouts (the
+/// adapter's own and the other one).
+pub fn ctx_with_binding_both_layouts(bytes: u64) -> [Context; 2] {
+    let own = Context::headless_with(ContextOptions {
+        max_binding_bytes: Some(bytes),
+        tuning: None,
+    })
+    .unwrap_or_else(|e| panic!("no GPU adapter for the tests: {e}"));
+    [own, ctx_with_binding(bytes)]
+}
+
 /// The default adapter with the other thread layout (see [`ctx_with_binding`]) and no
 /// cap on bindings.
 pub fn ctx_other_layout() -> Context {

@@ -10,7 +10,7 @@ use self::matrix::{record_mv, Matrix};
 use self::power::{normalize_host, record_vector_partials, Normalized};
 use super::channel_stats::{record_sums, vec4_buffer, ReducePlan};
 use super::copy::copy_internal;
-use super::element::{record_elementwise, Extra};
+use super::element::{record_elementwise, Extra, PerSlice};
 use super::layout::{check_channel_input, check_weight_grad, ChannelLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, Kernel, Recording, Tensor};
@@ -379,8 +379,8 @@ impl SpectralNorm {
             &ChannelLayout::new(weight.shape(), None),
             &[weight],
             &[
-                Bind::elems(&sigma, 1),
-                Bind::elems(gamma.unwrap_or(&sigma), 1),
+                PerSlice::Fixed(Bind::elems(&sigma, 1)),
+                PerSlice::Fixed(Bind::elems(gamma.unwrap_or(&sigma), 1)),
             ],
             &out,
             Extra {
@@ -462,9 +462,9 @@ impl SpectralNorm {
             &m.layout,
             &[grad_output],
             &[
-                Bind::elems(&forward.u, m.rows()),
-                Bind::elems(&forward.v, m.cols()),
-                Bind::elems(&coef, 4),
+                PerSlice::Fixed(Bind::elems(&forward.u, m.rows())),
+                PerSlice::Fixed(Bind::elems(&forward.v, m.cols())),
+                PerSlice::Fixed(Bind::elems(&coef, 4)),
             ],
             &grad,
             Extra::default(),
