@@ -703,7 +703,7 @@ mod tests {
                 if slice_groups("test", layout, binding / 4, lim.align_elems).is_err() =>
             {
                 // Batch entries that cannot start on aligned slices (see `slice_groups`).
-                assert!(layout.batch > 1 && layout.channels % lim.align_elems != 0);
+                assert!(layout.batch > 1 && !layout.channels.is_multiple_of(lim.align_elems));
                 return;
             }
             Err(Error::TooLarge { .. }) => {
