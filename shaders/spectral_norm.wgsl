@@ -182,10 +182,10 @@ const COMBINE_LANES: u32 = WG / COMBINE_COLS;
 
 // Mirrors `CombineParams` in src/ops/spectral_norm.rs.
 struct CombineParams {
-    cols: u32,
+    cols: u32,   // columns of the partials, [blocks, cols]
     blocks: u32,
-    _pad0: u32,
-    _pad1: u32,
+    c0: u32,     // this dispatch's first column: `out` is bound from it
+    n: u32,      // columns in this dispatch
 }
 
 var<workgroup> comb: array<f32, WG>;
@@ -198,21 +198,22 @@ var<workgroup> comb: array<f32, WG>;
 fn mtv_combine(ids: Ids) {
     let col = ids.lid % COMBINE_COLS;
     let lane_ = ids.lid / COMBINE_COLS;
-    let c = group_id(ids) * COMBINE_COLS + col;
+    let cl = group_id(ids) * COMBINE_COLS + col; // dispatch-relative
+    let c = mc.c0 + cl;
     var acc = 0.0;
-    if (c < mc.cols) {
+    if (cl < mc.n) {
         for (var b = lane_; b < mc.blocks; b += COMBINE_LANES) {
             acc += mc_partials[b * mc.cols + c];
         }
     }
     comb[ids.lid] = acc;
     workgroupBarrier();
-    if (lane_ == 0u && c < mc.cols) {
+    if (lane_ == 0u && cl < mc.n) {
         var total = 0.0;
         for (var k = 0u; k < COMBINE_LANES; k += 1u) {
             total += comb[col + k * COMBINE_COLS];
         }
-        mc_out[c] = vec4<f32>(total, 0.0, 0.0, 0.0);
+        mc_out[cl] = vec4<f32>(total, 0.0, 0.0, 0.0);
     }
 }
 
@@ -236,7 +237,7 @@ struct VectorParams {
     keep: u32,        // 1: also write the normalized vector to `keep`
     parts: u32,       // 0: one workgroup; else the partials of `vec_partials`
     dot: u32,         // vec_partials: 1 also sums x * vector (else vector is unused)
-    _pad0: u32,
+    chunk0: u32,      // wide vectors: the dispatch's first chunk; `raw` is bound from it
     _pad1: u32,
     _pad2: u32,
 }
@@ -247,16 +248,19 @@ struct VectorParams {
 @group(0) @binding(3) var<storage, read_write> vp_out: array<vec4<f32>>;
 
 // Per chunk: (sum x^2, sum x * vector) of x = raw[i].x (vector: a dummy unless for a dot).
+// A vector longer than a binding of vec4s is dispatched in runs of chunks: `raw` is
+// bound from chunk `chunk0`, `vector` and the partials whole.
 @compute @workgroup_size(WG)
 fn vec_partials(ids: Ids) {
     let first = group_id(ids) * VEC_CHUNK;
-    let last = min(first + VEC_CHUNK, vp.n);
+    let offset = vp.chunk0 * VEC_CHUNK;
+    let last = min(first + VEC_CHUNK, vp.n - offset);
     var part = vec2<f32>(0.0);
     for (var i = first + ids.lid; i < last; i += WG) {
         let x = vp_raw[i].x;
         var y = 0.0;
         if (vp.dot == 1u) {
-            y = vp_vector[i];
+            y = vp_vector[offset + i];
         }
         part = fma(vec2<f32>(x), vec2<f32>(x, y), part);
     }
@@ -271,7 +275,7 @@ fn vec_partials(ids: Ids) {
     }
     let total = tree_sum(ids.lid, vec4<f32>(part, big, 0.0));
     if (ids.lid == 0u) {
-        vp_out[group_id(ids)] = total;
+        vp_out[vp.chunk0 + group_id(ids)] = total;
     }
 }
 
@@ -305,9 +309,11 @@ fn normalize(ids: Ids) {
             part += np_partials[i].x;
             big += np_partials[i].z;
         }
+        // Runs of chunks (see `vec_partials`): `raw` bound from chunk `chunk0`.
         first = group_id(ids) * VEC_CHUNK;
-        last = min(first + VEC_CHUNK, np.n);
+        last = min(first + VEC_CHUNK, np.n - np.chunk0 * VEC_CHUNK);
     }
+    let offset = np.chunk0 * VEC_CHUNK;
     let sums = tree_sum(ids.lid, vec4<f32>(part, big, 0.0, 0.0)).xy;
     let ss = sums.x;
     let norm = scaled_sqrt(sums.x, sums.y);
@@ -317,12 +323,12 @@ fn normalize(ids: Ids) {
     }
     for (var i = first + ids.lid; i < last; i += WG) {
         let y = np_raw[i].x / denom;
-        np_out[i] = y;
+        np_out[offset + i] = y;
         if (np.keep == 1u) {
-            np_keep[i] = y;
+            np_keep[offset + i] = y;
         }
     }
-    if (np.write_sigma == 1u && ids.lid == 0u && group_id(ids) == 0u) {
+    if (np.write_sigma == 1u && ids.lid == 0u && group_id(ids) == 0u && np.chunk0 == 0u) {
         var sigma = ss / denom;
         if (!(sums.y == 0.0)) {
             sigma = norm * (norm / denom); // ||raw||^2 beyond f32

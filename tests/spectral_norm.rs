@@ -245,6 +245,28 @@ fn split_bindings_match_reference() {
     }
 }
 
+/// `u` and `v` longer than one binding holds their products' vec4s (`M v` and `M^T u`
+/// keep a vec4 per element: 4096 fill a 64 KiB cap) are normalized, dotted and summed
+/// in windows: tall (the row kernel's output in windows), wide (column sums in
+/// windows), strided (`M v` by the reduction in slice groups) weights, both flavours,
+/// training and evaluation, in both thread layouts (issue 14: `TooLarge` before). `u`
+/// and `v` themselves (f32, bound whole) fit one binding: 16384 elements here.
+#[test]
+fn vectors_longer_than_a_binding_of_vec4s() {
+    let mut rng = Rng::new(53);
+    for ctx in common::ctx_with_binding_both_layouts(64 * 1024) {
+        let shapes: &[(&[usize], usize)] = &[
+            (&[12_000, 3], 0),
+            (&[5000, 2, 2], 0),
+            (&[2, 9000], 0),
+            (&[3, 6000, 2], 1),
+        ];
+        for (shape, axis) in shapes {
+            check_configs(&ctx, shape, *axis, &mut rng);
+        }
+    }
+}
+
 /// Many weights (both flavors, both axes) normalized in one submission.
 #[test]
 fn many_layers_in_one_submission() {

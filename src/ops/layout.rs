@@ -212,6 +212,16 @@ pub(crate) struct RowWindow {
 /// at most [`ROW_KERNEL_MAX_LEN`] elements, the windows of whole rows for a row
 /// kernel; `None` when the layout does not qualify.
 pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<Vec<RowWindow>> {
+    row_windows_of_at_most(layout, limits, u64::MAX)
+}
+
+/// [`row_windows`] of at most `max_rows` rows each (for a kernel that binds a vec4 per
+/// row of the window).
+pub(crate) fn row_windows_of_at_most(
+    layout: ChannelLayout,
+    limits: &PlanLimits,
+    max_rows: u64,
+) -> Option<Vec<RowWindow>> {
     let (rows, len) = (layout.channels, layout.inner);
     if !layout.contiguous()
         || layout.base != 0
@@ -224,7 +234,7 @@ pub(crate) fn row_windows(layout: ChannelLayout, limits: &PlanLimits) -> Option<
         return None;
     }
     let align = limits.align_elems.max(1);
-    let per_window = limits.max_binding_elems.saturating_sub(align) / len;
+    let per_window = (limits.max_binding_elems.saturating_sub(align) / len).min(max_rows);
     if per_window == 0 {
         return None;
     }

@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{Bind, Kernel, PlanLimits, Recording, Spec, Tensor};
 use crate::ops::cast::widened;
 use crate::ops::channel_stats::{record_dot, vec4_buffer, ReducePlan};
-use crate::ops::layout::{check_channel_input, row_windows, ChannelLayout, RowGeometry, RowWindow};
+use crate::ops::layout::{
+    check_channel_input, row_windows_of_at_most, ChannelLayout, RowGeometry, RowWindow,
+};
 
 /// Columns per workgroup of the `M^T u` kernel (`TILE` in shaders/spectral_norm.wgsl).
 const COLUMN_TILE: u64 = 64;
@@ -46,7 +48,8 @@ struct ColumnParams {
 struct CombineParams {
     cols: u32,
     blocks: u32,
-    _pad: [u32; 2],
+    c0: u32,
+    n: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,15 +92,15 @@ impl Matrix {
                 problem: format!("a weight of {} elements (at most 2^32 - 1)", layout.len()),
             });
         }
-        // `M v` and `M^T u` land in a vec4 per row and per column (the product, then
-        // the normalization's terms): each must fit one binding.
-        if 4 * r_n > limits.max_binding_elems || 4 * cols > limits.max_binding_elems {
+        // u and v (f32) are bound whole; `M v` and `M^T u` (a vec4 per row and per
+        // column) are bound in windows where they pass a binding.
+        if r_n > limits.max_binding_elems || cols > limits.max_binding_elems {
             return Err(Error::TooLarge {
                 op: OP,
                 problem: format!(
-                    "M is {r_n} x {cols}; u and v must each be at most {} elements (a vec4 \
-                     per element within one storage binding)",
-                    limits.max_binding_elems / 4
+                    "M is {r_n} x {cols}; u and v must each be at most {} elements (f32 \
+                     within one storage binding)",
+                    limits.max_binding_elems
                 ),
             });
         }
@@ -182,7 +185,12 @@ impl Matrix {
             blocks,
             boxes,
             rows_plan,
-            row_windows: row_windows(layout, limits),
+            // The row kernel binds a vec4 per row of its window.
+            row_windows: row_windows_of_at_most(
+                layout,
+                limits,
+                (limits.max_binding_elems / 4).saturating_sub(limits.align_elems),
+            ),
         })
     }
 
@@ -256,19 +264,28 @@ pub(super) fn record_mtv(
         )?;
     }
     let raw = vec4_buffer(ctx, OP, cols)?;
-    rec.dispatch(
-        Kernel::SnMtvCombine,
-        &CombineParams {
-            cols: cols as u32,
-            blocks: m.blocks as u32,
-            _pad: [0; 2],
-        },
-        &[
-            Bind::elems(&partials, m.blocks * cols),
-            Bind::elems(&raw, cols * 4),
-        ],
-        cols.div_ceil(COMBINE_COLS),
-    )?;
+    // The sums, in runs of columns whose vec4s fit one binding (from aligned columns).
+    let align = ctx.limits.align_elems.max(1);
+    let per = (ctx.limits.max_binding_elems / 4 / align * align).max(align);
+    let mut c0 = 0;
+    while c0 < cols {
+        let n = per.min(cols - c0);
+        rec.dispatch(
+            Kernel::SnMtvCombine,
+            &CombineParams {
+                cols: cols as u32,
+                blocks: m.blocks as u32,
+                c0: c0 as u32,
+                n: n as u32,
+            },
+            &[
+                Bind::elems(&partials, m.blocks * cols),
+                Bind::window(&raw, c0 * 4, n * 4),
+            ],
+            n.div_ceil(COMBINE_COLS),
+        )?;
+        c0 += n;
+    }
     Ok(raw)
 }
 
@@ -295,16 +312,19 @@ pub(super) fn record_mv(
         dtype: weight.dtype(),
         ..geo.spec()
     };
+    let align = rec.context().limits.align_elems.max(1);
     let mut first_row = 0;
     for w in windows {
+        // The window's rows of `out`, bound from an aligned row.
+        let out_start = first_row / align * align;
         rec.dispatch_spec(
             geo.pick(Kernel::SnRowsDot),
             spec,
-            &geo.params(w, first_row),
+            &geo.params(w, first_row - out_start),
             &[
                 Bind::window(weight, w.start, w.len),
                 Bind::elems(&v, m.cols()),
-                Bind::elems(&out, m.rows() * 4),
+                Bind::window(&out, out_start * 4, (first_row + w.rows - out_start) * 4),
             ],
             geo.groups(w),
         )?;
@@ -326,15 +346,15 @@ mod tests {
     fn check_cover(shape: &[usize], axis: usize, binding: u64) {
         let m = match Matrix::new(shape, axis, 1e-6, &limits(binding)) {
             Ok(m) => m,
-            // u or v longer than a binding: refused, nothing to plan.
+            // u or v (f32) longer than a binding: refused, nothing to plan.
             Err(Error::TooLarge { .. }) => {
                 let rows = shape[axis] as u64;
                 let cols = shape.iter().product::<usize>() as u64 / rows;
                 // Or `M v`'s partials cannot fit (checked by channel_stats' own tests).
                 let layout = check_channel_input(OP, "weight", "axis", shape, axis, 1e-6).unwrap();
                 assert!(
-                    4 * rows > binding
-                        || 4 * cols > binding
+                    rows > binding
+                        || cols > binding
                         || ReducePlan::new(OP, layout, &limits(binding)).is_err(),
                     "{shape:?}"
                 );
@@ -344,6 +364,13 @@ mod tests {
         };
         let (a_n, r_n, j_n) = (m.layout.outer, m.layout.channels, m.layout.inner);
         assert!(m.blocks * a_n * j_n <= binding, "{shape:?}");
+        if let Some(windows) = &m.row_windows {
+            // The row kernel's vec4 per row of a window, from an aligned row.
+            assert!(
+                windows.iter().all(|w| (w.rows + 64) * 4 <= binding),
+                "{shape:?}"
+            );
+        }
         let mut seen = vec![0u8; (a_n * r_n * j_n) as usize];
         for bx in &m.boxes {
             assert!(bx.bind_len <= binding, "{shape:?} {bx:?}");
@@ -367,7 +394,7 @@ mod tests {
             ColumnParams,
             [rows, inner, rj, cols, row_block, r0, nr, c0, nc, bind_start, tiles]
         );
-        mirror!("spectral_norm", CombineParams, [cols, blocks]);
+        mirror!("spectral_norm", CombineParams, [cols, blocks, c0, n]);
     }
 
     #[test]

@@ -353,7 +353,8 @@ impl SpectralNorm {
                 Kernel::SnDot,
                 &params,
                 &[
-                    Bind::elems(&mv, m.rows() * 4),
+                    // Read only without partials (a short vector).
+                    Bind::elems(&mv, if partials.is_some() { 4 } else { m.rows() * 4 }),
                     Bind::elems(&state.u, m.rows()),
                     Bind::elems(&sigma, 1),
                     // Unused without partials: any read-only buffer (the dummy is
@@ -425,8 +426,12 @@ impl SpectralNorm {
             return Err(Error::input(OP, "the forward's sigma must have shape [1]"));
         }
         self.check_gamma(state)?;
-        // <G, W> in one pass over both (per leading-axis slice, then summed).
-        let sums_layout = ChannelLayout::new(weight.shape(), Some(0));
+        // <G, W> in one pass over both (per leading-axis slice, then summed by one
+        // workgroup that binds the slices' sums whole; one slice when they pass a
+        // binding).
+        let leading = weight.shape()[0] as u64;
+        let axis0 = Some(0).filter(|_| leading * 4 <= ctx.limits.max_binding_elems);
+        let sums_layout = ChannelLayout::new(weight.shape(), axis0);
         let plan = ReducePlan::new(OP, sums_layout, &ctx.limits)?;
         let sums = record_sums(rec, OP, &plan, grad_output, weight, None)?;
         let gamma = state.gamma.as_ref().filter(|_| self.use_gamma);

@@ -22,7 +22,8 @@ pub(super) struct VectorParams {
     pub(super) keep: u32,
     pub(super) parts: u32,
     pub(super) dot: u32,
-    pub(super) _pad: [u32; 3],
+    pub(super) chunk0: u32,
+    pub(super) _pad: [u32; 2],
 }
 
 /// Vectors longer than this are normalized (and dotted) by many workgroups
@@ -33,9 +34,41 @@ const WIDE_VECTOR: u64 = 16 * 1024;
 /// (`VEC_CHUNK` in shaders/spectral_norm.wgsl).
 const VEC_CHUNK: u64 = 4096;
 
+/// The runs of chunks a wide vector of `n` elements is dispatched in: `(first chunk,
+/// chunks)`, each run's vec4s within one binding (from a chunk start: 64 KiB, aligned).
+fn chunk_runs(rec: &Recording<'_>, n: u64) -> Result<Vec<(u64, u64)>> {
+    let limits = &rec.context().limits;
+    let parts = n.div_ceil(VEC_CHUNK);
+    let per = limits.max_binding_elems / 4 / VEC_CHUNK;
+    if per == 0 {
+        return Err(Error::TooLarge {
+            op: OP,
+            problem: format!(
+                "a vector of {n} elements needs runs of {VEC_CHUNK} vec4s, past a storage binding of {} bytes",
+                limits.max_binding_elems * 4
+            ),
+        });
+    }
+    let mut runs = Vec::new();
+    let mut c = 0;
+    while c < parts {
+        let k = per.min(parts - c);
+        runs.push((c, k));
+        c += k;
+    }
+    Ok(runs)
+}
+
+/// The binding of run `(chunk0, chunks)` of `raw` (a vec4 per element of `n`).
+fn raw_run(raw: &Tensor, n: u64, (chunk0, chunks): (u64, u64)) -> Bind<'_> {
+    let start = chunk0 * VEC_CHUNK;
+    let len = (chunks * VEC_CHUNK).min(n - start);
+    Bind::window(raw, start * 4, len * 4)
+}
+
 /// For a vector of `n` elements (`raw`, a vec4 per element), the partials
-/// `(sum x^2, sum x * vector)` per chunk when it is long (see [`WIDE_VECTOR`]); `None`
-/// when one workgroup does the whole vector.
+/// `(sum x^2, sum x * vector)` per chunk when it is long (see [`WIDE_VECTOR`]) or its
+/// vec4s pass a binding; `None` when one workgroup does the whole vector.
 pub(super) fn record_vector_partials(
     rec: &mut Recording<'_>,
     params: &VectorParams,
@@ -43,26 +76,30 @@ pub(super) fn record_vector_partials(
     vector: Option<&Tensor>,
 ) -> Result<Option<(Tensor, u64)>> {
     let n = u64::from(params.n);
-    if n <= WIDE_VECTOR {
+    let ctx = rec.context();
+    // Short vectors whose vec4s fit one binding: one workgroup.
+    if n <= WIDE_VECTOR && n * 4 <= ctx.limits.max_binding_elems {
         return Ok(None);
     }
-    let ctx = rec.context();
     let parts = n.div_ceil(VEC_CHUNK);
     let partials = vec4_buffer(ctx, OP, parts)?;
-    let params = VectorParams {
-        dot: u32::from(vector.is_some()),
-        ..*params
-    };
-    rec.dispatch(
-        Kernel::SnVecPartials,
-        &params,
-        &[
-            Bind::elems(raw, n * 4),
-            vector.map_or(Bind::elems(&ctx.dummy, 1), |v| Bind::elems(v, n)),
-            Bind::elems(&partials, parts * 4),
-        ],
-        parts,
-    )?;
+    for run in chunk_runs(rec, n)? {
+        let params = VectorParams {
+            dot: u32::from(vector.is_some()),
+            chunk0: run.0 as u32,
+            ..*params
+        };
+        rec.dispatch(
+            Kernel::SnVecPartials,
+            &params,
+            &[
+                raw_run(raw, n, run),
+                vector.map_or(Bind::elems(&ctx.dummy, 1), |v| Bind::elems(v, n)),
+                Bind::elems(&partials, parts * 4),
+            ],
+            run.1,
+        )?;
+    }
     Ok(Some((partials, parts)))
 }
 
@@ -206,25 +243,40 @@ impl SpectralNorm {
             Some((b, i)) => (b, u64::from(i) + 1),
             None => (&*ctx.dummy, 1),
         };
-        rec.dispatch(
-            Kernel::SnNormalize,
-            &params,
-            &[
-                Bind::elems(raw, n * 4),
-                Bind::elems(&to.out, n),
-                match to.keep {
-                    Some(t) => Bind::elems(t, n),
-                    None => Bind::elems(&ctx.dummy, 1),
+        // One workgroup, or one per chunk in runs that fit a binding (as the partials).
+        let runs = match &partials {
+            None => vec![(0, 1)],
+            Some(_) => chunk_runs(rec, n)?,
+        };
+        for run in runs {
+            let raw_bind = match &partials {
+                None => Bind::elems(raw, n * 4),
+                Some(_) => raw_run(raw, n, run),
+            };
+            rec.dispatch(
+                Kernel::SnNormalize,
+                &VectorParams {
+                    chunk0: run.0 as u32,
+                    ..params
                 },
-                Bind::elems(sigma_buf, sigma_len),
-                // Unused without partials: any read-only buffer (the dummy may be
-                // bound read-write above).
-                partials
-                    .as_ref()
-                    .map_or(Bind::elems(raw, 4), |(b, n)| Bind::elems(b, n * 4)),
-            ],
-            partials.as_ref().map_or(1, |p| p.1),
-        )
+                &[
+                    raw_bind,
+                    Bind::elems(&to.out, n),
+                    match to.keep {
+                        Some(t) => Bind::elems(t, n),
+                        None => Bind::elems(&ctx.dummy, 1),
+                    },
+                    Bind::elems(sigma_buf, sigma_len),
+                    // Unused without partials: any read-only buffer (the dummy may be
+                    // bound read-write above).
+                    partials
+                        .as_ref()
+                        .map_or(Bind::elems(raw, 4), |(b, n)| Bind::elems(b, n * 4)),
+                ],
+                run.1,
+            )?;
+        }
+        Ok(())
     }
 
     pub(super) fn vector_params(
@@ -243,7 +295,8 @@ impl SpectralNorm {
             keep: u32::from(keep),
             parts: 0,
             dot: 0,
-            _pad: [0; 3],
+            chunk0: 0,
+            _pad: [0; 2],
         }
     }
 }
@@ -278,7 +331,8 @@ mod tests {
                 sigma_index,
                 keep,
                 parts,
-                dot
+                dot,
+                chunk0
             ]
         );
     }
