@@ -57,6 +57,10 @@ struct ReduceParams {
     box_njc: u32,
     base_delta: u32,
     blocks_per_batch: u32,
+    vector_start: u32, // dot_partials: the vector is bound from this element (unit)
+    _pad2: u32,
+    _pad3: u32,
+    _pad4: u32,
 }
 
 // Mirrors `CombineParams` in src/ops/channel_stats.rs.
@@ -341,7 +345,7 @@ fn dot_partials(ids: Ids) {
     var w = walk_start(it, ids.lid);
     while (w.row < w.rows) {
         let e = walk_index(dp, it, w);
-        acc = fma(dload(dp_x[e]), dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col], acc);
+        acc = fma(dload(dp_x[e]), dp_vector[(it.o0 + w.row) * dp.inner + it.j0 + w.col - dp.vector_start], acc);
         walk_next(&w, it.cols);
     }
     let total = tree_sum(ids.lid, vec4<f32>(hsum(acc), 0.0, 0.0, 0.0));

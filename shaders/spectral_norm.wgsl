@@ -58,7 +58,10 @@ struct ColumnParams {
     nc: u32,
     bind_start: u32, // global index of the binding window's first element
     tiles: u32,      // column tiles in the box
-    _pad: u32,
+    u_start: u32,    // u is bound from this row (the box's rows, from an aligned row)
+    p_start: u32,    // the partials are bound from this slot
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // A tile's 64 columns are TILE_UNITS units (VEC4: 16 quads); the WG threads are
@@ -105,7 +108,7 @@ fn mtv_partials(ids: Ids) {
         var r = r_begin + lane_;
         var e = (a * cp.rj + r * cp.inner + j - cp.bind_start) / LANES;
         for (; r < r_end; r += ROW_LANES) {
-            acc = fma(dload(cp_m[e]), V(cp_u[r]), acc);
+            acc = fma(dload(cp_m[e]), V(cp_u[r - cp.u_start]), acc);
             e += step;
         }
     }
@@ -117,7 +120,7 @@ fn mtv_partials(ids: Ids) {
             total += red[unit + k * TILE_UNITS];
         }
         for (var i = 0u; i < LANES; i += 1u) {
-            let slot = rb * cp.cols + cp.c0 + cl + i;
+            let slot = rb * cp.cols + cp.c0 + cl + i - cp.p_start;
             var t = lane(total, i);
             if (r_begin != block_start) {
                 t += cp_out[slot];
@@ -184,7 +187,7 @@ const COMBINE_LANES: u32 = WG / COMBINE_COLS;
 struct CombineParams {
     cols: u32,   // columns of the partials, [blocks, cols]
     blocks: u32,
-    c0: u32,     // this dispatch's first column: `out` is bound from it
+    c0: u32,     // this dispatch's first column: `partials` and `out` are bound from it
     n: u32,      // columns in this dispatch
 }
 
@@ -199,11 +202,10 @@ fn mtv_combine(ids: Ids) {
     let col = ids.lid % COMBINE_COLS;
     let lane_ = ids.lid / COMBINE_COLS;
     let cl = group_id(ids) * COMBINE_COLS + col; // dispatch-relative
-    let c = mc.c0 + cl;
     var acc = 0.0;
     if (cl < mc.n) {
         for (var b = lane_; b < mc.blocks; b += COMBINE_LANES) {
-            acc += mc_partials[b * mc.cols + c];
+            acc += mc_partials[b * mc.cols + cl];
         }
     }
     comb[ids.lid] = acc;
@@ -248,8 +250,8 @@ struct VectorParams {
 @group(0) @binding(3) var<storage, read_write> vp_out: array<vec4<f32>>;
 
 // Per chunk: (sum x^2, sum x * vector) of x = raw[i].x (vector: a dummy unless for a dot).
-// A vector longer than a binding of vec4s is dispatched in runs of chunks: `raw` is
-// bound from chunk `chunk0`, `vector` and the partials whole.
+// A vector longer than a binding of vec4s is dispatched in runs of chunks: `raw` and
+// `vector` are bound from chunk `chunk0`, the partials whole.
 @compute @workgroup_size(WG)
 fn vec_partials(ids: Ids) {
     let first = group_id(ids) * VEC_CHUNK;
@@ -260,7 +262,7 @@ fn vec_partials(ids: Ids) {
         let x = vp_raw[i].x;
         var y = 0.0;
         if (vp.dot == 1u) {
-            y = vp_vector[offset + i];
+            y = vp_vector[i];
         }
         part = fma(vec2<f32>(x), vec2<f32>(x, y), part);
     }
@@ -309,11 +311,11 @@ fn normalize(ids: Ids) {
             part += np_partials[i].x;
             big += np_partials[i].z;
         }
-        // Runs of chunks (see `vec_partials`): `raw` bound from chunk `chunk0`.
+        // Runs of chunks (see `vec_partials`): `raw`, `out` and `keep` bound from
+        // chunk `chunk0`.
         first = group_id(ids) * VEC_CHUNK;
         last = min(first + VEC_CHUNK, np.n - np.chunk0 * VEC_CHUNK);
     }
-    let offset = np.chunk0 * VEC_CHUNK;
     let sums = tree_sum(ids.lid, vec4<f32>(part, big, 0.0, 0.0)).xy;
     let ss = sums.x;
     let norm = scaled_sqrt(sums.x, sums.y);
@@ -323,9 +325,9 @@ fn normalize(ids: Ids) {
     }
     for (var i = first + ids.lid; i < last; i += WG) {
         let y = np_raw[i].x / denom;
-        np_out[offset + i] = y;
+        np_out[i] = y;
         if (np.keep == 1u) {
-            np_keep[offset + i] = y;
+            np_keep[i] = y;
         }
     }
     if (np.write_sigma == 1u && ids.lid == 0u && group_id(ids) == 0u && np.chunk0 == 0u) {
@@ -427,6 +429,9 @@ fn grad_coef(ids: Ids) {
 //
 // The element walk over [A, R, J] (rows = A, channels = R, inner = J): the cursor's
 // channel is r and its row a; with VEC4 a unit has one r and v is read as vec4s.
+// Where u or v pass a binding the host runs the pass on runs of rows of one a (or on
+// pieces of one row), binding u and v from aligned elements: `flag` and `aux2` are
+// the run's first row and column past them (units of u, and of v's array).
 
 @group(0) @binding(0) var<uniform> gr: ElementParams;
 @group(0) @binding(1) var<storage, read> gr_g: array<D>;
@@ -439,6 +444,6 @@ fn grad_coef(ids: Ids) {
 fn grad(ids: Ids) {
     let k = gr_coef[0];
     for (var w = cursor_start(gr, ids); cursor_live(w); cursor_next(gr, &w)) {
-        gr_out[w.e] = dstore(k.x * dload(gr_g[w.e]) - (k.y * gr_u[w.c]) * gr_v[w.o * gr.inner + w.j]);
+        gr_out[w.e] = dstore(k.x * dload(gr_g[w.e]) - (k.y * gr_u[w.c + gr.flag]) * gr_v[w.o * gr.inner + w.j + gr.aux2 / LANES]);
     }
 }

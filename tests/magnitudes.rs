@@ -142,7 +142,7 @@ fn spectral_norm_of_huge_weights() {
         // The last shape's u (20,000 rows) takes the long-vector partials.
         for shape in [&[16usize, 40][..], &[20_000, 3]] {
             if shape[0] > 1024 && name.contains("KiB") {
-                continue; // u (f32, bound whole) past the capped binding: TooLarge (README's limits)
+                continue; // u's runs of 4096 vec4s pass a 16 KiB binding: TooLarge (README's limits)
             }
             for (magnitude, few) in [(1e19, false), (1e30, false), (1e20, true)] {
                 let what = format!("{name} {shape:?} {magnitude:e} few={few}");

@@ -267,6 +267,28 @@ fn vectors_longer_than_a_binding_of_vec4s() {
     }
 }
 
+/// `u` or `v` themselves longer than one binding (f32: 16384 elements fill a 64 KiB
+/// cap): every kernel binds its part of them (the column sums' rows of u and slots of
+/// their partials, `M v`'s boxes' elements of v, the normalizations' runs, the
+/// gradient's runs of whole matrices, of rows, or of pieces of a row). Tall, wide,
+/// wide through many `a`, rows a multiple of 4; both flavours, training and
+/// evaluation, in both thread layouts (issue 14: `TooLarge` before).
+#[test]
+fn vectors_longer_than_a_binding() {
+    let mut rng = Rng::new(59);
+    for ctx in common::ctx_with_binding_both_layouts(64 * 1024) {
+        let shapes: &[(&[usize], usize)] = &[
+            (&[20_000, 3], 0),
+            (&[17_000, 4], 0),
+            (&[2, 20_000], 0),
+            (&[3000, 2, 7], 1),
+        ];
+        for (shape, axis) in shapes {
+            check_configs(&ctx, shape, *axis, &mut rng);
+        }
+    }
+}
+
 /// Many weights (both flavors, both axes) normalized in one submission.
 #[test]
 fn many_layers_in_one_submission() {

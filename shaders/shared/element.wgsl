@@ -44,7 +44,7 @@ struct ElementParams {
     aux0: f32,      // op-specific scalars
     aux1: f32,
     skip: u32,      // units bound before the window's first unit (a slice group's rows)
-    _pad1: u32,
+    aux2: u32,      // op-specific
 }
 
 // A thread's position: its unit `e` (window-relative), that unit's place in the layout

@@ -766,6 +766,7 @@ impl BatchNorm {
                 Extra {
                     flag: u32::from(gamma.is_some()) | u32::from(beta.is_some()) << 1,
                     aux: [self.eps, 0.0],
+                    ..Extra::default()
                 },
             )?;
         } else if layout.len() > 0 {

@@ -35,6 +35,8 @@ struct ReduceParams {
     box_njc: u32,
     base_delta: u32,
     blocks_per_batch: u32,
+    vector_start: u32,
+    _pad: [u32; 3],
 }
 
 // Mirrors `CombineParams` in shaders/channel_stats.wgsl.
@@ -85,6 +87,8 @@ struct GroupPlan {
     boxes: Vec<ReduceBox>,
     /// The channels-last split, when the layout has one (see [`ChannelsLastPlan`]).
     channels_last: Option<ChannelsLastPlan>,
+    /// Binding windows start at multiples of this many elements.
+    align: u64,
 }
 
 /// Channels-last reductions (`batch == 1`, `inner == 1`, channels a multiple of 4,
@@ -411,6 +415,7 @@ impl GroupPlan {
             } else {
                 None
             },
+            align,
         })
     }
 
@@ -441,6 +446,7 @@ impl GroupPlan {
                 p.row_stride /= 4;
                 p.row_chunk /= 4;
                 p.base_delta /= 4;
+                p.vector_start /= 4;
                 (k4, p)
             }
             None => (kernel, p),
@@ -466,7 +472,25 @@ impl GroupPlan {
             box_njc: bx.njc as u32,
             base_delta: bx.base_delta as u32,
             blocks_per_batch: self.blocks_per_batch as u32,
+            vector_start: self.vector_window(bx).0 as u32,
+            _pad: [0; 3],
         }
+    }
+
+    /// The elements `[start, start + len)` (`start` aligned) of a per-column vector
+    /// (`vector[o * inner + j]`, `record_dot`'s, batch 1) that box `bx` reads: at most
+    /// a window, since the box's rows (or part of one) fit one.
+    fn vector_window(&self, bx: &ReduceBox) -> (u64, u64) {
+        let l = self.layout;
+        if bx.nb == 0 || l.outer == 0 {
+            return (0, 0);
+        }
+        let first = (bx.b0 % self.blocks_per_batch) * self.rows_per_item;
+        let last = ((bx.b0 % self.blocks_per_batch + bx.nb) * self.rows_per_item).min(l.outer) - 1;
+        let lo = first * l.inner + bx.jc0 * self.row_chunk;
+        let hi = last * l.inner + ((bx.jc0 + bx.njc) * self.row_chunk).min(l.inner);
+        let start = lo / self.align * self.align;
+        (start, hi.max(lo) - start)
     }
 }
 
@@ -485,15 +509,9 @@ pub(crate) fn record_welford(
 ) -> Result<Tensor> {
     let kernel = Kernel::WelfordPartials;
     let (data, dtype) = data_tensors(rec, plan, kernel, &[x])?;
-    record_partials(
-        rec,
-        op,
-        plan,
-        kernel,
-        Kernel::WelfordCombine,
-        dtype,
-        |_, _, start, len| vec![Bind::window(&data[0], start, len)],
-    )
+    record_partials(rec, op, plan, kernel, Kernel::WelfordCombine, dtype, |w| {
+        vec![Bind::window(&data[0], w.start, w.len)]
+    })
 }
 
 /// Records per-channel `(sum a, sum a (b - centre[c]), sum (b - centre[c])^2, 0)`; `centre` is a vec4 per
@@ -512,28 +530,20 @@ pub(crate) fn record_sums(
         None => Kernel::SumPartials,
     };
     let (data, dtype) = data_tensors(rec, plan, kernel, &[a, b])?;
-    record_partials(
-        rec,
-        op,
-        plan,
-        kernel,
-        Kernel::SumCombine,
-        dtype,
-        |first, slices, start, len| {
-            vec![
-                Bind::window(&data[0], start, len),
-                Bind::window(&data[1], start, len),
-                centre.map_or(Bind::elems(&*dummy, 4), |c| {
-                    Bind::window(c, first * 4, slices * 4)
-                }),
-            ]
-        },
-    )
+    record_partials(rec, op, plan, kernel, Kernel::SumCombine, dtype, |w| {
+        vec![
+            Bind::window(&data[0], w.start, w.len),
+            Bind::window(&data[1], w.start, w.len),
+            centre.map_or(Bind::elems(&*dummy, 4), |c| {
+                Bind::window(c, w.first * 4, w.slices * 4)
+            }),
+        ]
+    })
 }
 
 /// Records per-channel `sum_{o, j} x[o, c, j] * vector[o * inner + j]` (first component
 /// of a vec4 per channel), for a layout with `batch == 1`: the row reduction `M v`.
-/// `vector` is f32.
+/// `vector` is f32, bound box by box (the elements each box reads).
 pub(crate) fn record_dot(
     rec: &mut Recording<'_>,
     op: &'static str,
@@ -542,23 +552,14 @@ pub(crate) fn record_dot(
     vector: &Tensor,
 ) -> Result<Tensor> {
     debug_assert_eq!(plan.layout.batch, 1);
-    let vector_len = plan.layout.outer * plan.layout.inner;
     let kernel = Kernel::DotPartials;
     let (data, dtype) = data_tensors(rec, plan, kernel, &[x])?;
-    record_partials(
-        rec,
-        op,
-        plan,
-        kernel,
-        Kernel::SumCombine,
-        dtype,
-        |_, _, start, len| {
-            vec![
-                Bind::window(&data[0], start, len),
-                Bind::elems(vector, vector_len),
-            ]
-        },
-    )
+    record_partials(rec, op, plan, kernel, Kernel::SumCombine, dtype, |w| {
+        vec![
+            Bind::window(&data[0], w.start, w.len),
+            Bind::window(vector, w.vector.0, w.vector.1),
+        ]
+    })
 }
 
 /// The data tensors a reduction reads, and their type: as given when they share one
@@ -582,11 +583,21 @@ fn data_tensors(
     Ok((wide, DType::F32))
 }
 
+/// What one dispatch of a reduction reads: the group's first slice and its slices,
+/// the data window, and the elements of `record_dot`'s vector its box reads.
+struct BoxWindow {
+    first: u64,
+    slices: u64,
+    start: u64,
+    len: u64,
+    vector: (u64, u64),
+}
+
 /// The partials-then-combine scaffolding, group by group: one dispatch of `kernel` (or
-/// its vec4 or channels-last twin) per box, with `binds(group's first slice, its
-/// slices, window start, window length)` then the partials binding; then `combine`
-/// into the group's part of the result (skipped when the layout is one group and each
-/// slice has one partial). `dtype` is the type of the data `binds` binds.
+/// its vec4 or channels-last twin) per box, with `binds(its window)` then the partials
+/// binding; then `combine` into the group's part of the result (skipped when the layout
+/// is one group and each slice has one partial). `dtype` is the type of the data
+/// `binds` binds.
 fn record_partials<'x>(
     rec: &mut Recording<'_>,
     op: &'static str,
@@ -594,7 +605,7 @@ fn record_partials<'x>(
     kernel: Kernel,
     combine: Kernel,
     dtype: DType,
-    binds: impl Fn(u64, u64, u64, u64) -> Vec<Bind<'x>>,
+    binds: impl Fn(&BoxWindow) -> Vec<Bind<'x>>,
 ) -> Result<Tensor> {
     let ctx = rec.context();
     let spec = Spec {
@@ -633,7 +644,14 @@ fn record_partials<'x>(
         match g.channels_last.as_ref().zip(kernel.channels_last_twin()) {
             Some((cl, kcl)) => {
                 for bx in &cl.boxes {
-                    let mut all = binds(*first, slices, bx.bind_start, bx.bind_len);
+                    let mut all = binds(&BoxWindow {
+                        first: *first,
+                        slices,
+                        start: bx.bind_start,
+                        len: bx.bind_len,
+                        // No channels-last kernel reads a vector.
+                        vector: (0, 1),
+                    });
                     all.push(partials_bind);
                     let params = cl.params(g.layout.outer, bx);
                     rec.dispatch_spec(kcl, spec, &params, &all, bx.nblocks * cl.ngroups)?;
@@ -642,7 +660,13 @@ fn record_partials<'x>(
             None => {
                 let by4 = g.by_vec4();
                 for bx in &g.boxes {
-                    let mut all = binds(*first, slices, bx.bind_start, bx.bind_len);
+                    let mut all = binds(&BoxWindow {
+                        first: *first,
+                        slices,
+                        start: bx.bind_start,
+                        len: bx.bind_len,
+                        vector: g.vector_window(bx),
+                    });
                     all.push(partials_bind);
                     let (kernel, params) = g.partials(kernel, by4, bx);
                     rec.dispatch_spec(kernel, spec, &params, &all, bx.nb * bx.nc * bx.njc)?;
@@ -812,7 +836,8 @@ mod tests {
                 box_nc,
                 box_njc,
                 base_delta,
-                blocks_per_batch
+                blocks_per_batch,
+                vector_start
             ]
         );
         mirror!(

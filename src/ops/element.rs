@@ -31,14 +31,15 @@ pub(crate) struct ElementParams {
     pub aux0: f32,
     pub aux1: f32,
     pub skip: u32,
-    pub _pad1: u32,
+    pub aux2: u32,
 }
 
-/// The op-specific part of [`ElementParams`]: a flag and two scalars.
+/// The op-specific part of [`ElementParams`]: a flag, two scalars and an index.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Extra {
     pub flag: u32,
     pub aux: [f32; 2],
+    pub aux2: u32,
 }
 
 /// The units of a pass: 1 (scalar kernel), or 4 elements per unit (vec4 and
@@ -130,7 +131,7 @@ fn params(
         aux0: extra.aux[0],
         aux1: extra.aux[1],
         skip: skip as u32,
-        _pad1: 0,
+        aux2: extra.aux2,
     };
     (params, threads.div_ceil(u64::from(WORKGROUP_SIZE)))
 }

@@ -277,6 +277,7 @@ impl WeightStandardization {
                 (1.0 / layout.per_channel() as f64) as f32,
                 (1.0 / self.divisor(layout)) as f32,
             ],
+            ..Extra::default()
         };
         record_elementwise(
             rec,

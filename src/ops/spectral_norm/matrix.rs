@@ -39,7 +39,9 @@ struct ColumnParams {
     nc: u32,
     bind_start: u32,
     tiles: u32,
-    _pad: u32,
+    u_start: u32,
+    p_start: u32,
+    _pad: [u32; 2],
 }
 
 // Mirrors `CombineParams` in shaders/spectral_norm.wgsl.
@@ -92,18 +94,8 @@ impl Matrix {
                 problem: format!("a weight of {} elements (at most 2^32 - 1)", layout.len()),
             });
         }
-        // u and v (f32) are bound whole; `M v` and `M^T u` (a vec4 per row and per
-        // column) are bound in windows where they pass a binding.
-        if r_n > limits.max_binding_elems || cols > limits.max_binding_elems {
-            return Err(Error::TooLarge {
-                op: OP,
-                problem: format!(
-                    "M is {r_n} x {cols}; u and v must each be at most {} elements (f32 \
-                     within one storage binding)",
-                    limits.max_binding_elems
-                ),
-            });
-        }
+        // u, v and the products `M v` and `M^T u` (a vec4 per element) are bound in
+        // windows where they pass a binding; each lives in one buffer.
         let align = limits.align_elems.max(1);
         let window = limits.max_binding_elems.saturating_sub(align);
         if window < COLUMN_TILE {
@@ -117,7 +109,8 @@ impl Matrix {
         }
         let rj = r_n * j_n;
         // Row blocks: at most MAX_ROW_BLOCKS partials per column, and the partials
-        // ([blocks, cols]) within one binding. Boxes may split a block.
+        // ([blocks, cols]) within one binding, or one block (bound a box's columns at a
+        // time) when the columns alone pass it. Boxes may split a block.
         // GPUs need more workgroups in flight for tall matrices (the 50000 x 512
         // embedding has 8 column tiles); a CPU adapter pays for each one.
         let max_row_blocks = if limits.tuning.coalesced {
@@ -236,8 +229,19 @@ pub(super) fn record_mtv(
     } else {
         Kernel::SnMtvPartials
     };
+    let align = ctx.limits.align_elems.max(1);
+    let whole_partials = m.blocks * cols <= ctx.limits.max_binding_elems;
     for bx in &m.boxes {
         let tiles = bx.nc.div_ceil(COLUMN_TILE);
+        // The box's rows of u, and its slots of the partials unless they fit whole
+        // (then one block: slot = column), each bound from an aligned element.
+        let u_start = bx.r0 / align * align;
+        let (p_start, p_len) = if whole_partials {
+            (0, m.blocks * cols)
+        } else {
+            let p = bx.c0 / align * align;
+            (p, bx.c0 + bx.nc - p)
+        };
         rec.dispatch_spec(
             kernel,
             spec,
@@ -253,19 +257,21 @@ pub(super) fn record_mtv(
                 nc: bx.nc as u32,
                 bind_start: bx.bind_start as u32,
                 tiles: tiles as u32,
-                _pad: 0,
+                u_start: u_start as u32,
+                p_start: p_start as u32,
+                _pad: [0; 2],
             },
             &[
                 Bind::window(weight, bx.bind_start, bx.bind_len),
-                Bind::elems(&u, m.rows()),
-                Bind::elems(&partials, m.blocks * cols),
+                Bind::window(u, u_start, bx.r0 + bx.nr - u_start),
+                Bind::window(&partials, p_start, p_len),
             ],
             tiles * ((bx.r0 + bx.nr).div_ceil(m.row_block) - bx.r0 / m.row_block),
         )?;
     }
     let raw = vec4_buffer(ctx, OP, cols)?;
-    // The sums, in runs of columns whose vec4s fit one binding (from aligned columns).
-    let align = ctx.limits.align_elems.max(1);
+    // The sums, in runs of columns whose vec4s fit one binding (from aligned columns;
+    // the partials bound from the run's first column too).
     let per = (ctx.limits.max_binding_elems / 4 / align * align).max(align);
     let mut c0 = 0;
     while c0 < cols {
@@ -279,7 +285,7 @@ pub(super) fn record_mtv(
                 n: n as u32,
             },
             &[
-                Bind::elems(&partials, m.blocks * cols),
+                Bind::window(&partials, c0, (m.blocks - 1) * cols + n),
                 Bind::window(&raw, c0 * 4, n * 4),
             ],
             n.div_ceil(COMBINE_COLS),
@@ -346,16 +352,11 @@ mod tests {
     fn check_cover(shape: &[usize], axis: usize, binding: u64) {
         let m = match Matrix::new(shape, axis, 1e-6, &limits(binding)) {
             Ok(m) => m,
-            // u or v (f32) longer than a binding: refused, nothing to plan.
+            // Only when `M v`'s reduction cannot be planned (channel_stats' own tests).
             Err(Error::TooLarge { .. }) => {
-                let rows = shape[axis] as u64;
-                let cols = shape.iter().product::<usize>() as u64 / rows;
-                // Or `M v`'s partials cannot fit (checked by channel_stats' own tests).
                 let layout = check_channel_input(OP, "weight", "axis", shape, axis, 1e-6).unwrap();
                 assert!(
-                    rows > binding
-                        || cols > binding
-                        || ReducePlan::new(OP, layout, &limits(binding)).is_err(),
+                    ReducePlan::new(OP, layout, &limits(binding)).is_err(),
                     "{shape:?}"
                 );
                 return;
@@ -363,7 +364,11 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         let (a_n, r_n, j_n) = (m.layout.outer, m.layout.channels, m.layout.inner);
-        assert!(m.blocks * a_n * j_n <= binding, "{shape:?}");
+        // The partials fit whole, or are one block bound a box's columns at a time.
+        assert!(
+            m.blocks * a_n * j_n <= binding || m.blocks == 1,
+            "{shape:?}"
+        );
         if let Some(windows) = &m.row_windows {
             // The row kernel's vec4 per row of a window, from an aligned row.
             assert!(
@@ -374,6 +379,11 @@ mod tests {
         let mut seen = vec![0u8; (a_n * r_n * j_n) as usize];
         for bx in &m.boxes {
             assert!(bx.bind_len <= binding, "{shape:?} {bx:?}");
+            // The box's rows of u and columns of the partials, from aligned elements.
+            assert!(
+                bx.nr + 64 <= binding && bx.nc + 64 <= binding,
+                "{shape:?} {bx:?}"
+            );
             for r in bx.r0..bx.r0 + bx.nr {
                 for c in bx.c0..bx.c0 + bx.nc {
                     let (a, j) = (c / j_n, c % j_n);
@@ -392,7 +402,10 @@ mod tests {
         mirror!(
             "spectral_norm",
             ColumnParams,
-            [rows, inner, rj, cols, row_block, r0, nr, c0, nc, bind_start, tiles]
+            [
+                rows, inner, rj, cols, row_block, r0, nr, c0, nc, bind_start, tiles, u_start,
+                p_start
+            ]
         );
         mirror!("spectral_norm", CombineParams, [cols, blocks, c0, n]);
     }

@@ -355,7 +355,7 @@ impl SpectralNorm {
                 &[
                     // Read only without partials (a short vector).
                     Bind::elems(&mv, if partials.is_some() { 4 } else { m.rows() * 4 }),
-                    Bind::elems(&state.u, m.rows()),
+                    Bind::elems(&state.u, if partials.is_some() { 1 } else { m.rows() }),
                     Bind::elems(&sigma, 1),
                     // Unused without partials: any read-only buffer (the dummy is
                     // bound read-write elsewhere).
@@ -386,7 +386,7 @@ impl SpectralNorm {
             &out,
             Extra {
                 flag: u32::from(gamma.is_some()),
-                aux: [0.0; 2],
+                ..Extra::default()
             },
         )?;
         state.sigma = Some(sigma.clone());
@@ -460,20 +460,7 @@ impl SpectralNorm {
             1,
         )?;
         let grad = rec.output(OP, weight.shape(), weight.dtype())?;
-        // Rows of M's layout a multiple of 4 long: vec4s (a vec4 has one row r).
-        record_elementwise(
-            rec,
-            Kernel::SnGrad,
-            &m.layout,
-            &[grad_output],
-            &[
-                PerSlice::Fixed(Bind::elems(&forward.u, m.rows())),
-                PerSlice::Fixed(Bind::elems(&forward.v, m.cols())),
-                PerSlice::Fixed(Bind::elems(&coef, 4)),
-            ],
-            &grad,
-            Extra::default(),
-        )?;
+        record_grad(rec, &m, grad_output, forward, &coef, &grad)?;
         Ok(SpectralNormGrads {
             weight: grad,
             gamma: grad_gamma,
@@ -573,6 +560,101 @@ fn check_f32(what: &str, t: &Tensor) -> Result<()> {
                 t.dtype()
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `grad = coef.x G - coef.y u v^T` (the `grad` kernel over M's layout; rows a
+/// multiple of 4 long take vec4s, a vec4 having one row r). Where `u` and `v` fit one
+/// binding each, one pass binding them whole; else passes over runs of M's layout
+/// whose elements of `u` and `v` fit: whole `[R, J]` matrices of consecutive `a`, runs
+/// of rows of one `a`, or pieces of one row, each binding its part of `u` and `v` from
+/// aligned elements (`flag` and `aux2`: the run's first row and column past them).
+fn record_grad(
+    rec: &mut Recording<'_>,
+    m: &Matrix,
+    grad_output: &Tensor,
+    forward: &SpectralNormOutput,
+    coef: &Tensor,
+    grad: &Tensor,
+) -> Result<()> {
+    let limits = rec.context().limits;
+    let (u, v) = (&forward.u, &forward.v);
+    let pass = |rec: &mut Recording<'_>,
+                layout: ChannelLayout,
+                (u_start, u_len, u_skip): (u64, u64, u64),
+                (v_start, v_len, v_skip): (u64, u64, u64)| {
+        record_elementwise(
+            rec,
+            Kernel::SnGrad,
+            &layout,
+            &[grad_output],
+            &[
+                PerSlice::Fixed(Bind::window(u, u_start, u_len)),
+                PerSlice::Fixed(Bind::window(v, v_start, v_len)),
+                PerSlice::Fixed(Bind::elems(coef, 4)),
+            ],
+            grad,
+            Extra {
+                flag: u_skip as u32,
+                aux2: v_skip as u32,
+                ..Extra::default()
+            },
+        )
+    };
+    let (rows, cols) = (m.rows(), m.cols());
+    if rows <= limits.max_binding_elems && cols <= limits.max_binding_elems {
+        return pass(rec, m.layout, (0, rows, 0), (0, cols, 0));
+    }
+    let align = limits.align_elems.max(1);
+    let window = (limits.max_binding_elems.saturating_sub(align) / align * align).max(align);
+    // Elements `[lo, lo + len)` of a vector, bound from an aligned element.
+    let part = |lo: u64, len: u64| {
+        let start = lo / align * align;
+        (start, lo - start + len, lo - start)
+    };
+    let (a_n, r_n, j_n) = (m.layout.outer, m.layout.channels, m.layout.inner);
+    let rj = r_n * j_n;
+    let run = |a0: u64, na: u64, r0: u64, nr: u64, j0: u64, nj: u64| ChannelLayout {
+        batch: 1,
+        outer: na,
+        channels: nr,
+        inner: nj,
+        base: a0 * rj + r0 * j_n + j0,
+        row_stride: nr * nj,
+    };
+    if rj <= window && r_n <= window {
+        let per = window / rj;
+        let mut a0 = 0;
+        while a0 < a_n {
+            let na = per.min(a_n - a0);
+            let layout = run(a0, na, 0, r_n, 0, j_n);
+            pass(rec, layout, (0, r_n, 0), part(a0 * j_n, na * j_n))?;
+            a0 += na;
+        }
+    } else if j_n <= window {
+        let per = window / j_n;
+        for a in 0..a_n {
+            let mut r0 = 0;
+            while r0 < r_n {
+                let nr = per.min(r_n - r0);
+                let layout = run(a, 1, r0, nr, 0, j_n);
+                pass(rec, layout, part(r0, nr), part(a * j_n, j_n))?;
+                r0 += nr;
+            }
+        }
+    } else {
+        for a in 0..a_n {
+            for r in 0..r_n {
+                let mut j0 = 0;
+                while j0 < j_n {
+                    let nj = window.min(j_n - j0);
+                    let layout = run(a, 1, r, 1, j0, nj);
+                    pass(rec, layout, part(r, 1), part(a * j_n + j0, nj))?;
+                    j0 += nj;
+                }
+            }
+        }
     }
     Ok(())
 }

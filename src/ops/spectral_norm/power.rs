@@ -59,11 +59,12 @@ fn chunk_runs(rec: &Recording<'_>, n: u64) -> Result<Vec<(u64, u64)>> {
     Ok(runs)
 }
 
-/// The binding of run `(chunk0, chunks)` of `raw` (a vec4 per element of `n`).
-fn raw_run(raw: &Tensor, n: u64, (chunk0, chunks): (u64, u64)) -> Bind<'_> {
+/// The binding of run `(chunk0, chunks)` of a vector of `n` elements, `per` values
+/// each (`raw`: a vec4 per element, 4; `u`, `v`: 1).
+fn run_of(t: &Tensor, n: u64, per: u64, (chunk0, chunks): (u64, u64)) -> Bind<'_> {
     let start = chunk0 * VEC_CHUNK;
     let len = (chunks * VEC_CHUNK).min(n - start);
-    Bind::window(raw, start * 4, len * 4)
+    Bind::window(t, start * per, len * per)
 }
 
 /// For a vector of `n` elements (`raw`, a vec4 per element), the partials
@@ -93,8 +94,8 @@ pub(super) fn record_vector_partials(
             Kernel::SnVecPartials,
             &params,
             &[
-                raw_run(raw, n, run),
-                vector.map_or(Bind::elems(&ctx.dummy, 1), |v| Bind::elems(v, n)),
+                run_of(raw, n, 4, run),
+                vector.map_or(Bind::elems(&ctx.dummy, 1), |v| run_of(v, n, 1, run)),
                 Bind::elems(&partials, parts * 4),
             ],
             run.1,
@@ -249,9 +250,10 @@ impl SpectralNorm {
             Some(_) => chunk_runs(rec, n)?,
         };
         for run in runs {
-            let raw_bind = match &partials {
-                None => Bind::elems(raw, n * 4),
-                Some(_) => raw_run(raw, n, run),
+            // The run's elements of raw, out and keep (all of them for one workgroup).
+            let bind = |t, per| match &partials {
+                None => Bind::elems(t, n * per),
+                Some(_) => run_of(t, n, per, run),
             };
             rec.dispatch(
                 Kernel::SnNormalize,
@@ -260,10 +262,10 @@ impl SpectralNorm {
                     ..params
                 },
                 &[
-                    raw_bind,
-                    Bind::elems(&to.out, n),
+                    bind(raw, 4),
+                    bind(to.out, 1),
                     match to.keep {
-                        Some(t) => Bind::elems(t, n),
+                        Some(t) => bind(t, 1),
                         None => Bind::elems(&ctx.dummy, 1),
                     },
                     Bind::elems(sigma_buf, sigma_len),
