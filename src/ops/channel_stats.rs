@@ -641,17 +641,18 @@ fn record_partials<'x>(
     for ((first, g), &(ppc, empty)) in plan.groups.iter().zip(&shapes) {
         let slices = g.layout.slices();
         let partials_bind = Bind::elems(&partials, slices * ppc.max(1) * 4);
+        let window = |start, len, vector| BoxWindow {
+            first: *first,
+            slices,
+            start,
+            len,
+            vector,
+        };
         match g.channels_last.as_ref().zip(kernel.channels_last_twin()) {
             Some((cl, kcl)) => {
                 for bx in &cl.boxes {
-                    let mut all = binds(&BoxWindow {
-                        first: *first,
-                        slices,
-                        start: bx.bind_start,
-                        len: bx.bind_len,
-                        // No channels-last kernel reads a vector.
-                        vector: (0, 1),
-                    });
+                    // No channels-last kernel reads a vector.
+                    let mut all = binds(&window(bx.bind_start, bx.bind_len, (0, 1)));
                     all.push(partials_bind);
                     let params = cl.params(g.layout.outer, bx);
                     rec.dispatch_spec(kcl, spec, &params, &all, bx.nblocks * cl.ngroups)?;
@@ -660,13 +661,8 @@ fn record_partials<'x>(
             None => {
                 let by4 = g.by_vec4();
                 for bx in &g.boxes {
-                    let mut all = binds(&BoxWindow {
-                        first: *first,
-                        slices,
-                        start: bx.bind_start,
-                        len: bx.bind_len,
-                        vector: g.vector_window(bx),
-                    });
+                    let vector = g.vector_window(bx);
+                    let mut all = binds(&window(bx.bind_start, bx.bind_len, vector));
                     all.push(partials_bind);
                     let (kernel, params) = g.partials(kernel, by4, bx);
                     rec.dispatch_spec(kernel, spec, &params, &all, bx.nb * bx.nc * bx.njc)?;
