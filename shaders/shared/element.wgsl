@@ -65,8 +65,9 @@ struct Cursor {
     fresh: bool,
 }
 
-// The thread's units: `first`, `first + stride`, ... below `end`; runs (stride 1) and
-// the coalesced layout (stride WG) need no division.
+// The thread's units: `first`, `first + stride`, ... below `end`, as indices into the
+// window's bindings (`skip` included); runs (stride 1) and the coalesced layout
+// (stride WG) need no division.
 fn units(p: ElementParams, ids: Ids) -> vec2<u32> {
     var first: u32;
     if (LAYOUT == 0u) {
@@ -77,7 +78,7 @@ fn units(p: ElementParams, ids: Ids) -> vec2<u32> {
         let t = linear_id(ids);
         first = (t / p.stride) * p.stride * (PER_THREAD - 1u) + t;
     }
-    return vec2<u32>(first, min(first + PER_THREAD * p.stride, p.count));
+    return vec2<u32>(first, min(first + PER_THREAD * p.stride, p.count)) + p.skip;
 }
 
 fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
@@ -90,8 +91,9 @@ fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
         let t = linear_id(ids);
         let b = t / p.channels;
         let g = t - b * p.channels;
-        w.e = b * p.channels * PER_THREAD + g;
-        w.end = min(w.e + PER_THREAD * p.stride, p.count);
+        let first = b * p.channels * PER_THREAD + g;
+        w.e = first + p.skip;
+        w.end = min(first + PER_THREAD * p.stride, p.count) + p.skip;
         let cg = p.c_start + g;
         let wrap = cg >= p.channels;
         w.j = 0u;
@@ -101,7 +103,8 @@ fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
         let range = units(p, ids);
         w.e = range.x;
         w.end = range.y;
-        let u = p.j_start + w.e;
+        // Located from the window's first unit.
+        let u = p.j_start + w.e - p.skip;
         let qj = u / p.inner;
         w.j = u - qj * p.inner;
         let q = p.c_start + qj;
@@ -119,9 +122,6 @@ fn cursor_start(p: ElementParams, ids: Ids) -> Cursor {
     }
     w.slice = w.a * p.channels + w.c;
     w.fresh = true;
-    // Units are located from the window's first unit, indexed from the binding's.
-    w.e += p.skip;
-    w.end += p.skip;
     return w;
 }
 
